@@ -1,0 +1,219 @@
+"""The RecognizeCarNumber client: one request builder, one response reader, two thin transports.
+
+:func:`build_request` and :func:`read_response` hold all the logic and are pure.
+:class:`Client` (sync) and :class:`AsyncClient` (async) each add only the one line that sends,
+plus the translation of httpx's exceptions, done once in :func:`_translate`. Both take their
+``httpx`` client as an argument, so tests and benchmarks hand in their own transport or pool.
+
+Each attempt gets a fresh ``x-acs-date`` and nonce. Exceptions and logs never carry the secret
+or a signed URL's query string: URLs in messages pass through :func:`redact_url`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+
+from workers.api.codes import api_error
+from workers.api.response import Recognition, parse_envelope
+from workers.api.signing import canonical_query, sha256_hex, sign
+from workers.config import Credentials, Settings
+from workers.errors import ImageRejected, TransportError
+from workers.message import redact_url
+
+__all__ = [
+    "ACTION",
+    "VERSION",
+    "AsyncClient",
+    "Client",
+    "Image",
+    "PreparedRequest",
+    "build_request",
+    "http_timeout",
+    "read_response",
+]
+
+ACTION = "RecognizeCarNumber"
+VERSION = "2021-07-07"
+MAX_URL_BYTES = 2048
+MAX_BODY_BYTES = 10 * 1024 * 1024
+USER_AGENT = "carnumber/0.1 (+https://github.com/; ACS3)"
+
+
+@dataclass(frozen=True, slots=True)
+class Image:
+    """Exactly one of ``url`` (the service fetches it) or ``body`` (raw image bytes)."""
+
+    url: str | None = None
+    body: bytes | None = None
+
+    def __post_init__(self) -> None:
+        if (self.url is None) == (self.body is None):
+            raise ValueError("Image needs exactly one of url or body")
+        if self.url is not None and len(self.url.encode("utf-8")) > MAX_URL_BYTES:
+            raise ImageRejected(
+                "local.urlTooLong",
+                f"URL is {len(self.url.encode('utf-8'))} bytes; the API allows at most {MAX_URL_BYTES}",
+            )
+        if self.body is not None and len(self.body) > MAX_BODY_BYTES:
+            raise ImageRejected(
+                "local.tooLarge", f"image is {len(self.body)} bytes; the API allows at most {MAX_BODY_BYTES}"
+            )
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedRequest:
+    method: str
+    url: str
+    headers: dict[str, str]
+    content: bytes
+
+
+def _utc_now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def build_request(
+    endpoint: str,
+    credentials: Credentials,
+    image: Image,
+    *,
+    date: str | None = None,
+    nonce: str | None = None,
+) -> PreparedRequest:
+    """A signed ``POST /`` for one image. ``date``/``nonce`` default to now and a fresh UUID."""
+    parts = urlsplit(endpoint)
+    params = {"Url": image.url} if image.url is not None else {}
+    body = image.body or b""
+    headers = {
+        "host": parts.netloc,
+        "x-acs-action": ACTION,
+        "x-acs-version": VERSION,
+        "x-acs-date": date or _utc_now(),
+        "x-acs-signature-nonce": nonce or uuid.uuid4().hex,
+        "x-acs-content-sha256": sha256_hex(body),
+        "accept": "application/json",
+        "user-agent": USER_AGENT,
+    }
+    if image.body is not None:
+        headers["content-type"] = "application/octet-stream"
+    if credentials.security_token:
+        headers["x-acs-accesskey-id"] = credentials.access_key_id
+        headers["x-acs-security-token"] = credentials.security_token
+    headers["Authorization"] = sign(
+        "POST", params, headers, credentials.access_key_id, credentials.access_key_secret
+    )
+    query = canonical_query(params)
+    base = f"{parts.scheme}://{parts.netloc}/"
+    return PreparedRequest("POST", f"{base}?{query}" if query else base, headers, body)
+
+
+def read_response(status: int, headers: httpx.Headers | dict[str, str], body: bytes) -> Recognition:
+    """The parsed result of a 2xx answer; otherwise raise the classified :class:`ApiError`."""
+    doc: Any = None
+    try:
+        doc = json.loads(body) if body else None
+    except (ValueError, UnicodeDecodeError):
+        doc = None
+    code, message, request_id = _error_fields(doc)
+    if status < 300 and (code is None or code in ("200", "OK", "Success")):
+        if doc is None:
+            raise TransportError("local.malformed", f"HTTP {status} body is not valid JSON")
+        return parse_envelope(doc)
+    retry_after_s = _retry_after_s(headers)
+    if code is None:
+        # A gateway page, or JSON without a Code: classify by status alone.
+        code = f"HTTP.{status}"
+        message = message or (body[:200].decode("utf-8", "replace") if doc is None else "")
+    raise api_error(status, code, message or "", request_id, retry_after_s)
+
+
+def _error_fields(doc: Any) -> tuple[str | None, str | None, str | None]:
+    if not isinstance(doc, dict):
+        return None, None, None
+    code = doc.get("Code", doc.get("code"))
+    message = doc.get("Message", doc.get("message"))
+    request_id = doc.get("RequestId", doc.get("requestId"))
+    return (
+        None if code is None else str(code),
+        None if message is None else str(message),
+        None if request_id is None else str(request_id),
+    )
+
+
+def _retry_after_s(headers: httpx.Headers | dict[str, str]) -> float | None:
+    raw = headers.get("x-acs-retry-after")
+    try:
+        return max(0.0, float(raw) / 1000.0) if raw is not None else None
+    except ValueError:
+        return None
+
+
+def _translate(exc: httpx.HTTPError, endpoint: str) -> TransportError:
+    """The one place where httpx's exceptions become ours."""
+    where = redact_url(endpoint)
+    if isinstance(exc, httpx.TimeoutException):
+        return TransportError("local.timeout", f"{type(exc).__name__} talking to {where}")
+    if isinstance(exc, (httpx.NetworkError, httpx.RemoteProtocolError)):
+        return TransportError("local.connection", f"{type(exc).__name__} talking to {where}")
+    return TransportError("local.transport", f"{type(exc).__name__} talking to {where}")
+
+
+def http_timeout(settings: Settings) -> httpx.Timeout:
+    return httpx.Timeout(
+        connect=settings.connect_timeout_s,
+        read=settings.read_timeout_s,
+        write=settings.read_timeout_s,
+        pool=None,  # waiting for a pooled connection is bounded by our own concurrency limit
+    )
+
+
+class _Base:
+    def __init__(self, endpoint: str, credentials: Credentials) -> None:
+        self.endpoint = endpoint.rstrip("/")
+        self.credentials = credentials
+
+    def _prepare(self, image: Image) -> PreparedRequest:
+        return build_request(self.endpoint, self.credentials, image)
+
+
+class Client(_Base):
+    """Synchronous client over an ``httpx.Client`` you own (pooling, proxies, transport)."""
+
+    def __init__(self, endpoint: str, credentials: Credentials, http: httpx.Client) -> None:
+        super().__init__(endpoint, credentials)
+        self.http = http
+
+    def recognize(self, image: Image) -> Recognition:
+        """One attempt. Raises :class:`ApiError` subclasses or :class:`TransportError`."""
+        req = self._prepare(image)
+        try:
+            resp = self.http.request(req.method, req.url, headers=req.headers, content=req.content)
+        except httpx.HTTPError as exc:
+            raise _translate(exc, self.endpoint) from None
+        return read_response(resp.status_code, resp.headers, resp.content)
+
+
+class AsyncClient(_Base):
+    """Asynchronous client over an ``httpx.AsyncClient`` you own."""
+
+    def __init__(self, endpoint: str, credentials: Credentials, http: httpx.AsyncClient) -> None:
+        super().__init__(endpoint, credentials)
+        self.http = http
+
+    async def recognize(self, image: Image) -> Recognition:
+        """One attempt. Raises :class:`ApiError` subclasses or :class:`TransportError`."""
+        req = self._prepare(image)
+        try:
+            resp = await self.http.request(
+                req.method, req.url, headers=req.headers, content=req.content
+            )
+        except httpx.HTTPError as exc:
+            raise _translate(exc, self.endpoint) from None
+        return read_response(resp.status_code, resp.headers, resp.content)

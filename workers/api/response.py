@@ -1,0 +1,168 @@
+"""Typed results, and the parser from RecognizeCarNumber's envelope to them.
+
+The envelope's ``Data`` is a JSON *string*. Inside, ``structure_list`` holds one entry per plate,
+and entries may be fastjson back-references such as ``{"$ref": "$.data"}``, which the parser
+resolves. Anything that is not the documented shape raises :class:`TransportError`
+(``local.malformed``): a body we cannot read is no answer, and is retried like one.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from workers.errors import TransportError
+
+__all__ = ["PLATE_KEY", "Plate", "Recognition", "parse_data", "parse_envelope"]
+
+PLATE_KEY = "车牌"
+Point = tuple[int, int]
+_REF_STEP = re.compile(r"\.([^.\[]+)|\[(\d+)\]")
+
+
+@dataclass(frozen=True, slots=True)
+class Plate:
+    text: str
+    prob: float | None = None
+    plate_type: str | None = None
+    type_prob: float | None = None
+    polygon: tuple[Point, Point, Point, Point] | None = None  # TL, TR, BR, BL in the original image
+
+
+@dataclass(frozen=True, slots=True)
+class Recognition:
+    request_id: str | None
+    plates: tuple[Plate, ...] = ()
+    width: int | None = None
+    height: int | None = None
+    org_width: int | None = None
+    org_height: int | None = None
+    score: float | None = None
+    raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out.pop("raw")
+        out["plates"] = [
+            {**asdict(p), "polygon": [list(pt) for pt in p.polygon] if p.polygon else None}
+            for p in self.plates
+        ]
+        return out
+
+
+def parse_envelope(body: bytes | str | dict[str, Any]) -> Recognition:
+    """Parse a success body (``RequestId`` + ``Data``) into a :class:`Recognition`."""
+    envelope = _load(body, "response body") if not isinstance(body, dict) else body
+    if not isinstance(envelope, dict):
+        raise TransportError("local.malformed", "response body is not a JSON object")
+    request_id = envelope.get("RequestId") or envelope.get("requestId")
+    data = envelope.get("Data", envelope.get("data"))
+    if data is None:
+        raise TransportError("local.malformed", "response has no Data field")
+    return parse_data(data, request_id)
+
+
+def parse_data(data: str | dict[str, Any], request_id: str | None = None) -> Recognition:
+    doc: Any = data
+    # Data is a JSON string; some published examples quote it twice.
+    for _ in range(3):
+        if not isinstance(doc, str):
+            break
+        doc = _load(doc, "Data")
+    if not isinstance(doc, dict):
+        raise TransportError("local.malformed", "Data is not a JSON object")
+    try:
+        plates = tuple(_plates(doc))
+        return Recognition(
+            request_id=request_id,
+            plates=plates,
+            width=_int(doc.get("width")),
+            height=_int(doc.get("height")),
+            org_width=_int(doc.get("orgWidth")),
+            org_height=_int(doc.get("orgHeight")),
+            score=_float((doc.get("data") or {}).get("score")),
+            raw=doc,
+        )
+    except (TypeError, ValueError, KeyError, AttributeError, IndexError) as exc:
+        raise TransportError("local.malformed", f"Data does not have the documented shape ({exc})") from None
+
+
+def _load(text: bytes | str, what: str) -> Any:
+    try:
+        return json.loads(text)
+    except (ValueError, UnicodeDecodeError):
+        raise TransportError("local.malformed", f"{what} is not valid JSON") from None
+
+
+def _resolve(root: dict[str, Any], node: Any, depth: int = 0) -> Any:
+    """Follow fastjson ``{"$ref": "$.a.b[0]"}`` references from the document root."""
+    while isinstance(node, dict) and set(node) == {"$ref"}:
+        ref = node["$ref"]
+        if not isinstance(ref, str) or not ref.startswith("$") or depth > 8:
+            raise ValueError(f"unsupported reference {ref!r}")
+        target: Any = root
+        for name, index in _REF_STEP.findall(ref[1:]):
+            target = target[int(index)] if index else target[name]
+        node, depth = target, depth + 1
+    return node
+
+
+def _plates(doc: dict[str, Any]) -> list[Plate]:
+    structures = [_resolve(doc, s) for s in doc.get("structure_list") or []]
+    if not structures and isinstance(doc.get("data"), dict):
+        structures = [doc["data"]]
+    prism = doc.get("prism_keyValueInfo") or []
+    plates = []
+    for i, s in enumerate(structures):
+        plate = _plate(s, prism[i] if i < len(prism) else None)
+        if plate is not None:
+            plates.append(plate)
+    return plates
+
+
+def _plate(s: dict[str, Any], prism: dict[str, Any] | None) -> Plate | None:
+    info = next((i for i in s.get("info") or [] if i.get("key") in (PLATE_KEY, None)), None)
+    text = (s.get("data") or {}).get(PLATE_KEY) or (info or {}).get("value")
+    if not text:
+        return None
+    cls = s.get("secondary_cls") or {}
+    polygon = _polygon_from_loc((info or {}).get("value_loc"))
+    if polygon is None and prism and prism.get("value") == text:
+        polygon = _polygon_from_points(prism.get("valuePos"))
+    prob = _float((info or {}).get("value_prob"))
+    if prob is None and prism and prism.get("valueProb") is not None:
+        prob = float(prism["valueProb"]) / 100.0
+    return Plate(
+        text=str(text),
+        prob=prob,
+        plate_type=cls.get("type_str") or None,
+        type_prob=_float(cls.get("prob")),
+        polygon=polygon,
+    )
+
+
+def _polygon_from_loc(loc: Any) -> tuple[Point, Point, Point, Point] | None:
+    if not loc or not isinstance(loc, str):
+        return None
+    nums = [round(float(v)) for v in loc.split(",")]
+    if len(nums) != 8:
+        raise ValueError(f"value_loc has {len(nums)} numbers, not 8")
+    pts = [(nums[i], nums[i + 1]) for i in range(0, 8, 2)]
+    return (pts[0], pts[1], pts[2], pts[3])
+
+
+def _polygon_from_points(points: Any) -> tuple[Point, Point, Point, Point] | None:
+    if not points or len(points) != 4:
+        return None
+    pts = [(round(float(p["x"])), round(float(p["y"]))) for p in points]
+    return (pts[0], pts[1], pts[2], pts[3])
+
+
+def _int(v: Any) -> int | None:
+    return None if v is None or v == "" else int(v)
+
+
+def _float(v: Any) -> float | None:
+    return None if v is None or v == "" else float(v)

@@ -1,0 +1,216 @@
+"""Settings: read once, at start-up, from the environment and an optional TOML file.
+
+Nothing else in the project reads ``os.environ`` for its own settings: entry points build one
+:class:`Settings` with :meth:`Settings.from_env` and pass it down. Units are in the names.
+This module imports nothing of ours but :mod:`workers.errors`, which imports nothing at all.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from workers.errors import ConfigError
+
+__all__ = ["DEFAULT_ENDPOINT", "Credentials", "Settings"]
+
+DEFAULT_ENDPOINT = "https://ocr-api.cn-hangzhou.aliyuncs.com"
+
+# Environment variable -> Settings field. Alibaba Cloud's own names for credentials, ours for the rest.
+_ENV: dict[str, str] = {
+    "CARNUMBER_ENDPOINT": "endpoint",
+    "ALIBABA_CLOUD_ACCESS_KEY_ID": "access_key_id",
+    "ALIBABA_CLOUD_ACCESS_KEY_SECRET": "access_key_secret",
+    "ALIBABA_CLOUD_SECURITY_TOKEN": "security_token",
+    "CARNUMBER_CONNECT_TIMEOUT_S": "connect_timeout_s",
+    "CARNUMBER_READ_TIMEOUT_S": "read_timeout_s",
+    "REDIS_URL": "redis_url",
+    "CARNUMBER_KEY_PREFIX": "key_prefix",
+    "CARNUMBER_QUEUE": "queue",
+    "CARNUMBER_OUTPUT": "output",
+    "CARNUMBER_CHUNK_SIZE": "chunk_size",
+    "CARNUMBER_CONCURRENCY": "concurrency",
+    "CARNUMBER_QUEUE_HIGH_WATER": "queue_high_water",
+    "CARNUMBER_QPS": "qps",
+    "CARNUMBER_BURST": "burst",
+    "CARNUMBER_QUOTA": "quota",
+    "CARNUMBER_QUOTA_WINDOW": "quota_window",
+    "CARNUMBER_RETRY_BASE_S": "retry_base_s",
+    "CARNUMBER_RETRY_CAP_S": "retry_cap_s",
+    "CARNUMBER_MAX_ATTEMPTS": "max_attempts",
+    "CARNUMBER_S3_ENDPOINT_URL": "s3_endpoint_url",
+    "CARNUMBER_S3_MODE": "s3_mode",
+    "CARNUMBER_OSS_ENDPOINT": "oss_endpoint",
+    "CARNUMBER_OSS_MODE": "oss_mode",
+    "CARNUMBER_SIGNED_URL_TTL_S": "signed_url_ttl_s",
+    "CARNUMBER_SOURCE_ROOT": "source_root",
+    "CARNUMBER_REENCODE_ABOVE_BYTES": "reencode_above_bytes",
+}
+
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "quota_window": ("day", "total"),
+    "s3_mode": ("url", "bytes"),
+    "oss_mode": ("url", "bytes"),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    """An AccessKey pair, with an STS token when the key is temporary. ``repr`` hides the secret."""
+
+    access_key_id: str
+    access_key_secret: str = field(repr=False)
+    security_token: str | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything a producer, worker or CLI command needs to know, validated on construction."""
+
+    endpoint: str = DEFAULT_ENDPOINT
+    access_key_id: str | None = None
+    access_key_secret: str | None = field(default=None, repr=False)
+    security_token: str | None = field(default=None, repr=False)
+    connect_timeout_s: float = 5.0
+    read_timeout_s: float = 10.0
+
+    redis_url: str | None = None
+    key_prefix: str = "carnumber"
+    queue: str = "carnumber"
+    output: str = "carnumber-output"
+
+    chunk_size: int = 200
+    concurrency: int = 16
+    queue_high_water: int = 200
+
+    qps: float = 10.0
+    burst: int = 1
+    quota: int | None = None
+    quota_window: str = "day"
+
+    retry_base_s: float = 0.5
+    retry_cap_s: float = 30.0
+    max_attempts: int = 6
+
+    s3_endpoint_url: str | None = None
+    s3_mode: str = "url"
+    oss_endpoint: str | None = None
+    oss_mode: str = "url"
+    signed_url_ttl_s: int = 900
+    source_root: str | None = None
+    reencode_above_bytes: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.endpoint.startswith(("http://", "https://")):
+            raise ConfigError(
+                f"CARNUMBER_ENDPOINT={self.endpoint!r}: must start with http:// or https://"
+            )
+        for name in ("connect_timeout_s", "read_timeout_s", "retry_base_s", "retry_cap_s"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{_env_name(name)}: must be > 0, got {getattr(self, name)}")
+        for name in ("chunk_size", "concurrency", "queue_high_water", "burst", "max_attempts"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{_env_name(name)}: must be >= 1, got {getattr(self, name)}")
+        if self.qps < 0:
+            raise ConfigError(f"CARNUMBER_QPS: must be >= 0 (0 = unlimited), got {self.qps}")
+        if self.quota is not None and self.quota < 0:
+            raise ConfigError(f"CARNUMBER_QUOTA: must be >= 0, got {self.quota}")
+        for name, allowed in _CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(
+                    f"{_env_name(name)}={getattr(self, name)!r}: must be one of {', '.join(allowed)}"
+                )
+
+    @classmethod
+    def from_env(
+        cls,
+        environ: Mapping[str, str] | None = None,
+        config_file: str | os.PathLike[str] | None = None,
+        **overrides: Any,
+    ) -> Settings:
+        """Build settings from a TOML file (if given or named by ``CARNUMBER_CONFIG``), then the
+        environment, then explicit ``overrides`` (CLI flags); later sources win.
+
+        Raises :class:`ConfigError` naming the variable and the rule it broke.
+        """
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        path = config_file or env.get("CARNUMBER_CONFIG")
+        if path:
+            values.update(_read_toml(Path(path)))
+        for var, name in _ENV.items():
+            raw = env.get(var)
+            if raw is not None and raw != "":
+                values[name] = raw
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**_coerce(values))
+
+    def with_(self, **changes: Any) -> Settings:
+        """A copy with some fields changed (validated again)."""
+        return replace(self, **changes)
+
+    def credentials(self) -> Credentials:
+        """The AccessKey pair, or a :class:`ConfigError` naming the missing variables."""
+        missing = [
+            var
+            for var, value in (
+                ("ALIBABA_CLOUD_ACCESS_KEY_ID", self.access_key_id),
+                ("ALIBABA_CLOUD_ACCESS_KEY_SECRET", self.access_key_secret),
+            )
+            if not value
+        ]
+        if missing:
+            raise ConfigError(
+                f"missing credentials: set {' and '.join(missing)} "
+                "(and ALIBABA_CLOUD_SECURITY_TOKEN for STS credentials)"
+            )
+        assert self.access_key_id and self.access_key_secret
+        return Credentials(self.access_key_id, self.access_key_secret, self.security_token)
+
+
+def _env_name(field_name: str) -> str:
+    for var, name in _ENV.items():
+        if name == field_name:
+            return var
+    return field_name
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path}: not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path}: not valid TOML ({exc})") from None
+    section = data.get("carnumber", data)
+    known = {f.name for f in fields(Settings)}
+    unknown = sorted(set(section) - known)
+    if unknown:
+        raise ConfigError(f"config file {path}: unknown setting(s) {', '.join(unknown)}")
+    return dict(section)
+
+
+def _coerce(values: dict[str, Any]) -> dict[str, Any]:
+    """Turn strings from the environment into each field's type, naming the variable on failure."""
+    types = {f.name: f.type for f in fields(Settings)}
+    out: dict[str, Any] = {}
+    for name, value in values.items():
+        kind = str(types[name])
+        try:
+            if not isinstance(value, str):
+                out[name] = value
+            elif kind.startswith("float"):
+                out[name] = float(value)
+            elif kind.startswith("int"):
+                out[name] = int(value)
+            else:
+                out[name] = value
+        except ValueError:
+            want = "a number" if kind.startswith("float") else "an integer"
+            raise ConfigError(f"{_env_name(name)}={value!r}: must be {want}") from None
+    return out

@@ -1,0 +1,145 @@
+"""The one exception tree, split by what the caller does next.
+
+::
+
+    CarnumberError                 base: the CLI catches it once and prints its message
+    ├── ConfigError                a setting is missing or malformed: fix it, run again
+    ├── InputError                 a source, manifest row or URI is unusable: named, skipped
+    ├── ImageRejected              a local pre-check refused an image: terminal row, no call made
+    ├── ApiError                   RecognizeCarNumber answered with an error code
+    │   ├── RetryableApiError      throttling, 5xx, imageTimeOut: back off and try again
+    │   ├── BadImageError          the service refused this image: terminal row with the code
+    │   └── FatalApiError          credentials, signature, permission, billing: stop the fleet
+    ├── TransportError             timeout, reset, malformed body: no usable answer, retry
+    └── Paused                     the fleet may not call now; the image stays pending
+        ├── FleetStopped           a fatal error stopped the fleet (carries the code)
+        ├── CircuitOpen            most recent calls failed: the service looks down
+        └── QuotaExhausted         the call quota for this window is spent
+
+Foreign exceptions (httpx, botocore, oss2) are translated where they enter; none leak upward.
+Messages never contain secrets or signed query strings. This module imports nothing of ours.
+"""
+
+from __future__ import annotations
+
+import enum
+
+__all__ = [
+    "ApiError",
+    "BadImageError",
+    "CarnumberError",
+    "CircuitOpen",
+    "ConfigError",
+    "FatalApiError",
+    "FleetStopped",
+    "ImageRejected",
+    "InputError",
+    "Paused",
+    "QuotaExhausted",
+    "RetryableApiError",
+    "TransportError",
+    "Verdict",
+]
+
+
+class Verdict(enum.StrEnum):
+    """What to do after a failed attempt."""
+
+    RETRY = "retry"
+    BAD_INPUT = "bad_input"
+    FATAL = "fatal"
+
+
+class CarnumberError(Exception):
+    """Base of every error this project raises on purpose."""
+
+
+class ConfigError(CarnumberError):
+    """A setting is missing or breaks a rule; the message names the variable and the rule."""
+
+
+class InputError(CarnumberError):
+    """An input (source URI, manifest line, path) is unusable; the message names it and the rule."""
+
+
+class ImageRejected(CarnumberError):
+    """A local check refused an image before any call was spent on it.
+
+    ``code`` is a local error code (``local.<rule>``) recorded in the output row.
+    """
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+class ApiError(CarnumberError):
+    """An error answer from RecognizeCarNumber (or a compatible server)."""
+
+    verdict: Verdict = Verdict.RETRY
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str = "",
+        request_id: str | None = None,
+        retry_after_s: float | None = None,
+    ) -> None:
+        super().__init__(f"HTTP {status} {code}: {message}" if message else f"HTTP {status} {code}")
+        self.status = status
+        self.code = code
+        self.message = message
+        self.request_id = request_id
+        self.retry_after_s = retry_after_s
+
+
+class RetryableApiError(ApiError):
+    verdict = Verdict.RETRY
+
+
+class BadImageError(ApiError):
+    verdict = Verdict.BAD_INPUT
+
+
+class FatalApiError(ApiError):
+    verdict = Verdict.FATAL
+
+
+class TransportError(CarnumberError):
+    """No usable answer: timeout, connection error, or a body that is not the documented JSON.
+
+    ``code`` is a stable local name (``local.timeout``, ``local.connection``, ``local.malformed``).
+    """
+
+    verdict = Verdict.RETRY
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+class Paused(CarnumberError):
+    """The fleet may not make calls now; the image is left pending, not failed."""
+
+    state = "paused"
+
+
+class FleetStopped(Paused):
+    """A fatal error (``code``) stopped every worker until an operator resumes the run."""
+
+    state = "stopped"
+
+    def __init__(self, code: str, message: str = "") -> None:
+        super().__init__(f"fleet stopped by {code}: {message}" if message else f"fleet stopped by {code}")
+        self.code = code
+
+
+class CircuitOpen(Paused):
+    state = "circuit_open"
+
+
+class QuotaExhausted(Paused):
+    state = "quota_exhausted"

@@ -1,0 +1,69 @@
+"""Every Redis key the project uses, in one place.
+
+All keys start with the configured prefix (``CARNUMBER_KEY_PREFIX``, default ``carnumber``), so
+one Redis can host several deployments and tests can clean exactly their own keys. Keys that
+belong to an account use a digest of the AccessKeyId, never the id itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+__all__ = ["Keys", "account_tag"]
+
+
+def account_tag(access_key_id: str) -> str:
+    """A short, stable, non-reversible name for an account in keys, logs and metrics."""
+    return hashlib.sha256(access_key_id.encode("utf-8")).hexdigest()[:12]
+
+
+class Keys:
+    """Key names under one prefix. Pure string building; no Redis here."""
+
+    def __init__(self, prefix: str = "carnumber") -> None:
+        self.prefix = prefix.rstrip(":")
+
+    # -- fleet-wide, per account -------------------------------------------------------------
+    def rate(self, account: str) -> str:
+        """GCRA state: the theoretical arrival time of the next call (see ops/design.md)."""
+        return f"{self.prefix}:rate:{account}"
+
+    def rate_adapt(self, account: str) -> str:
+        """Adaptive slow-down state after throttling answers."""
+        return f"{self.prefix}:rate:{account}:adapt"
+
+    def quota(self, account: str, window: str) -> str:
+        """Calls reserved in one quota window (``day:2026-11-24`` or ``total``)."""
+        return f"{self.prefix}:quota:{account}:{window}"
+
+    def stop(self, account: str) -> str:
+        """Set when a fatal error stops the fleet; a hash with code, message and time."""
+        return f"{self.prefix}:stop:{account}"
+
+    def circuit(self, account: str) -> str:
+        return f"{self.prefix}:circuit:{account}"
+
+    # -- per run ------------------------------------------------------------------------------
+    def runs(self) -> str:
+        """Sorted set of run ids by creation time."""
+        return f"{self.prefix}:runs"
+
+    def run(self, run_id: str) -> str:
+        """Hash: state, counters and timestamps of one run."""
+        return f"{self.prefix}:run:{run_id}"
+
+    def run_chunks(self, run_id: str) -> str:
+        """Set of chunk ids already published for a run (re-running enqueue skips them)."""
+        return f"{self.prefix}:run:{run_id}:chunks"
+
+    def run_done(self, run_id: str) -> str:
+        """Set of part names written for a run."""
+        return f"{self.prefix}:run:{run_id}:done"
+
+    def run_parked(self, run_id: str) -> str:
+        """List of chunk messages set aside while the fleet was paused (quota, stop)."""
+        return f"{self.prefix}:run:{run_id}:parked"
+
+    def run_events(self, run_id: str) -> str:
+        """Stream of notable events (stops, quota, alerts) for operators."""
+        return f"{self.prefix}:run:{run_id}:events"
