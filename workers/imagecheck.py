@@ -95,7 +95,8 @@ _PLUGINS: dict[str, type[ImageFile.ImageFile]] = {
 @dataclass(frozen=True, slots=True)
 class ImageInfo:
     """What the header says: ``format`` (one of :data:`FORMATS`), ``width``/``height`` in px,
-    ``frames`` (> 1 for animated GIF/WebP, multi-page TIFF), Pillow ``mode`` (``RGB``, ``CMYK``...)."""
+    ``frames`` (> 1 for animated GIF/WebP, multi-page TIFF) and Pillow's ``mode`` (``RGB``,
+    ``CMYK``, ``I;16``...)."""
 
     format: str
     width: int
@@ -183,7 +184,8 @@ def _check_dimensions(width: int, height: int) -> None:
         )
     if long >= MAX_SIDE_PX:
         raise ImageRejected(
-            "local.imageDimensionTooLarge", f"{width}x{height} px; each side must be < {MAX_SIDE_PX}"
+            "local.imageDimensionTooLarge",
+            f"{width}x{height} px; each side must be < {MAX_SIDE_PX}",
         )
     if long >= MAX_ASPECT * short:
         raise ImageRejected(
