@@ -1,0 +1,44 @@
+"""What every command does first: build settings once, connect to Redis, point Celery at it."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+import redis
+
+from workers.config import Settings
+from workers.errors import ConfigError
+from workers.keys import Keys
+from workers.runs import RunStore
+
+__all__ = ["connect_redis", "configure_celery", "run_store", "settings_from"]
+
+
+def settings_from(args: argparse.Namespace, **overrides: Any) -> Settings:
+    return Settings.from_env(config_file=getattr(args, "config", None), **overrides)
+
+
+def connect_redis(settings: Settings) -> redis.Redis:
+    """A checked connection; an unreachable Redis is a ConfigError naming REDIS_URL."""
+    from workers.celery import DEFAULT_BROKER
+
+    url = settings.redis_url or DEFAULT_BROKER
+    client = redis.Redis.from_url(url, socket_connect_timeout=3)
+    try:
+        client.ping()
+    except (redis.RedisError, OSError) as exc:
+        where = "REDIS_URL" if settings.redis_url else f"REDIS_URL (unset, so {DEFAULT_BROKER})"
+        raise ConfigError(f"cannot reach Redis at {where}: {exc}") from None
+    return client
+
+
+def run_store(settings: Settings, client: redis.Redis) -> RunStore:
+    return RunStore(client, Keys(settings.key_prefix))
+
+
+def configure_celery(settings: Settings) -> None:
+    """Make the Celery app use exactly these settings (CLI flags and --config included)."""
+    from workers.celery import app, celery_config
+
+    app.conf.update(celery_config(settings))

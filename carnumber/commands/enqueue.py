@@ -1,0 +1,84 @@
+"""``carnumber enqueue SOURCE --run RUN_ID`` — stream a source into the broker for one run."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from datetime import datetime
+
+from carnumber.commands.common import configure_celery, connect_redis, run_store, settings_from
+from workers.errors import InputError
+
+__all__ = ["add_arguments", "main"]
+
+log = logging.getLogger("carnumber.enqueue")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "source",
+        help="a folder, .tar/.tar.gz/.zip archive, s3://bucket/prefix, oss://bucket/prefix, "
+        "or a manifest (.txt, .csv, .jsonl, .parquet)",
+    )
+    parser.add_argument("--run", required=True, dest="run_id", help="run id, e.g. 2026-11-24")
+    parser.add_argument("--glob", help="only file names matching this pattern (folders, archives, buckets)")
+    parser.add_argument("--since", type=datetime.fromisoformat, help="only images modified/dated at or after")
+    parser.add_argument("--until", type=datetime.fromisoformat, help="only images modified/dated before")
+    parser.add_argument("--reprocess", action="store_true", help="also images answered in earlier runs")
+    parser.add_argument("--chunk-size", type=int, help="images per message (CARNUMBER_CHUNK_SIZE)")
+    parser.add_argument("--wait", action="store_true", help="then follow the run until it is finished")
+
+
+def main(args: argparse.Namespace) -> int:
+    from producers.enqueue import enqueue
+    from producers.ledger import Ledger
+    from producers.sources import open_source
+    from workers.sink.dataset import check_run_id
+    from workers.tasks import publish_chunk
+
+    settings = settings_from(args, chunk_size=args.chunk_size)
+    check_run_id(args.run_id)
+    client = connect_redis(settings)
+    runs = run_store(settings, client)
+    configure_celery(settings)
+
+    skipped: list[InputError] = []
+
+    def on_skip(err: InputError) -> None:
+        skipped.append(err)
+        log.warning("skipped: %s", err)
+
+    refs = open_source(args.source, settings, glob=args.glob, since=args.since, until=args.until, on_skip=on_skip)
+    ledger = None if args.reprocess else Ledger.open(settings.output, exclude_run=args.run_id)
+    runs.create(args.run_id, args.source)
+    runs.set_state(args.run_id, "enqueuing")
+    started = time.monotonic()
+    report = enqueue(
+        refs,
+        args.run_id,
+        runs=runs,
+        publish=lambda chunk: publish_chunk(chunk, settings.queue),
+        queue_depth=lambda: int(client.llen(settings.queue)),
+        chunk_size=settings.chunk_size,
+        queue_high_water=settings.queue_high_water,
+        ledger=ledger,
+        on_progress=lambda r: log.info("enqueued %d images in %d chunks", r.images_enqueued, r.chunks_published),
+    )
+    runs.set_state(args.run_id, "running", enqueue_finished_at=time.time(), lines_skipped=len(skipped))
+    elapsed = time.monotonic() - started
+    print(
+        f"run {args.run_id}: {report.images_seen} images seen, {report.images_enqueued} enqueued in "
+        f"{report.chunks_published} chunks ({report.chunks_already_published} chunks already enqueued, "
+        f"{report.images_already_answered} answered in earlier runs, {report.duplicates_dropped} duplicates, "
+        f"{len(skipped)} inputs skipped) in {elapsed:.1f}s, waited {report.waited_s:.1f}s for the queue"
+    )
+    summary = runs.get(args.run_id)
+    if summary is not None and summary.outstanding == 0 and summary.parked == 0:
+        runs.set_state(args.run_id, "done")
+    if args.wait:
+        from carnumber.commands.status import follow
+
+        return follow(runs, args.run_id, out=sys.stdout)
+    return 0

@@ -1,0 +1,56 @@
+"""``carnumber resume RUN_ID`` — after a stop or a spent quota: clear the stop, re-publish parked images."""
+
+from __future__ import annotations
+
+import argparse
+
+from carnumber.commands.common import configure_celery, connect_redis, run_store, settings_from
+from workers.errors import InputError
+
+__all__ = ["add_arguments", "main"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_id")
+    parser.add_argument(
+        "--keep-stop", action="store_true", help="do not clear the fleet's stop flag (only re-publish)"
+    )
+
+
+def main(args: argparse.Namespace) -> int:
+    import asyncio
+
+    import redis.asyncio as aredis
+
+    from workers.fleet import FleetControl
+    from workers.keys import Keys, account_tag
+    from workers.tasks import publish_chunk
+
+    settings = settings_from(args)
+    creds = settings.credentials()
+    client = connect_redis(settings)
+    runs = run_store(settings, client)
+    if runs.get(args.run_id) is None:
+        raise InputError(f"run {args.run_id!r}: not found in Redis (key prefix {settings.key_prefix!r})")
+    configure_celery(settings)
+
+    async def clear() -> dict | None:
+        ar = aredis.Redis.from_url(settings.redis_url or "redis://127.0.0.1:6379/0")
+        try:
+            fleet = FleetControl(ar, Keys(settings.key_prefix), account_tag(creds.access_key_id))
+            status = await fleet.status()
+            await fleet.clear()
+            return status
+        finally:
+            await ar.aclose()
+
+    if not args.keep_stop:
+        cleared = asyncio.run(clear())
+        if cleared:
+            print(f"cleared fleet stop ({cleared.get('code')}: {cleared.get('message')})")
+    chunks = runs.unpark(args.run_id)
+    for chunk in chunks:
+        publish_chunk(chunk, settings.queue)
+    runs.set_state(args.run_id, "running")
+    print(f"run {args.run_id}: re-published {sum(len(c.images) for c in chunks)} images in {len(chunks)} chunks")
+    return 0

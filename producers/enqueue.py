@@ -1,0 +1,102 @@
+"""Stream image refs into chunk messages, with backpressure and without duplicates.
+
+Chunk ``k`` is always the ``k``-th run of ``chunk_size`` refs *in source order*, before any
+filtering, so re-running the same command for the same run produces the same chunk ids and
+skips every chunk already published (``RunStore.mark_enqueued`` guards the count). Images
+already answered in earlier runs are dropped from each chunk through the ledger; the chunk id
+stays the same. The broker queue is kept under ``queue_high_water`` messages: the producer
+waits instead of pushing millions of messages into Redis. Memory holds one chunk at a time.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from workers.message import Chunk, ImageRef
+from workers.runs import RunStore
+
+__all__ = ["EnqueueReport", "enqueue"]
+
+log = logging.getLogger(__name__)
+
+
+class Ledger(Protocol):
+    def answered(self, image_ids: Sequence[str]) -> set[str]: ...
+
+
+@dataclass(slots=True)
+class EnqueueReport:
+    run_id: str
+    images_seen: int = 0
+    images_enqueued: int = 0
+    images_already_answered: int = 0
+    duplicates_dropped: int = 0
+    chunks_published: int = 0
+    chunks_already_published: int = 0
+    waited_s: float = 0.0
+
+
+def _batches(refs: Iterable[ImageRef], size: int) -> Iterator[list[ImageRef]]:
+    it = iter(refs)
+    while batch := list(itertools.islice(it, size)):
+        yield batch
+
+
+def _wait_for_room(depth: Callable[[], int], high_water: int, sleep: Callable[[float], None]) -> float:
+    """Block while the queue holds ``high_water`` messages or more; resume below half of it."""
+    if depth() < high_water:
+        return 0.0
+    started = time.monotonic()
+    delay = 0.05
+    while depth() > high_water // 2:
+        sleep(delay)
+        delay = min(delay * 2, 1.0)
+    return time.monotonic() - started
+
+
+def enqueue(
+    refs: Iterable[ImageRef],
+    run_id: str,
+    *,
+    runs: RunStore,
+    publish: Callable[[Chunk], None],
+    queue_depth: Callable[[], int],
+    chunk_size: int,
+    queue_high_water: int,
+    ledger: Ledger | None = None,
+    chunk_prefix: str = "",
+    sleep: Callable[[float], None] = time.sleep,
+    on_progress: Callable[[EnqueueReport], None] | None = None,
+) -> EnqueueReport:
+    """Publish ``refs`` for ``run_id``; safe to run again for the same run. ``chunk_prefix``
+    names a separate pass over the same run (``retry1-``), so its chunk ids never collide."""
+    report = EnqueueReport(run_id)
+    for k, batch in enumerate(_batches(refs, chunk_size)):
+        report.images_seen += len(batch)
+        chunk_id = f"{chunk_prefix}{k:07d}"
+        if runs.is_enqueued(run_id, chunk_id):
+            report.chunks_already_published += 1
+            continue
+        unique = list({r.image_id: r for r in batch}.values())
+        report.duplicates_dropped += len(batch) - len(unique)
+        skipped = 0
+        if ledger is not None:
+            answered = ledger.answered([r.image_id for r in unique])
+            if answered:
+                unique = [r for r in unique if r.image_id not in answered]
+                skipped = len(answered)
+                report.images_already_answered += skipped
+        if unique:
+            report.waited_s += _wait_for_room(queue_depth, queue_high_water, sleep)
+            publish(Chunk(run_id, chunk_id, tuple(unique)))
+            report.chunks_published += 1
+            report.images_enqueued += len(unique)
+        runs.mark_enqueued(run_id, chunk_id, len(unique), skipped)
+        if on_progress is not None and k % 50 == 0:
+            on_progress(report)
+    return report

@@ -1,0 +1,183 @@
+"""Process one chunk: resolve each image, call the API concurrently, and turn outcomes into rows.
+
+Plain async functions over plain data; the Celery task (``workers/tasks.py``) only decodes the
+message, builds a :class:`ChunkContext`, runs :func:`process_chunk` and hands the result to the
+sink. Per image: admit (``Gate``) → call → on error ask the :class:`RetryPolicy`; backoff waits
+hold neither a token nor a concurrency slot, and end early if the fleet pauses. One image's
+crash becomes that image's failed row; the others carry on. When the fleet pauses (fatal error,
+quota, open circuit), images not yet answered come back as ``pending``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from workers.admission import Gate
+from workers.api.client import Image
+from workers.api.response import Recognition
+from workers.errors import (
+    ApiError,
+    CarnumberError,
+    FleetStopped,
+    ImageRejected,
+    InputError,
+    Paused,
+    TransportError,
+)
+from workers.message import Chunk, ImageRef
+from workers.sink.rows import Failure, failure_rows, recognition_rows
+
+__all__ = ["ChunkContext", "ChunkResult", "process_chunk"]
+
+log = logging.getLogger(__name__)
+
+
+class Recognizer(Protocol):
+    async def recognize(self, image: Image) -> Recognition: ...
+
+
+class Resolver(Protocol):
+    def resolve_many(self, refs: Sequence[ImageRef]) -> list[Image | CarnumberError]: ...
+
+
+class Policy(Protocol):
+    def decide(self, attempt: int, error: BaseException) -> Any: ...
+
+
+class Fleet(Protocol):
+    async def stop(self, code: str, message: str, run_id: str | None) -> None: ...
+
+
+class Breaker(Protocol):
+    async def record(self, ok: bool) -> None: ...
+
+
+@dataclass(slots=True)
+class ChunkContext:
+    client: Recognizer
+    resolver: Resolver
+    gate: Gate
+    policy: Policy
+    fleet: Fleet
+    breaker: Breaker
+    concurrency: int = 16
+    on_call: Callable[[str], None] | None = None  # metrics hook: called with "ok" or an error code
+
+
+@dataclass(slots=True)
+class ChunkResult:
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    pending: list[ImageRef] = field(default_factory=list)
+    pause: Paused | None = None
+    calls: int = 0
+    answered: int = 0
+    failed: int = 0
+    plates: int = 0
+
+
+@dataclass(slots=True)
+class _Outcome:
+    rows: list[dict[str, Any]] | None  # None: pending
+    calls: int
+    pause: Paused | None = None
+
+
+async def process_chunk(chunk: Chunk, ctx: ChunkContext) -> ChunkResult:
+    """Every image of ``chunk`` ends as rows or as pending; never lost, never twice."""
+    resolved = await asyncio.to_thread(ctx.resolver.resolve_many, list(chunk.images))
+    slots = asyncio.Semaphore(ctx.concurrency)
+    paused = asyncio.Event()
+
+    async def guarded(ref: ImageRef, target: Image | CarnumberError) -> _Outcome:
+        try:
+            return await _one(chunk.run_id, ref, target, ctx, slots, paused)
+        except Exception as exc:  # a bug must cost one image, not the chunk
+            log.exception("image %s crashed", ref.image_id)
+            failure = Failure("local.internal", f"{type(exc).__name__}: {exc}", retryable=True)
+            return _Outcome(failure_rows(chunk.run_id, ref, failure, 0), 0)
+
+    outcomes = await asyncio.gather(*(guarded(r, t) for r, t in zip(chunk.images, resolved, strict=True)))
+    result = ChunkResult()
+    for ref, out in zip(chunk.images, outcomes, strict=True):
+        result.calls += out.calls
+        if out.rows is None:
+            result.pending.append(ref)
+            result.pause = result.pause or out.pause
+            continue
+        result.rows.extend(out.rows)
+        if out.rows[0]["status"] == "failed":
+            result.failed += 1
+        else:
+            result.answered += 1
+            result.plates += sum(1 for r in out.rows if r["status"] == "ok")
+    return result
+
+
+async def _sleep_unless_paused(delay_s: float, paused: asyncio.Event) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(paused.wait(), timeout=delay_s)
+
+
+async def _one(
+    run_id: str,
+    ref: ImageRef,
+    target: Image | CarnumberError,
+    ctx: ChunkContext,
+    slots: asyncio.Semaphore,
+    paused: asyncio.Event,
+) -> _Outcome:
+    if isinstance(target, ImageRejected):
+        return _Outcome(failure_rows(run_id, ref, Failure(target.code, target.message, False), 0), 0)
+    if isinstance(target, InputError):
+        return _Outcome(failure_rows(run_id, ref, Failure("local.input", str(target), False), 0), 0)
+    if isinstance(target, CarnumberError):
+        code = getattr(target, "code", "local.read")
+        return _Outcome(failure_rows(run_id, ref, Failure(code, str(target), True), 0), 0)
+
+    attempt = 0
+    while True:
+        if paused.is_set():
+            return _Outcome(None, attempt)
+        error: ApiError | TransportError
+        async with slots:
+            try:
+                await ctx.gate.admit()
+            except Paused as pause:
+                paused.set()
+                return _Outcome(None, attempt, pause)
+            attempt += 1
+            try:
+                rec = await ctx.client.recognize(target)
+            except (ApiError, TransportError) as exc:
+                error = exc
+            else:
+                await ctx.breaker.record(True)
+                if ctx.on_call:
+                    ctx.on_call("ok")
+                return _Outcome(recognition_rows(run_id, ref, rec, attempt), attempt)
+        if ctx.on_call:
+            ctx.on_call(error.code)
+        decision = ctx.policy.decide(attempt, error)
+        if decision.action == "stop":
+            await ctx.fleet.stop(error.code, error.message, run_id)
+            paused.set()
+            return _Outcome(None, attempt, FleetStopped(error.code, error.message))
+        if decision.action == "fail":
+            await ctx.breaker.record(not decision.retryable)
+            failure = Failure(
+                decision.code,
+                decision.message,
+                decision.retryable,
+                getattr(error, "status", None),
+                getattr(error, "request_id", None),
+            )
+            return _Outcome(failure_rows(run_id, ref, failure, attempt), attempt)
+        await ctx.breaker.record(False)
+        if error.code.startswith("Throttling"):
+            await ctx.gate.limiter.on_throttled()
+        await _sleep_unless_paused(decision.delay_s, paused)

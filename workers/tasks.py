@@ -1,0 +1,92 @@
+"""The Celery task: decode, call :func:`execute_chunk`, map errors. Nothing else lives here."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import pyarrow as pa
+import redis
+from celery import signals
+from celery.exceptions import WorkerShutdown
+
+from workers.celery import app
+from workers.config import Settings
+from workers.errors import ConfigError
+from workers.message import Chunk
+from workers.runner import Runtime, execute_chunk
+
+__all__ = ["TASK_NAME", "process_chunk", "publish_chunk", "use_settings"]
+
+log = logging.getLogger(__name__)
+TASK_NAME = "carnumber.process_chunk"
+_runtime: Runtime | None = None
+_settings: Settings | None = None
+
+
+def use_settings(settings: Settings) -> None:
+    """Settings built by the CLI (flags, --config); forked pool processes inherit them."""
+    global _settings, _runtime
+    _settings, _runtime = settings, None
+
+
+def settings() -> Settings:
+    return _settings if _settings is not None else Settings.from_env()
+
+
+def runtime() -> Runtime:
+    """This process's services, built once."""
+    global _runtime
+    if _runtime is None:
+        _runtime = Runtime.from_settings(settings())
+    return _runtime
+
+
+@signals.worker_process_init.connect
+def _fresh_runtime_after_fork(**_: Any) -> None:
+    # Connections must not be shared across a fork.
+    global _runtime
+    _runtime = None
+
+
+@signals.worker_init.connect
+def _check_settings(**_: Any) -> None:
+    """Refuse to start a worker that could only fail every chunk."""
+    try:
+        settings().credentials()
+    except ConfigError as exc:
+        log.critical("carnumber worker cannot start: %s", exc)
+        raise WorkerShutdown(str(exc)) from None
+
+
+@app.task(
+    name=TASK_NAME,
+    bind=True,
+    acks_late=True,
+    reject_on_worker_lost=True,
+    ignore_result=True,
+    # Infrastructure trouble (Redis, output store) is retried; a chunk is never dropped for it.
+    autoretry_for=(redis.RedisError, OSError, pa.ArrowException),
+    retry_backoff=5,
+    retry_backoff_max=600,
+    max_retries=None,
+)
+def process_chunk(self: Any, message: dict[str, Any]) -> dict[str, int]:
+    chunk = Chunk.from_wire(message)
+    result = execute_chunk(chunk, runtime())
+    return {
+        "images": len(chunk.images),
+        "answered": result.answered,
+        "failed": result.failed,
+        "pending": len(result.pending),
+        "calls": result.calls,
+    }
+
+
+def publish_chunk(chunk: Chunk, queue: str) -> None:
+    """Send one chunk to the broker; Flower shows the short ``argsrepr``, not every source."""
+    process_chunk.apply_async(
+        args=[chunk.to_wire()],
+        queue=queue,
+        argsrepr=f"run={chunk.run_id} chunk={chunk.chunk_id} images={len(chunk.images)}",
+    )
