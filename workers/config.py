@@ -46,6 +46,10 @@ _ENV: dict[str, str] = {
     "CARNUMBER_S3_MODE": "s3_mode",
     "CARNUMBER_OSS_ENDPOINT": "oss_endpoint",
     "CARNUMBER_OSS_MODE": "oss_mode",
+    "OSS_ACCESS_KEY_ID": "oss_access_key_id",
+    "OSS_ACCESS_KEY_SECRET": "oss_access_key_secret",
+    "OSS_SESSION_TOKEN": "oss_security_token",
+    "OSS_SECURITY_TOKEN": "oss_security_token",
     "CARNUMBER_SIGNED_URL_TTL_S": "signed_url_ttl_s",
     "CARNUMBER_SOURCE_ROOT": "source_root",
     "CARNUMBER_REENCODE_ABOVE_BYTES": "reencode_above_bytes",
@@ -100,6 +104,10 @@ class Settings:
     s3_mode: str = "url"
     oss_endpoint: str | None = None
     oss_mode: str = "url"
+    # OSS's own credential variables; when unset, OSS falls back to the ALIBABA_CLOUD_* pair.
+    oss_access_key_id: str | None = None
+    oss_access_key_secret: str | None = field(default=None, repr=False)
+    oss_security_token: str | None = field(default=None, repr=False)
     signed_url_ttl_s: int = 900
     source_root: str | None = None
     reencode_above_bytes: int | None = None
