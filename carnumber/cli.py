@@ -22,10 +22,16 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "recognize": ("carnumber.commands.recognize", "call the API once for one image and print JSON"),
     "serve": ("ocrserver.cli", "run the local RecognizeCarNumber-compatible server"),
     "enqueue": ("carnumber.commands.enqueue", "read a source and enqueue its images for a run"),
-    "worker": ("carnumber.commands.worker", "start a Celery worker (same as celery -A workers worker)"),
+    "worker": (
+        "carnumber.commands.worker",
+        "start a Celery worker (same as celery -A workers worker)",
+    ),
     "status": ("carnumber.commands.status", "show a run's progress and state"),
     "resume": ("carnumber.commands.resume", "clear a stop and re-publish a run's parked images"),
-    "retry-failures": ("carnumber.commands.retry_failures", "re-enqueue a run's retryable failures"),
+    "retry-failures": (
+        "carnumber.commands.retry_failures",
+        "re-enqueue a run's retryable failures",
+    ),
     "compact": ("carnumber.commands.compact", "merge a run's part files into large Parquet files"),
     "demo": ("carnumber.demo", "run the whole pipeline on a generated sample archive"),
     "eval": ("ocrserver.evaluate", "measure the offline recognizer on labelled photos"),

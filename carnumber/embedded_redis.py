@@ -49,13 +49,20 @@ class EmbeddedRedis:
         self._proc = subprocess.Popen(
             [
                 redis_server_binary(),
-                "--bind", "127.0.0.1",
-                "--port", str(self.port),
-                "--save", "",
-                "--appendonly", "no",
-                "--dir", str(self._dir),
-                "--daemonize", "no",
-                "--protected-mode", "yes",
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self._dir),
+                "--daemonize",
+                "no",
+                "--protected-mode",
+                "yes",
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -66,14 +73,21 @@ class EmbeddedRedis:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
-                raise ConfigError(f"embedded redis-server exited with status {self._proc.returncode}")
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), 0.2) as s:
+                raise ConfigError(
+                    f"embedded redis-server exited with status {self._proc.returncode}"
+                )
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", self.port), 0.2) as s,
+            ):
                 s.sendall(b"PING\r\n")
                 if s.recv(16).startswith(b"+PONG"):
                     return
             time.sleep(0.05)
         self.stop()
-        raise ConfigError(f"embedded redis-server did not answer on port {self.port} within {timeout_s}s")
+        raise ConfigError(
+            f"embedded redis-server did not answer on port {self.port} within {timeout_s}s"
+        )
 
     def stop(self) -> None:
         if self._proc.poll() is None:

@@ -2,7 +2,8 @@
 
 Chunk ``k`` is always the ``k``-th run of ``chunk_size`` refs *in source order*, before any
 filtering, so re-running the same command for the same run produces the same chunk ids and
-skips every chunk already published (``RunStore.mark_enqueued`` guards the count). Images
+skips every chunk already published (``RunStore.mark_enqueued`` guards the count). A chunk whose
+images differ from what was recorded (the source changed) is an error, never a silent skip. Images
 already answered in earlier runs are dropped from each chunk through the ledger; the chunk id
 stays the same. The broker queue is kept under ``queue_high_water`` messages: the producer
 waits instead of pushing millions of messages into Redis. Memory holds one chunk at a time.
@@ -10,6 +11,7 @@ waits instead of pushing millions of messages into Redis. Memory holds one chunk
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import logging
 import time
@@ -17,6 +19,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from workers.errors import InputError
 from workers.message import Chunk, ImageRef
 from workers.runs import RunStore
 
@@ -47,7 +50,9 @@ def _batches(refs: Iterable[ImageRef], size: int) -> Iterator[list[ImageRef]]:
         yield batch
 
 
-def _wait_for_room(depth: Callable[[], int], high_water: int, sleep: Callable[[float], None]) -> float:
+def _wait_for_room(
+    depth: Callable[[], int], high_water: int, sleep: Callable[[float], None]
+) -> float:
     """Block while the queue holds ``high_water`` messages or more; resume below half of it."""
     if depth() < high_water:
         return 0.0
@@ -79,9 +84,17 @@ def enqueue(
     for k, batch in enumerate(_batches(refs, chunk_size)):
         report.images_seen += len(batch)
         chunk_id = f"{chunk_prefix}{k:07d}"
-        if runs.is_enqueued(run_id, chunk_id):
+        digest = hashlib.sha256("\n".join(r.image_id for r in batch).encode()).hexdigest()[:16]
+        recorded = runs.enqueued_digest(run_id, chunk_id)
+        if recorded == digest:
             report.chunks_already_published += 1
             continue
+        if recorded is not None:
+            raise InputError(
+                f"run {run_id}: the source changed since it was enqueued (chunk {chunk_id} now lists "
+                "other images); enqueue the new images under a new run id (images answered in earlier "
+                "runs are skipped) instead of reusing this one"
+            )
         unique = list({r.image_id: r for r in batch}.values())
         report.duplicates_dropped += len(batch) - len(unique)
         skipped = 0
@@ -96,7 +109,7 @@ def enqueue(
             publish(Chunk(run_id, chunk_id, tuple(unique)))
             report.chunks_published += 1
             report.images_enqueued += len(unique)
-        runs.mark_enqueued(run_id, chunk_id, len(unique), skipped)
+        runs.mark_enqueued(run_id, chunk_id, digest, len(unique), skipped)
         if on_progress is not None and k % 50 == 0:
             on_progress(report)
     return report

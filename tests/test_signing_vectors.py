@@ -12,7 +12,9 @@ from workers.api.client import Image, build_request
 from workers.api.signing import canonical_request, parse_authorization, sign
 from workers.config import Credentials
 
-VECTORS = Path(__file__).resolve().parents[1].parent / "shared/reference/acs3-signature-vectors.json"
+VECTORS = (
+    Path(__file__).resolve().parents[1].parent / "shared/reference/acs3-signature-vectors.json"
+)
 pytestmark = pytest.mark.skipif(not VECTORS.exists(), reason="../shared is not beside this clone")
 
 
@@ -22,7 +24,9 @@ def _vectors() -> list[dict]:
 
 @pytest.mark.parametrize("vec", _vectors(), ids=lambda v: v["name"])
 def test_sdk_vector_signature_reproduces(vec: dict) -> None:
-    headers = {k: v for k, v in vec["headers"].items() if k not in ("Authorization", "Content-Length")}
+    headers = {
+        k: v for k, v in vec["headers"].items() if k not in ("Authorization", "Content-Length")
+    }
     auth = parse_authorization(vec["authorization"])
     assert auth is not None
     params = dict(parse_qsl(urlsplit(vec["url"]).query, keep_blank_values=True))
@@ -32,7 +36,11 @@ def test_sdk_vector_signature_reproduces(vec: dict) -> None:
     )
     assert canonical == vec["canonical_request"]
     got = sign(
-        vec["method"], params, headers, vec["access_key_id"], vec["access_key_secret"],
+        vec["method"],
+        params,
+        headers,
+        vec["access_key_id"],
+        vec["access_key_secret"],
         signed_headers=auth.signed_headers,
     )
     assert got == vec["authorization"]

@@ -133,7 +133,9 @@ class FleetStopped(Paused):
     state = "stopped"
 
     def __init__(self, code: str, message: str = "") -> None:
-        super().__init__(f"fleet stopped by {code}: {message}" if message else f"fleet stopped by {code}")
+        super().__init__(
+            f"fleet stopped by {code}: {message}" if message else f"fleet stopped by {code}"
+        )
         self.code = code
 
 

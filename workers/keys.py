@@ -53,7 +53,7 @@ class Keys:
         return f"{self.prefix}:run:{run_id}"
 
     def run_chunks(self, run_id: str) -> str:
-        """Set of chunk ids already published for a run (re-running enqueue skips them)."""
+        """Hash chunk id -> digest of its refs, for chunks already published (re-runs skip them)."""
         return f"{self.prefix}:run:{run_id}:chunks"
 
     def run_done(self, run_id: str) -> str:

@@ -71,7 +71,11 @@ def redact_url(url: str) -> str:
     if parts.port:
         netloc = f"{netloc}:{parts.port}"
     query = urlencode(
-        [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k.lower() not in _SECRET_PARAMS]
+        [
+            (k, v)
+            for k, v in parse_qsl(parts.query, keep_blank_values=True)
+            if k.lower() not in _SECRET_PARAMS
+        ]
     )
     return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
 
@@ -81,7 +85,9 @@ def has_secret_params(url: str) -> bool:
     parts = urlsplit(url)
     if parts.username or parts.password:
         return True
-    return any(k.lower() in _SECRET_PARAMS for k, _ in parse_qsl(parts.query, keep_blank_values=True))
+    return any(
+        k.lower() in _SECRET_PARAMS for k, _ in parse_qsl(parts.query, keep_blank_values=True)
+    )
 
 
 def image_id_for(source: str) -> str:
@@ -107,7 +113,9 @@ class ImageRef:
 
     def to_wire(self) -> list[Any]:
         # A list, not a dict: a chunk of 500 refs stays small on the broker.
-        return [self.image_id, self.source, self.meta] if self.meta else [self.image_id, self.source]
+        return (
+            [self.image_id, self.source, self.meta] if self.meta else [self.image_id, self.source]
+        )
 
     @classmethod
     def from_wire(cls, data: list[Any]) -> ImageRef:
@@ -143,7 +151,9 @@ class Chunk:
     def from_wire(cls, data: dict[str, Any]) -> Chunk:
         version = data.get("v")
         if version != FORMAT_VERSION:
-            raise ValueError(f"chunk message format v{version}: this worker reads v{FORMAT_VERSION}")
+            raise ValueError(
+                f"chunk message format v{version}: this worker reads v{FORMAT_VERSION}"
+            )
         return cls(
             run_id=data["run"],
             chunk_id=data["chunk"],

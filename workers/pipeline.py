@@ -101,7 +101,9 @@ async def process_chunk(chunk: Chunk, ctx: ChunkContext) -> ChunkResult:
             failure = Failure("local.internal", f"{type(exc).__name__}: {exc}", retryable=True)
             return _Outcome(failure_rows(chunk.run_id, ref, failure, 0), 0)
 
-    outcomes = await asyncio.gather(*(guarded(r, t) for r, t in zip(chunk.images, resolved, strict=True)))
+    outcomes = await asyncio.gather(
+        *(guarded(r, t) for r, t in zip(chunk.images, resolved, strict=True))
+    )
     result = ChunkResult()
     for ref, out in zip(chunk.images, outcomes, strict=True):
         result.calls += out.calls
@@ -132,7 +134,9 @@ async def _one(
     paused: asyncio.Event,
 ) -> _Outcome:
     if isinstance(target, ImageRejected):
-        return _Outcome(failure_rows(run_id, ref, Failure(target.code, target.message, False), 0), 0)
+        return _Outcome(
+            failure_rows(run_id, ref, Failure(target.code, target.message, False), 0), 0
+        )
     if isinstance(target, InputError):
         return _Outcome(failure_rows(run_id, ref, Failure("local.input", str(target), False), 0), 0)
     if isinstance(target, CarnumberError):

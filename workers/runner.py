@@ -95,7 +95,9 @@ def execute_chunk(chunk: Chunk, rt: Runtime) -> ChunkResult:
     if result.rows:
         pending_ids = {r.image_id for r in result.pending}
         written = Chunk(
-            chunk.run_id, chunk.chunk_id, tuple(r for r in chunk.images if r.image_id not in pending_ids)
+            chunk.run_id,
+            chunk.chunk_id,
+            tuple(r for r in chunk.images if r.image_id not in pending_ids),
         )
         rt.dataset.write_part(chunk.run_id, written.part_name, result.rows)
         rt.runs.mark_written(
@@ -107,10 +109,18 @@ def execute_chunk(chunk: Chunk, rt: Runtime) -> ChunkResult:
         rt.runs.park(remainder, reason)
         log.warning(
             "run %s chunk %s: %d image(s) parked (%s)",
-            chunk.run_id, chunk.chunk_id, len(result.pending), result.pause,
+            chunk.run_id,
+            chunk.chunk_id,
+            len(result.pending),
+            result.pause,
         )
     else:
         summary = rt.runs.get(chunk.run_id)
-        if summary and summary.state == "running" and summary.outstanding == 0 and summary.parked == 0:
+        if (
+            summary
+            and summary.state == "running"
+            and summary.outstanding == 0
+            and summary.parked == 0
+        ):
             rt.runs.set_state(chunk.run_id, "done")
     return result

@@ -29,6 +29,14 @@ for i = 2, #ARGV, 2 do redis.call('HINCRBY', KEYS[2], ARGV[i], ARGV[i + 1]) end
 return 1
 """
 
+# The same, guarded by a hash field (chunk id -> digest of its source refs):
+# KEYS[1]=chunks hash KEYS[2]=run hash ARGV[1]=chunk id ARGV[2]=digest ARGV[3..]=field,n
+_SET_ONCE = """
+if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
+for i = 3, #ARGV, 2 do redis.call('HINCRBY', KEYS[2], ARGV[i], ARGV[i + 1]) end
+return 1
+"""
+
 
 @dataclass(frozen=True, slots=True)
 class RunSummary:
@@ -61,6 +69,7 @@ class RunStore:
         self.r = client
         self.keys = keys
         self._add_once = client.register_script(_ADD_ONCE)
+        self._set_once = client.register_script(_SET_ONCE)
 
     def create(self, run_id: str, source: str) -> None:
         key = self.keys.run(run_id)
@@ -72,29 +81,48 @@ class RunStore:
         pipe.zadd(self.keys.runs(), {run_id: now}, nx=True)
         pipe.execute()
 
-    def is_enqueued(self, run_id: str, chunk_id: str) -> bool:
-        return bool(self.r.sismember(self.keys.run_chunks(run_id), chunk_id))
+    def enqueued_digest(self, run_id: str, chunk_id: str) -> str | None:
+        """The digest recorded when ``chunk_id`` was published, or None if it never was."""
+        raw = self.r.hget(self.keys.run_chunks(run_id), chunk_id)
+        return raw.decode() if raw is not None else None
 
-    def mark_enqueued(self, run_id: str, chunk_id: str, images: int, skipped: int = 0) -> bool:
+    def mark_enqueued(
+        self, run_id: str, chunk_id: str, digest: str, images: int, skipped: int = 0
+    ) -> bool:
         """Count a published chunk once. Returns False if it was already counted."""
         return bool(
-            self._add_once(
+            self._set_once(
                 keys=[self.keys.run_chunks(run_id), self.keys.run(run_id)],
-                args=[chunk_id, "chunks_enqueued", 1, "images_enqueued", images, "images_skipped", skipped],
+                args=[
+                    chunk_id,
+                    digest,
+                    "chunks_enqueued",
+                    1,
+                    "images_enqueued",
+                    images,
+                    "images_skipped",
+                    skipped,
+                ],
             )
         )
 
-    def mark_written(self, run_id: str, part_name: str, images: int, failed: int, plates: int, calls: int) -> bool:
+    def mark_written(
+        self, run_id: str, part_name: str, images: int, failed: int, plates: int, calls: int
+    ) -> bool:
         """Count a written part once (a redelivered chunk rewrites the same part name)."""
         return bool(
             self._add_once(
                 keys=[self.keys.run_done(run_id), self.keys.run(run_id)],
                 args=[
                     part_name,
-                    "images_written", images,
-                    "images_failed", failed,
-                    "plates", plates,
-                    "calls", calls,
+                    "images_written",
+                    images,
+                    "images_failed",
+                    failed,
+                    "plates",
+                    plates,
+                    "calls",
+                    calls,
                 ],
             )
         )
@@ -116,13 +144,17 @@ class RunStore:
         raw, _ = pipe.execute()
         chunks = [Chunk.from_wire(json.loads(item)) for item in raw]
         if chunks:
-            self.r.hincrby(self.keys.run(run_id), "images_parked", -sum(len(c.images) for c in chunks))
+            self.r.hincrby(
+                self.keys.run(run_id), "images_parked", -sum(len(c.images) for c in chunks)
+            )
         return chunks
 
     def set_state(self, run_id: str, state: str, **extra: Any) -> None:
         if state not in STATES:
             raise ValueError(f"unknown run state {state!r}")
-        self.r.hset(self.keys.run(run_id), mapping={"state": state, "updated_at": time.time(), **extra})
+        self.r.hset(
+            self.keys.run(run_id), mapping={"state": state, "updated_at": time.time(), **extra}
+        )
 
     def get(self, run_id: str) -> RunSummary | None:
         raw = self.r.hgetall(self.keys.run(run_id))

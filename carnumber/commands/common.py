@@ -12,7 +12,7 @@ from workers.errors import ConfigError
 from workers.keys import Keys
 from workers.runs import RunStore
 
-__all__ = ["connect_redis", "configure_celery", "run_store", "settings_from"]
+__all__ = ["configure_celery", "connect_redis", "run_store", "settings_from"]
 
 
 def settings_from(args: argparse.Namespace, **overrides: Any) -> Settings:

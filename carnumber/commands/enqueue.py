@@ -23,18 +23,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "or a manifest (.txt, .csv, .jsonl, .parquet)",
     )
     parser.add_argument("--run", required=True, dest="run_id", help="run id, e.g. 2026-11-24")
-    parser.add_argument("--glob", help="only file names matching this pattern (folders, archives, buckets)")
-    parser.add_argument("--since", type=datetime.fromisoformat, help="only images modified/dated at or after")
-    parser.add_argument("--until", type=datetime.fromisoformat, help="only images modified/dated before")
-    parser.add_argument("--reprocess", action="store_true", help="also images answered in earlier runs")
+    parser.add_argument(
+        "--glob", help="only file names matching this pattern (folders, archives, buckets)"
+    )
+    parser.add_argument(
+        "--since", type=datetime.fromisoformat, help="only images modified/dated at or after"
+    )
+    parser.add_argument(
+        "--until", type=datetime.fromisoformat, help="only images modified/dated before"
+    )
+    parser.add_argument(
+        "--reprocess", action="store_true", help="also images answered in earlier runs"
+    )
     parser.add_argument("--chunk-size", type=int, help="images per message (CARNUMBER_CHUNK_SIZE)")
-    parser.add_argument("--wait", action="store_true", help="then follow the run until it is finished")
+    parser.add_argument(
+        "--wait", action="store_true", help="then follow the run until it is finished"
+    )
 
 
 def main(args: argparse.Namespace) -> int:
-    from producers.enqueue import enqueue
     from producers.ledger import Ledger
     from producers.sources import open_source
+
+    from producers.enqueue import enqueue
     from workers.sink.dataset import check_run_id
     from workers.tasks import publish_chunk
 
@@ -50,7 +61,9 @@ def main(args: argparse.Namespace) -> int:
         skipped.append(err)
         log.warning("skipped: %s", err)
 
-    refs = open_source(args.source, settings, glob=args.glob, since=args.since, until=args.until, on_skip=on_skip)
+    refs = open_source(
+        args.source, settings, glob=args.glob, since=args.since, until=args.until, on_skip=on_skip
+    )
     ledger = None if args.reprocess else Ledger.open(settings.output, exclude_run=args.run_id)
     runs.create(args.run_id, args.source)
     runs.set_state(args.run_id, "enqueuing")
@@ -64,9 +77,13 @@ def main(args: argparse.Namespace) -> int:
         chunk_size=settings.chunk_size,
         queue_high_water=settings.queue_high_water,
         ledger=ledger,
-        on_progress=lambda r: log.info("enqueued %d images in %d chunks", r.images_enqueued, r.chunks_published),
+        on_progress=lambda r: log.info(
+            "enqueued %d images in %d chunks", r.images_enqueued, r.chunks_published
+        ),
     )
-    runs.set_state(args.run_id, "running", enqueue_finished_at=time.time(), lines_skipped=len(skipped))
+    runs.set_state(
+        args.run_id, "running", enqueue_finished_at=time.time(), lines_skipped=len(skipped)
+    )
     elapsed = time.monotonic() - started
     print(
         f"run {args.run_id}: {report.images_seen} images seen, {report.images_enqueued} enqueued in "

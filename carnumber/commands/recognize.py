@@ -33,7 +33,9 @@ def main(args: argparse.Namespace) -> int:
     else:
         path = Path(args.image)
         if not path.is_file():
-            raise InputError(f"{args.image}: no such file (give a local image path or an http(s) URL)")
+            raise InputError(
+                f"{args.image}: no such file (give a local image path or an http(s) URL)"
+            )
         data = path.read_bytes()
         check_image(data)
         image = Image(body=data)

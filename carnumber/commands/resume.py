@@ -13,7 +13,9 @@ __all__ = ["add_arguments", "main"]
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_id")
     parser.add_argument(
-        "--keep-stop", action="store_true", help="do not clear the fleet's stop flag (only re-publish)"
+        "--keep-stop",
+        action="store_true",
+        help="do not clear the fleet's stop flag (only re-publish)",
     )
 
 
@@ -31,7 +33,9 @@ def main(args: argparse.Namespace) -> int:
     client = connect_redis(settings)
     runs = run_store(settings, client)
     if runs.get(args.run_id) is None:
-        raise InputError(f"run {args.run_id!r}: not found in Redis (key prefix {settings.key_prefix!r})")
+        raise InputError(
+            f"run {args.run_id!r}: not found in Redis (key prefix {settings.key_prefix!r})"
+        )
     configure_celery(settings)
 
     async def clear() -> dict | None:
@@ -52,5 +56,7 @@ def main(args: argparse.Namespace) -> int:
     for chunk in chunks:
         publish_chunk(chunk, settings.queue)
     runs.set_state(args.run_id, "running")
-    print(f"run {args.run_id}: re-published {sum(len(c.images) for c in chunks)} images in {len(chunks)} chunks")
+    print(
+        f"run {args.run_id}: re-published {sum(len(c.images) for c in chunks)} images in {len(chunks)} chunks"
+    )
     return 0

@@ -42,6 +42,7 @@ def main(args: argparse.Namespace) -> int:
         queue_high_water=settings.queue_high_water,
     )
     runs.set_state(args.run_id, "running")
-    print(f"run {args.run_id}: re-enqueued {report.images_enqueued} images (retry round {round_no})")
+    print(
+        f"run {args.run_id}: re-enqueued {report.images_enqueued} images (retry round {round_no})"
+    )
     return 0
-

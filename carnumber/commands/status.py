@@ -20,7 +20,9 @@ FINAL_STATES = ("done", "stopped", "quota_exhausted", "circuit_open", "paused")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_id", nargs="?", help="run to show; omitted: list recent runs")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
-    parser.add_argument("--follow", action="store_true", help="refresh until the run finishes or pauses")
+    parser.add_argument(
+        "--follow", action="store_true", help="refresh until the run finishes or pauses"
+    )
 
 
 def line(runs: RunStore, run_id: str) -> str:
@@ -37,7 +39,13 @@ def line(runs: RunStore, run_id: str) -> str:
     )
 
 
-def follow(runs: RunStore, run_id: str, out: TextIO, interval_s: float = 2.0, timeout_s: float | None = None) -> int:
+def follow(
+    runs: RunStore,
+    run_id: str,
+    out: TextIO,
+    interval_s: float = 2.0,
+    timeout_s: float | None = None,
+) -> int:
     """Print progress until the run is done (0) or paused/stopped (3)."""
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     while True:
@@ -59,11 +67,15 @@ def main(args: argparse.Namespace) -> int:
         return 0
     summary = runs.get(args.run_id)
     if summary is None:
-        raise InputError(f"run {args.run_id!r}: not found in Redis (key prefix {settings.key_prefix!r})")
+        raise InputError(
+            f"run {args.run_id!r}: not found in Redis (key prefix {settings.key_prefix!r})"
+        )
     if args.follow:
         return follow(runs, args.run_id, out=sys.stdout)
     if args.json:
-        print(json.dumps({"run_id": args.run_id, "state": summary.state, **summary.fields}, indent=2))
+        print(
+            json.dumps({"run_id": args.run_id, "state": summary.state, **summary.fields}, indent=2)
+        )
     else:
         print(line(runs, args.run_id))
     return 0

@@ -10,7 +10,9 @@ __all__ = ["add_arguments", "main"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-c", "--concurrency", type=int, help="worker processes (default: CPU count)")
+    parser.add_argument(
+        "-c", "--concurrency", type=int, help="worker processes (default: CPU count)"
+    )
     parser.add_argument("-n", "--hostname", help="node name, e.g. worker1@%%h")
     parser.add_argument("-l", "--loglevel", default="INFO")
     parser.add_argument("--pool", default="prefork", choices=["prefork", "solo", "threads"])
@@ -26,7 +28,12 @@ def main(args: argparse.Namespace) -> int:
 
     use_settings(settings)
 
-    argv = ["worker", f"--loglevel={args.loglevel}", f"--pool={args.pool}", f"--queues={settings.queue}"]
+    argv = [
+        "worker",
+        f"--loglevel={args.loglevel}",
+        f"--pool={args.pool}",
+        f"--queues={settings.queue}",
+    ]
     if args.concurrency:
         argv.append(f"--concurrency={args.concurrency}")
     if args.hostname:

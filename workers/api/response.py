@@ -86,7 +86,9 @@ def parse_data(data: str | dict[str, Any], request_id: str | None = None) -> Rec
             raw=doc,
         )
     except (TypeError, ValueError, KeyError, AttributeError, IndexError) as exc:
-        raise TransportError("local.malformed", f"Data does not have the documented shape ({exc})") from None
+        raise TransportError(
+            "local.malformed", f"Data does not have the documented shape ({exc})"
+        ) from None
 
 
 def _load(text: bytes | str, what: str) -> Any:

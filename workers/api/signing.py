@@ -39,9 +39,7 @@ def percent_encode(value: str) -> str:
 
 
 def canonical_query(params: Mapping[str, str]) -> str:
-    return "&".join(
-        f"{percent_encode(k)}={percent_encode(v)}" for k, v in sorted(params.items())
-    )
+    return "&".join(f"{percent_encode(k)}={percent_encode(v)}" for k, v in sorted(params.items()))
 
 
 def canonical_request(
@@ -70,7 +68,9 @@ def canonical_request(
 
 def signature(secret: str, canonical: str) -> str:
     string_to_sign = f"{ALGORITHM}\n{hashlib.sha256(canonical.encode('utf-8')).hexdigest()}"
-    return hmac.new(secret.encode("utf-8"), string_to_sign.encode("utf-8"), hashlib.sha256).hexdigest()
+    return hmac.new(
+        secret.encode("utf-8"), string_to_sign.encode("utf-8"), hashlib.sha256
+    ).hexdigest()
 
 
 def default_signed_headers(headers: Mapping[str, str]) -> list[str]:

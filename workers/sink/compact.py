@@ -59,7 +59,9 @@ def best_outcomes(keys: pa.Table) -> pa.Table:
     return ranked.filter(mask).drop_columns(["answered"])
 
 
-def read_keys(dataset: Dataset, files: list[str], extra: tuple[str, ...] = ()) -> tuple[pa.Table, int]:
+def read_keys(
+    dataset: Dataset, files: list[str], extra: tuple[str, ...] = ()
+) -> tuple[pa.Table, int]:
     """The small columns of every file, with the file's index; and the total row count."""
     cols = ["image_id", "status", "processed_at", *extra]
     tables = []
@@ -140,9 +142,11 @@ def _publish(
         fs.move(run_dir, aside)
         fs.move(out_dir, run_dir)
         # A part that landed while we merged (a late redelivery) must not be lost with the old dir.
-        late = set(dataset.parquet_files(aside)) - set(parts)
-        for path in late:
-            fs.move(path, f"{run_dir}/{path.rsplit('/', 1)[-1]}")
+        merged = {p.rsplit("/", 1)[-1] for p in parts}
+        for path in dataset.parquet_files(aside):
+            name = path.rsplit("/", 1)[-1]
+            if name not in merged:
+                fs.move(path, f"{run_dir}/{name}")
         fs.delete_dir(aside)
         return
     # Object stores: publish the merged files, then drop the parts they replace.

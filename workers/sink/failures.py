@@ -16,7 +16,9 @@ def retryable_failures(dataset: Dataset, run_id: str) -> list[ImageRef]:
     files = dataset.parquet_files(dataset.run_dir(run_id))
     keys, _ = read_keys(dataset, files, extra=("source", "meta", "retryable"))
     best = best_outcomes(keys)
-    failed = best.filter(pc.and_(pc.equal(best["status"], STATUS_FAILED), pc.fill_null(best["retryable"], False)))
+    failed = best.filter(
+        pc.and_(pc.equal(best["status"], STATUS_FAILED), pc.fill_null(best["retryable"], False))
+    )
     return [
         ImageRef(source=row["source"], image_id=row["image_id"], meta=dict(row["meta"] or []))
         for row in failed.select(["image_id", "source", "meta"]).to_pylist()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-__all__ = ["SCHEMA", "SCHEMA_VERSION", "STATUS_FAILED", "STATUS_NO_PLATE", "STATUS_OK", "POLYGON"]
+__all__ = ["POLYGON", "SCHEMA", "SCHEMA_VERSION", "STATUS_FAILED", "STATUS_NO_PLATE", "STATUS_OK"]
 
 SCHEMA_VERSION = 1
 STATUS_OK = "ok"

@@ -1,0 +1,126 @@
+"""Start the pieces of a one-machine deployment as child processes: the local API server and
+Celery workers. Used by ``carnumber demo`` and by the benchmarks; each child is stopped on exit."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from workers.errors import ConfigError
+
+__all__ = ["Child", "start_server", "start_worker", "stopping"]
+
+_URL = re.compile(r"https?://[0-9A-Za-z.\[\]:-]+")
+
+
+@dataclass
+class Child:
+    name: str
+    proc: subprocess.Popen[str]
+    url: str | None = None
+    lines: list[str] = field(default_factory=list)
+
+    def stop(self, timeout_s: float = 15.0) -> None:
+        if self.proc.poll() is not None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def _pump(child: Child, url_seen: threading.Event) -> None:
+    assert child.proc.stdout is not None
+    for raw in child.proc.stdout:
+        line = raw.rstrip()
+        child.lines.append(line)
+        del child.lines[:-200]
+        if child.url is None and (m := _URL.search(line)):
+            child.url = m.group(0).rstrip("/")
+            url_seen.set()
+
+
+def _spawn(
+    name: str, argv: Sequence[str], env: Mapping[str, str] | None
+) -> tuple[Child, threading.Event]:
+    proc = subprocess.Popen(
+        list(argv),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
+    child = Child(name, proc)
+    seen = threading.Event()
+    threading.Thread(target=_pump, args=(child, seen), daemon=True).start()
+    return child, seen
+
+
+def start_server(
+    args: Sequence[str], env: Mapping[str, str] | None = None, timeout_s: float = 60.0
+) -> Child:
+    """``carnumber serve --port 0 ARGS...``; returns once it printed the URL it listens on."""
+    argv = [
+        sys.executable,
+        "-m",
+        "carnumber.cli",
+        "serve",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        *args,
+    ]
+    child, seen = _spawn("server", argv, env)
+    deadline = time.monotonic() + timeout_s
+    while not seen.wait(0.1):
+        if child.proc.poll() is not None or time.monotonic() > deadline:
+            child.stop()
+            tail = "\n".join(child.lines[-20:])
+            raise ConfigError(f"local API server did not start:\n{tail}")
+    return child
+
+
+def start_worker(
+    env: Mapping[str, str],
+    concurrency: int = 2,
+    hostname: str = "worker@%h",
+    extra: Sequence[str] = (),
+) -> Child:
+    """A Celery worker child on the queue named in ``env`` (``CARNUMBER_QUEUE``)."""
+    queue = env.get("CARNUMBER_QUEUE", "carnumber")
+    argv = [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "workers",
+        "worker",
+        "--loglevel=WARNING",
+        f"--concurrency={concurrency}",
+        f"--queues={queue}",
+        f"--hostname={hostname}",
+        "--without-mingle",
+        "--without-gossip",
+        *extra,
+    ]
+    child, _ = _spawn("worker", argv, env)
+    return child
+
+
+@contextlib.contextmanager
+def stopping(*children: Child) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        for child in reversed(children):
+            child.stop()
