@@ -43,6 +43,10 @@ class Keys:
     def circuit(self, account: str) -> str:
         return f"{self.prefix}:circuit:{account}"
 
+    def calls(self, account: str, bucket: str) -> str:
+        """Hash of API call counts by outcome code: ``total`` or one UTC minute (``m:202611241305``)."""
+        return f"{self.prefix}:calls:{account}:{bucket}"
+
     # -- per run ------------------------------------------------------------------------------
     def runs(self) -> str:
         """Sorted set of run ids by creation time."""
