@@ -1,0 +1,60 @@
+"""What the S3 and OSS stores have in common: the object listing row and the store protocol.
+
+:class:`ObjectStore` is the seam: the resolver (worker side) and the object-store sources
+(producer side) take any store; :mod:`workers.storage.s3` and :mod:`workers.storage.oss` are the
+two implementations, each translating its library's exceptions into ours in one place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Protocol
+
+from workers.config import Settings
+
+__all__ = ["ObjectInfo", "ObjectStore", "store_for"]
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectInfo:
+    """One listed object: ``key``, ``size`` in bytes, ``modified`` (UTC)."""
+
+    key: str
+    size: int
+    modified: datetime
+
+
+class ObjectStore(Protocol):
+    scheme: str
+
+    def head(self, bucket: str, key: str) -> int:
+        """Size in bytes; :class:`InputError` when the object or bucket is missing."""
+        ...
+
+    def get(self, bucket: str, key: str, max_bytes: int) -> bytes:
+        """The object's bytes; :class:`ImageRejected` (``local.imageTooLarge``) when it is
+        larger than ``max_bytes`` (checked before reading)."""
+        ...
+
+    def presign(self, bucket: str, key: str, ttl_s: int) -> str:
+        """A GET URL valid for ``ttl_s`` seconds. A secret: never log or store it."""
+        ...
+
+    def iter_objects(self, bucket: str, prefix: str) -> Iterator[ObjectInfo]:
+        """Every object under ``prefix``, in the store's (lexicographic) order, page by page."""
+        ...
+
+
+def store_for(scheme: str, settings: Settings) -> ObjectStore:
+    """The store for ``s3`` or ``oss``, importing its library only now."""
+    if scheme == "s3":
+        from workers.storage.s3 import S3Store
+
+        return S3Store(settings)
+    if scheme == "oss":
+        from workers.storage.oss import OssStore
+
+        return OssStore(settings)
+    raise ValueError(f"no object store for scheme {scheme!r}")

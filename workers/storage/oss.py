@@ -1,0 +1,158 @@
+"""Alibaba Cloud OSS objects through oss2: HEAD, GET, signed GET URLs, listings.
+
+oss2 is imported when the first ``oss://`` URI is used (``pip install 'carnumber[oss]'``).
+Endpoint: ``settings.oss_endpoint`` (``CARNUMBER_OSS_ENDPOINT``), e.g.
+``oss-cn-hangzhou.aliyuncs.com`` or the internal ``oss-cn-hangzhou-internal.aliyuncs.com``
+(``https://`` is added when no scheme is given). Credentials: ``OSS_ACCESS_KEY_ID`` /
+``OSS_ACCESS_KEY_SECRET`` (+ ``OSS_SESSION_TOKEN`` for STS), else the ``ALIBABA_CLOUD_*`` pair.
+
+Reads (HEAD, GET, listings) use the configured endpoint, internal ones included. Signed URLs are
+fetched by the OCR service, which is not inside your VPC, so they are signed for the *public*
+counterpart of an internal endpoint (``-internal`` removed). oss2's exceptions become ours in
+:func:`_translate`: missing object/bucket or access denied → :class:`InputError`; network
+trouble and 5xx → :class:`TransportError`.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from typing import Any
+
+from workers.config import Settings
+from workers.errors import CarnumberError, ConfigError, ImageRejected, InputError, TransportError
+from workers.storage.objects import ObjectInfo
+from workers.storage.optional import require
+
+__all__ = ["OssStore", "public_endpoint"]
+
+
+def public_endpoint(endpoint: str) -> str:
+    """The Internet endpoint of an internal one: ``oss-cn-x-internal.aliyuncs.com`` →
+    ``oss-cn-x.aliyuncs.com``; other endpoints unchanged."""
+    return endpoint.replace("-internal.aliyuncs.com", ".aliyuncs.com")
+
+
+class OssStore:
+    """oss2 buckets over one shared HTTP session (thread-safe for our use)."""
+
+    scheme = "oss"
+
+    def __init__(self, settings: Settings) -> None:
+        self.oss2: Any = require("oss2")
+        if not settings.oss_endpoint:
+            raise ConfigError(
+                "oss:// sources need CARNUMBER_OSS_ENDPOINT "
+                "(e.g. oss-cn-hangzhou.aliyuncs.com or oss-cn-hangzhou-internal.aliyuncs.com)"
+            )
+        endpoint = settings.oss_endpoint
+        if "://" not in endpoint:
+            endpoint = "https://" + endpoint
+        self.endpoint = endpoint.rstrip("/")
+        self.sign_endpoint = public_endpoint(self.endpoint)
+        key_id = settings.oss_access_key_id or settings.access_key_id
+        secret = settings.oss_access_key_secret or settings.access_key_secret
+        token = settings.oss_security_token if settings.oss_access_key_id else settings.security_token
+        if not key_id or not secret:
+            raise ConfigError(
+                "oss:// sources need credentials: OSS_ACCESS_KEY_ID and OSS_ACCESS_KEY_SECRET "
+                "(or ALIBABA_CLOUD_ACCESS_KEY_ID and ALIBABA_CLOUD_ACCESS_KEY_SECRET)"
+            )
+        self.auth = self.oss2.StsAuth(key_id, secret, token) if token else self.oss2.Auth(key_id, secret)
+        self.connect_timeout_s = settings.connect_timeout_s
+        self.session = self.oss2.Session()
+        self._buckets: dict[tuple[str, str], Any] = {}
+        self._lock = threading.Lock()
+
+    def _bucket(self, name: str, endpoint: str | None = None) -> Any:
+        endpoint = endpoint or self.endpoint
+        with self._lock:
+            bucket = self._buckets.get((endpoint, name))
+            if bucket is None:
+                try:
+                    bucket = self.oss2.Bucket(
+                        self.auth,
+                        endpoint,
+                        name,
+                        session=self.session,
+                        connect_timeout=self.connect_timeout_s,
+                    )
+                except Exception as exc:  # oss2 validates bucket names eagerly
+                    raise _translate(self.oss2, exc, f"oss://{name}") from None
+                self._buckets[(endpoint, name)] = bucket
+            return bucket
+
+    def head(self, bucket: str, key: str) -> int:
+        b = self._bucket(bucket)
+        try:
+            return int(b.head_object(key).content_length)
+        except Exception as exc:
+            raise _translate(self.oss2, exc, _where(bucket, key)) from None
+
+    def get(self, bucket: str, key: str, max_bytes: int) -> bytes:
+        b = self._bucket(bucket)
+        where = _where(bucket, key)
+        try:
+            result = b.get_object(key)
+            size = int(result.content_length)
+            if size > max_bytes:
+                result.resp.response.close()
+                raise ImageRejected(
+                    "local.imageTooLarge",
+                    f"object is {size} bytes; the API allows at most {max_bytes}",
+                )
+            data: bytes = result.read()
+        except CarnumberError:
+            raise
+        except Exception as exc:
+            raise _translate(self.oss2, exc, where) from None
+        if len(data) != size:
+            raise TransportError("local.connection", f"{where}: got {len(data)} of {size} bytes")
+        return data
+
+    def presign(self, bucket: str, key: str, ttl_s: int) -> str:
+        b = self._bucket(bucket, self.sign_endpoint)
+        try:
+            url: str = b.sign_url("GET", key, ttl_s, slash_safe=True)
+        except Exception as exc:
+            raise _translate(self.oss2, exc, _where(bucket, key)) from None
+        return url
+
+    def iter_objects(self, bucket: str, prefix: str) -> Iterator[ObjectInfo]:
+        b = self._bucket(bucket)
+        try:
+            for obj in self.oss2.ObjectIteratorV2(b, prefix=prefix, max_keys=1000):
+                if obj.key.endswith("/") or obj.is_prefix():
+                    continue
+                modified = datetime.fromtimestamp(int(obj.last_modified), UTC)
+                yield ObjectInfo(obj.key, int(obj.size), modified)
+        except Exception as exc:
+            raise _translate(self.oss2, exc, f"oss://{bucket}/{prefix}") from None
+
+
+def _where(bucket: str, key: str) -> str:
+    return f"oss://{bucket}/{key}"
+
+
+def _translate(oss2: Any, exc: BaseException, where: str) -> CarnumberError:
+    """The one place oss2's exceptions become ours. Messages carry no signed URLs."""
+    errors = oss2.exceptions
+    if isinstance(exc, CarnumberError):
+        return exc
+    if isinstance(exc, errors.NotFound):
+        return InputError(f"{where}: not found ({exc.code or exc.status})")
+    if isinstance(exc, errors.RequestError):
+        return TransportError("local.connection", f"{where}: OSS unreachable")
+    if isinstance(exc, errors.ServerError):
+        status, code = exc.status, exc.code
+        if status == 403:
+            return InputError(f"{where}: access denied ({code or status})")
+        if status >= 500 or status == 429:
+            return TransportError("local.storage", f"{where}: OSS answered {status} {code}")
+        return InputError(f"{where}: OSS refused the request ({status} {code})")
+    if isinstance(exc, errors.ClientError | ValueError):
+        return InputError(f"{where}: not a valid OSS bucket or key")
+    if isinstance(exc, errors.OssError | OSError):
+        return TransportError("local.connection", f"{where}: {type(exc).__name__}")
+    return TransportError("local.storage", f"{where}: {type(exc).__name__}")

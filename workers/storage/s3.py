@@ -1,0 +1,134 @@
+"""S3 (and S3-compatible) objects through boto3: HEAD, GET, presigned GET URLs, listings.
+
+boto3 is imported when the first ``s3://`` URI is used (``pip install 'carnumber[s3]'``).
+Credentials, region and ``AWS_ENDPOINT_URL`` come from boto3's own chain (environment,
+profile, instance role); ``settings.s3_endpoint_url`` (``CARNUMBER_S3_ENDPOINT_URL``) wins
+when set. botocore's exceptions become ours in :func:`_translate`, the one place they enter:
+missing object/bucket or access denied → :class:`InputError`; network trouble, timeouts, 5xx and
+throttling → :class:`TransportError`; no credentials/region → :class:`ConfigError`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from workers.config import Settings
+from workers.errors import CarnumberError, ConfigError, ImageRejected, InputError, TransportError
+from workers.storage.objects import ObjectInfo
+from workers.storage.optional import require
+
+__all__ = ["S3Store"]
+
+_MISSING = {"NoSuchKey", "NoSuchBucket", "NotFound", "404"}
+_DENIED = {"AccessDenied", "403", "Forbidden", "AllAccessDisabled", "InvalidAccessKeyId"}
+
+
+class S3Store:
+    """One boto3 S3 client (thread-safe), built from settings, or the ``client`` you pass."""
+
+    scheme = "s3"
+
+    def __init__(self, settings: Settings, client: Any = None) -> None:
+        if client is None:
+            boto3 = require("boto3")
+            botocore_config = require("botocore.config")
+            config = botocore_config.Config(
+                connect_timeout=settings.connect_timeout_s,
+                read_timeout=settings.read_timeout_s,
+                retries={"mode": "standard", "max_attempts": 3},
+                max_pool_connections=max(10, settings.concurrency),
+                signature_version="s3v4",
+            )
+            try:
+                client = boto3.session.Session().client(
+                    "s3", endpoint_url=settings.s3_endpoint_url or None, config=config
+                )
+            except Exception as exc:
+                raise _translate(exc, "s3://") from None
+        self.client = client
+
+    def head(self, bucket: str, key: str) -> int:
+        try:
+            meta = self.client.head_object(Bucket=bucket, Key=key)
+        except Exception as exc:
+            raise _translate(exc, _where(bucket, key)) from None
+        return int(meta["ContentLength"])
+
+    def get(self, bucket: str, key: str, max_bytes: int) -> bytes:
+        where = _where(bucket, key)
+        try:
+            resp = self.client.get_object(Bucket=bucket, Key=key)
+            size = int(resp["ContentLength"])
+            body = resp["Body"]
+            if size > max_bytes:
+                body.close()
+                raise ImageRejected(
+                    "local.imageTooLarge",
+                    f"object is {size} bytes; the API allows at most {max_bytes}",
+                )
+            data: bytes = body.read()
+            body.close()
+        except CarnumberError:
+            raise
+        except Exception as exc:
+            raise _translate(exc, where) from None
+        if len(data) != size:
+            raise TransportError("local.connection", f"{where}: got {len(data)} of {size} bytes")
+        return data
+
+    def presign(self, bucket: str, key: str, ttl_s: int) -> str:
+        try:
+            url: str = self.client.generate_presigned_url(
+                "get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=ttl_s
+            )
+        except Exception as exc:
+            raise _translate(exc, _where(bucket, key)) from None
+        return url
+
+    def iter_objects(self, bucket: str, prefix: str) -> Iterator[ObjectInfo]:
+        paginator = self.client.get_paginator("list_objects_v2")
+        where = f"s3://{bucket}/{prefix}"
+        try:
+            for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
+                for obj in page.get("Contents", ()):
+                    if obj["Key"].endswith("/"):
+                        continue  # a "folder" marker, not an object
+                    yield ObjectInfo(obj["Key"], int(obj["Size"]), obj["LastModified"])
+        except Exception as exc:
+            raise _translate(exc, where) from None
+
+
+def _where(bucket: str, key: str) -> str:
+    return f"s3://{bucket}/{key}"
+
+
+def _translate(exc: BaseException, where: str) -> CarnumberError:
+    """The one place botocore's exceptions become ours. Messages carry no URL query strings."""
+    exceptions = require("botocore.exceptions")
+    if isinstance(exc, exceptions.ClientError):
+        err = exc.response.get("Error", {})
+        code = str(err.get("Code", ""))
+        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+        if code in _MISSING or status == 404:
+            return InputError(f"{where}: not found ({code or status})")
+        if code in _DENIED or status == 403:
+            return InputError(f"{where}: access denied ({code or status})")
+        if status >= 500 or status == 429 or code in ("SlowDown", "Throttling", "RequestTimeout"):
+            return TransportError("local.storage", f"{where}: S3 answered {status} {code}")
+        return InputError(f"{where}: S3 refused the request ({status} {code})")
+    if isinstance(exc, exceptions.NoCredentialsError | exceptions.PartialCredentialsError):
+        return ConfigError(
+            f"{where}: no S3 credentials (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a profile)"
+        )
+    if isinstance(exc, exceptions.NoRegionError):
+        return ConfigError(f"{where}: no S3 region (set AWS_DEFAULT_REGION)")
+    if isinstance(exc, exceptions.ParamValidationError):
+        return InputError(f"{where}: not a valid S3 bucket or key")
+    if isinstance(exc, exceptions.ConnectTimeoutError | exceptions.ReadTimeoutError):
+        return TransportError("local.timeout", f"{where}: {type(exc).__name__}")
+    if isinstance(exc, exceptions.BotoCoreError | OSError):
+        return TransportError("local.connection", f"{where}: {type(exc).__name__}")
+    if isinstance(exc, CarnumberError):
+        return exc
+    return TransportError("local.storage", f"{where}: {type(exc).__name__}")
