@@ -42,6 +42,7 @@ class EnqueueReport:
     chunks_published: int = 0
     chunks_already_published: int = 0
     waited_s: float = 0.0
+    stopped_by: str | None = None  # the run paused (quota, fatal stop) before the source ended
 
 
 def _batches(refs: Iterable[ImageRef], size: int) -> Iterator[list[ImageRef]]:
@@ -75,13 +76,19 @@ def enqueue(
     queue_high_water: int,
     ledger: Ledger | None = None,
     chunk_prefix: str = "",
+    paused_reason: Callable[[], str | None] | None = None,
     sleep: Callable[[float], None] = time.sleep,
     on_progress: Callable[[EnqueueReport], None] | None = None,
 ) -> EnqueueReport:
     """Publish ``refs`` for ``run_id``; safe to run again for the same run. ``chunk_prefix``
-    names a separate pass over the same run (``retry1-``), so its chunk ids never collide."""
+    names a separate pass over the same run (``retry1-``), so its chunk ids never collide.
+    ``paused_reason`` is asked before each chunk; a non-empty answer ends the loop early."""
     report = EnqueueReport(run_id)
     for k, batch in enumerate(_batches(refs, chunk_size)):
+        if paused_reason is not None and (reason := paused_reason()):
+            # Feeding a paused fleet would only park everything; a re-run continues from here.
+            report.stopped_by = reason
+            break
         report.images_seen += len(batch)
         chunk_id = f"{chunk_prefix}{k:07d}"
         digest = hashlib.sha256("\n".join(r.image_id for r in batch).encode()).hexdigest()[:16]

@@ -4,8 +4,9 @@ Plain async functions over plain data; the Celery task (``workers/tasks.py``) on
 message, builds a :class:`ChunkContext`, runs :func:`process_chunk` and hands the result to the
 sink. Per image: admit (``Gate``) → call → on error ask the :class:`RetryPolicy`; backoff waits
 hold neither a token nor a concurrency slot, and end early if the fleet pauses. One image's
-crash becomes that image's failed row; the others carry on. When the fleet pauses (fatal error,
-quota, open circuit), images not yet answered come back as ``pending``.
+crash becomes that image's failed row; the others carry on. While the circuit is open, images
+wait for the breaker's probe. When the fleet stops (fatal error) or the quota is spent, images
+not yet answered come back as ``pending``.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from workers.api.response import Recognition
 from workers.errors import (
     ApiError,
     CarnumberError,
+    CircuitOpen,
     FleetStopped,
     ImageRejected,
     InputError,
@@ -30,6 +32,7 @@ from workers.errors import (
     TransportError,
 )
 from workers.message import Chunk, ImageRef
+from workers.retry import service_ok
 from workers.sink.rows import Failure, failure_rows, recognition_rows
 
 __all__ = ["ChunkContext", "ChunkResult", "process_chunk"]
@@ -66,6 +69,7 @@ class ChunkContext:
     fleet: Fleet
     breaker: Breaker
     concurrency: int = 16
+    circuit_wait_s: float = 1.0  # how often a waiting image asks an open circuit again
     on_call: Callable[[str], None] | None = None  # metrics hook: called with "ok" or an error code
 
 
@@ -147,23 +151,29 @@ async def _one(
     while True:
         if paused.is_set():
             return _Outcome(None, attempt)
-        error: ApiError | TransportError
+        error: ApiError | TransportError | None = None
         async with slots:
             try:
                 await ctx.gate.admit()
+            except CircuitOpen:
+                pass  # the service looks down: wait for the breaker's probe instead of parking
             except Paused as pause:
                 paused.set()
                 return _Outcome(None, attempt, pause)
-            attempt += 1
-            try:
-                rec = await ctx.client.recognize(target)
-            except (ApiError, TransportError) as exc:
-                error = exc
             else:
-                await ctx.breaker.record(True)
-                if ctx.on_call:
-                    ctx.on_call("ok")
-                return _Outcome(recognition_rows(run_id, ref, rec, attempt), attempt)
+                attempt += 1
+                try:
+                    rec = await ctx.client.recognize(target)
+                except (ApiError, TransportError) as exc:
+                    error = exc
+                else:
+                    await ctx.breaker.record(True)
+                    if ctx.on_call:
+                        ctx.on_call("ok")
+                    return _Outcome(recognition_rows(run_id, ref, rec, attempt), attempt)
+        if error is None:
+            await _sleep_unless_paused(ctx.circuit_wait_s, paused)
+            continue
         if ctx.on_call:
             ctx.on_call(error.code)
         decision = ctx.policy.decide(attempt, error)
@@ -171,8 +181,10 @@ async def _one(
             await ctx.fleet.stop(error.code, error.message, run_id)
             paused.set()
             return _Outcome(None, attempt, FleetStopped(error.code, error.message))
+        ok = service_ok(error)  # throttling and bad input say nothing about the service's health
+        if ok is not None:
+            await ctx.breaker.record(ok)
         if decision.action == "fail":
-            await ctx.breaker.record(not decision.retryable)
             failure = Failure(
                 decision.code,
                 decision.message,
@@ -181,7 +193,6 @@ async def _one(
                 getattr(error, "request_id", None),
             )
             return _Outcome(failure_rows(run_id, ref, failure, attempt), attempt)
-        await ctx.breaker.record(False)
         if error.code.startswith("Throttling"):
             await ctx.gate.limiter.on_throttled()
         await _sleep_unless_paused(decision.delay_s, paused)

@@ -21,6 +21,7 @@ import redis.asyncio as aredis
 from workers.admission import Gate
 from workers.api.client import AsyncClient, http_timeout
 from workers.config import Settings
+from workers.errors import FleetStopped
 from workers.keys import Keys, account_tag
 from workers.message import Chunk
 from workers.pipeline import ChunkContext, ChunkResult, process_chunk
@@ -65,7 +66,10 @@ async def _process(chunk: Chunk, rt: Runtime) -> ChunkResult:
     creds = s.credentials()
     keys = Keys(s.key_prefix)
     account = account_tag(creds.access_key_id)
-    ar = aredis.Redis.from_url(s.redis_url or "redis://127.0.0.1:6379/0")
+    # Short timeouts: an unreachable Redis must pause calls quickly, not hang the chunk.
+    ar = aredis.Redis.from_url(
+        s.redis_url or "redis://127.0.0.1:6379/0", socket_timeout=10, socket_connect_timeout=5
+    )
     limits = httpx.Limits(max_connections=s.concurrency, max_keepalive_connections=s.concurrency)
     try:
         async with httpx.AsyncClient(timeout=http_timeout(s), limits=limits) as http:
@@ -107,6 +111,8 @@ def execute_chunk(chunk: Chunk, rt: Runtime) -> ChunkResult:
         reason = result.pause.state if result.pause is not None else "paused"
         remainder = Chunk(chunk.run_id, chunk.chunk_id, tuple(result.pending))
         rt.runs.park(remainder, reason)
+        if isinstance(result.pause, FleetStopped):
+            rt.runs.set_state(chunk.run_id, "stopped", stop_code=result.pause.code)
         log.warning(
             "run %s chunk %s: %d image(s) parked (%s)",
             chunk.run_id,

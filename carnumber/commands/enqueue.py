@@ -41,6 +41,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _paused(runs, run_id: str) -> str | None:  # type: ignore[no-untyped-def]
+    summary = runs.get(run_id)
+    state = summary.state if summary else None
+    return state if state in ("stopped", "quota_exhausted") else None
+
+
 def main(args: argparse.Namespace) -> int:
     from producers.ledger import Ledger
     from producers.sources import open_source
@@ -66,6 +72,8 @@ def main(args: argparse.Namespace) -> int:
     )
     ledger = None if args.reprocess else Ledger.open(settings.output, exclude_run=args.run_id)
     runs.create(args.run_id, args.source)
+    if reason := _paused(runs, args.run_id):
+        raise InputError(f"run {args.run_id} is {reason}: fix the cause, `carnumber resume {args.run_id}`, then enqueue")
     runs.set_state(args.run_id, "enqueuing")
     started = time.monotonic()
     report = enqueue(
@@ -77,6 +85,7 @@ def main(args: argparse.Namespace) -> int:
         chunk_size=settings.chunk_size,
         queue_high_water=settings.queue_high_water,
         ledger=ledger,
+        paused_reason=lambda: _paused(runs, args.run_id),
         on_progress=lambda r: log.info(
             "enqueued %d images in %d chunks", r.images_enqueued, r.chunks_published
         ),
