@@ -109,7 +109,10 @@ def test_wrong_secret_stops_the_fleet_and_leaves_images_pending(
     server: RunningServer, redis_url: str, key_prefix: str, tmp_path: Path
 ) -> None:
     refs = _images(tmp_path / "c", 20)
-    rt = _runtime(server, redis_url, key_prefix, tmp_path, ALIBABA_CLOUD_ACCESS_KEY_SECRET="wrong", CARNUMBER_CONCURRENCY="4")
+    rt = _runtime(
+        server, redis_url, key_prefix, tmp_path,
+        ALIBABA_CLOUD_ACCESS_KEY_SECRET="wrong", CARNUMBER_CONCURRENCY="4",
+    )
     rt.runs.create("r3", "test")
     result = execute_chunk(Chunk("r3", "0000000", tuple(refs)), rt)
     assert result.failed == 0 and result.answered == 0

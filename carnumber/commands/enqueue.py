@@ -73,7 +73,9 @@ def main(args: argparse.Namespace) -> int:
     ledger = None if args.reprocess else Ledger.open(settings.output, exclude_run=args.run_id)
     runs.create(args.run_id, args.source)
     if reason := _paused(runs, args.run_id):
-        raise InputError(f"run {args.run_id} is {reason}: fix the cause, `carnumber resume {args.run_id}`, then enqueue")
+        raise InputError(
+            f"run {args.run_id} is {reason}: fix the cause, `carnumber resume {args.run_id}`, then enqueue"
+        )
     runs.set_state(args.run_id, "enqueuing")
     started = time.monotonic()
     report = enqueue(
