@@ -1,0 +1,304 @@
+"""The raw ASGI app: a RecognizeCarNumber look-alike, plus two admin routes.
+
+Per API call (``POST /`` or ``GET /``), in the real service's order:
+
+1. read the body (a hard cap of 3 x 10 MiB; beyond it ``exceededImageContent`` at once);
+2. added latency (``latency_ms``), then the gateway: signature, timestamp, nonce
+   (:class:`~ocrserver.auth.Verifier`) and the per-key QPS limit (``Throttling.User``);
+3. the image: ``Url`` xor body, fetched and checked (:mod:`ocrserver.intake`);
+4. injected faults (:mod:`ocrserver.faults`), only for calls that got this far;
+5. recognition and the success envelope (:mod:`ocrserver.envelope`).
+
+Every refusal is an :class:`~workers.errors.ApiError` rendered by :func:`ocrserver.codes.error_body`.
+``GET /__carnumber/stats`` and ``POST /__carnumber/reset`` are not part of the real API.
+No framework: the whole request path is a few dict look-ups, one HMAC and one JSON dump.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import socket
+import struct
+import time
+import uuid
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+from urllib.parse import parse_qsl
+
+import httpx
+
+from ocrserver.auth import Verifier
+from ocrserver.batcher import MicroBatcher
+from ocrserver.codes import error_body, reject
+from ocrserver.config import ServerConfig
+from ocrserver.envelope import success_body
+from ocrserver.faults import EXCLUSIVE_KINDS, FaultPlan
+from ocrserver.intake import load_image
+from ocrserver.ratelimit import SecondWindowLimiter
+from ocrserver.recognizers import get_recognizer
+from ocrserver.recognizers.base import DetectedPlate, ImageInput, Recognizer
+from ocrserver.stats import Stats
+from workers.errors import ApiError
+from workers.imagecheck import MAX_BYTES
+
+__all__ = ["OcrApp", "build_app"]
+
+log = logging.getLogger("ocrserver")
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+HARD_BODY_CAP = 3 * MAX_BYTES
+DEFAULT_HOST_ID = "ocr-api.cn-hangzhou.aliyuncs.com"
+_JSON = b"application/json;charset=utf-8"
+
+
+class OcrApp:
+    """The ASGI callable. One instance per server; all state lives on its one event loop."""
+
+    def __init__(
+        self,
+        config: ServerConfig,
+        recognizer: Recognizer | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.clock = clock
+        self.verifier = Verifier(config.access_keys(), clock=clock)
+        self.limiter = SecondWindowLimiter(config.qps)
+        self.faults = FaultPlan(config.faults, config.seed)
+        self.stats = Stats()
+        self.recognizer = recognizer or get_recognizer(
+            config.recognizer, truth_path=config.truth_path, model_dir=config.model_dir
+        )
+        self._inline = bool(getattr(self.recognizer, "inline", False))
+        self._batcher = (
+            MicroBatcher(self.recognizer, config.max_batch, config.max_wait_ms)
+            if getattr(self.recognizer, "batching", False)
+            else None
+        )
+        self._http: httpx.AsyncClient | None = None
+
+    # -- ASGI entry ---------------------------------------------------------------------------
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            path = scope["path"]
+            if path.startswith("/__carnumber/"):
+                await self._admin(scope, receive, send)
+            else:
+                await self._api(scope, receive, send)
+        elif scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                self.http_client()
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.aclose()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    def http_client(self) -> httpx.AsyncClient:
+        """The client for ``Url`` images (created on first use; never reads proxy settings)."""
+        if self._http is None:
+            self._http = httpx.AsyncClient(
+                trust_env=False, timeout=self.config.url_timeout_s, follow_redirects=False
+            )
+        return self._http
+
+    async def aclose(self) -> None:
+        if self._http is not None:
+            await self._http.aclose()
+            self._http = None
+        if self._batcher is not None:
+            await self._batcher.aclose()
+        self.recognizer.close()
+
+    # -- admin routes -------------------------------------------------------------------------
+
+    async def _admin(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await _read_body(receive, 1 << 20)
+        route = (scope["method"], scope["path"])
+        if route == ("GET", "/__carnumber/stats"):
+            await _respond(send, 200, json.dumps(self.stats.to_json()).encode())
+        elif route == ("POST", "/__carnumber/reset"):
+            self.stats.reset()
+            self.faults.reseed()
+            await _respond(send, 200, b'{"reset":true}')
+        else:
+            await _respond(send, 404, b'{"Code":"NotFound","Message":"unknown admin route"}')
+
+    # -- the API ------------------------------------------------------------------------------
+
+    async def _api(self, scope: Scope, receive: Receive, send: Send) -> None:
+        request_id = str(uuid.uuid4()).upper()
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        host_id = headers.get("host", DEFAULT_HOST_ID).rsplit(":", 1)[0] or DEFAULT_HOST_ID
+        self.stats.request()
+        body, complete = await _read_body(receive, HARD_BODY_CAP)
+        if body is None:  # the client went away mid-body: nobody to answer
+            self.stats.answer("(disconnected)")
+            return
+        try:
+            if not complete:
+                raise reject("exceededImageContent")
+            if self.config.latency_ms:
+                await asyncio.sleep(self.config.latency_ms / 1000.0)
+            if scope["path"] != "/" or scope["method"] not in ("POST", "GET"):
+                raise reject("InvalidAction.NotFound")
+            params = dict(
+                parse_qsl(scope["query_string"].decode("utf-8", "replace"), keep_blank_values=True)
+            )
+            key = self.verifier.verify(scope["method"], params, headers, body)
+            now = self.clock()
+            if not self.limiter.try_acquire(key.access_key_id, now):
+                self.stats.throttled += 1
+                extra = {}
+                if self.config.throttle_retry_after:
+                    extra["x-acs-retry-after"] = str(self.limiter.retry_after_ms(now))
+                await self._error(send, reject("Throttling.User"), request_id, host_id, extra)
+                return
+            self.stats.accepted(key.access_key_id, now)
+            image = await load_image(
+                params, body, self.http_client(), self.config.allowed_url_hosts,
+                self.config.url_timeout_s,
+            )
+            injection = self.faults.draw()
+            if injection.slow_ms:
+                self.stats.fault("slow")
+                await asyncio.sleep(injection.slow_ms / 1000.0)
+            if injection.kind is not None:
+                self.stats.fault(injection.kind)
+                await self._inject(injection.kind, image, send, request_id, host_id)
+                return
+            plates = await self._recognize(image)
+        except ApiError as exc:
+            await self._error(send, exc, request_id, host_id, complete=complete)
+            return
+        except Exception:
+            log.exception("recognizer failed (request %s)", request_id)
+            await self._error(send, reject("InternalError"), request_id, host_id)
+            return
+        self.stats.answer("Success")
+        out = success_body(request_id, plates, image.width, image.height, self.config.expand_refs)
+        await _respond(send, 200, out, request_id)
+
+    async def _recognize(self, image: ImageInput) -> list[DetectedPlate]:
+        if self._inline:
+            return self.recognizer.recognize(image)
+        if self._batcher is not None:
+            return await self._batcher.submit(image)
+        return await asyncio.to_thread(self.recognizer.recognize, image)
+
+    async def _error(
+        self,
+        send: Send,
+        exc: ApiError,
+        request_id: str,
+        host_id: str,
+        extra: dict[str, str] | None = None,
+        complete: bool = True,
+        status: int | None = None,
+    ) -> None:
+        self.stats.answer(exc.code)
+        headers = dict(extra or {})
+        if not complete:
+            headers["connection"] = "close"
+        body = error_body(exc, request_id, host_id)
+        await _respond(send, status or exc.status, body, request_id, headers)
+
+    async def _inject(
+        self, kind: str, image: ImageInput, send: Send, request_id: str, host_id: str
+    ) -> None:
+        cfg = self.config.faults
+        if kind == "hang":
+            try:
+                await asyncio.sleep(cfg.hang_s)
+            except asyncio.CancelledError:  # server shutting down: drop the held connection
+                _abort(send)
+                return
+        if kind == "reset":
+            self.stats.answer("(reset)")
+            if _abort(send):
+                await asyncio.sleep(0)  # let the transport report the loss before we return
+                return
+            # No transport reachable: start an answer and never finish it.
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [(b"content-length", b"1000")]})
+            await send({"type": "http.response.body", "body": b"{", "more_body": True})
+            raise ConnectionAbortedError("fault-reset")
+        if kind == "malformed":
+            self.stats.answer("(malformed)")
+            good = success_body(request_id, [], image.width, image.height)
+            await _respond(send, 200, good[: len(good) // 2], request_id)
+            return
+        if kind == "error_200":
+            await self._error(send, reject(cfg.error_200_code), request_id, host_id, status=200)
+            return
+        code = EXCLUSIVE_KINDS[kind]
+        assert code is not None
+        await self._error(send, reject(code), request_id, host_id)
+
+
+def _abort(send: Send) -> bool:
+    """Drop the connection with a TCP RST (SO_LINGER 0 + abort). uvicorn does not expose the
+    transport in the scope, but its ``send`` is a bound method of the request cycle that holds
+    it. False when that is not reachable (another server)."""
+    transport = getattr(getattr(send, "__self__", None), "transport", None)
+    if transport is None:
+        return False
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError, AttributeError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()
+    return True
+
+
+async def _read_body(receive: Receive, cap: int) -> tuple[bytes | None, bool]:
+    """(body, complete): ``(b"", False)`` past ``cap`` bytes, ``(None, False)`` when the client
+    disconnected."""
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None, False
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > cap:
+            return b"", False
+        if chunk:
+            chunks.append(chunk)
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks), True
+
+
+async def _respond(
+    send: Send,
+    status: int,
+    body: bytes,
+    request_id: str | None = None,
+    extra: dict[str, str] | None = None,
+) -> None:
+    headers = [(b"content-type", _JSON), (b"content-length", str(len(body)).encode())]
+    if request_id:
+        headers.append((b"x-acs-request-id", request_id.encode()))
+    for name, value in (extra or {}).items():
+        headers.append((name.encode("latin-1"), value.encode("latin-1")))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def build_app(config: ServerConfig, recognizer: Recognizer | None = None) -> OcrApp:
+    """The ASGI app for ``config`` (the recognizer is built from the registry unless given)."""
+    return OcrApp(config, recognizer)
