@@ -70,7 +70,7 @@ class OcrApp:
         self.config = config
         self.clock = clock
         self.verifier = Verifier(config.access_keys(), clock=clock)
-        self.limiter = SecondWindowLimiter(config.qps)
+        self.limiter = SecondWindowLimiter(int(config.qps))
         self.faults = FaultPlan(config.faults, config.seed)
         self.stats = Stats()
         self.recognizer = recognizer or get_recognizer(

@@ -55,7 +55,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="accepted AccessKeys, ID:SECRET[:STS_TOKEN][,...] (also CARNUMBER_SERVER_KEYS; "
         "default testid:testsecret)",
     )
-    srv.add_argument("--qps", type=int, default=0, help="calls per second per AccessKey; 0 = no limit")
+    srv.add_argument(
+        "--qps", type=float, default=0,
+        help="calls per whole second per AccessKey (a whole number); 0 = no limit",
+    )
     srv.add_argument(
         "--throttle-retry-after",
         action="store_true",

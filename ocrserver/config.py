@@ -31,7 +31,7 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 0
     keys: str = field(default=DEFAULT_KEYS, repr=False)
-    qps: int = 0
+    qps: float = 0
     recognizer: str = "replay"
     truth_path: str | None = None
     model_dir: str | None = None
@@ -50,8 +50,11 @@ class ServerConfig:
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"--port {self.port}: must be 0..65535")
-        if self.qps < 0:
-            raise ConfigError(f"--qps {self.qps}: must be >= 0 (0 = unlimited)")
+        if self.qps < 0 or self.qps != int(self.qps):
+            raise ConfigError(
+                f"--qps {self.qps}: must be a whole number >= 0 (0 = unlimited): the limit is "
+                "counted per whole second"
+            )
         if self.latency_ms < 0 or self.url_timeout_s <= 0:
             raise ConfigError("--latency-ms must be >= 0 and the URL timeout > 0")
         if self.max_batch < 1 or self.max_wait_ms < 0:
