@@ -93,9 +93,7 @@ class Monitor:
         started = time.perf_counter()
         queue = self.settings.queue
         try:
-            runs = tuple(
-                s for s in (self.runs.get(r) for r in self.runs.runs(self.recent_runs)) if s
-            )
+            runs = tuple(s for s in (self.runs.get(r) for r in self.runs.runs(self.recent_runs)) if s)
             pipe = self.r.pipeline(transaction=False)
             pipe.llen(queue)
             pipe.hlen(UNACKED_KEY)
