@@ -144,4 +144,10 @@ class CircuitOpen(Paused):
 
 
 class QuotaExhausted(Paused):
+    """The call quota is spent. When known: ``limit``, ``window`` (``day``/``total``) and
+    ``resets_at_s`` (Unix seconds when the window resets; ``None`` = never)."""
+
     state = "quota_exhausted"
+    limit: int | None = None
+    window: str | None = None
+    resets_at_s: int | None = None

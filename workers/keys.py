@@ -25,16 +25,20 @@ class Keys:
 
     # -- fleet-wide, per account -------------------------------------------------------------
     def rate(self, account: str) -> str:
-        """GCRA state: the theoretical arrival time of the next call (see ops/design.md)."""
+        """GCRA state: the theoretical arrival time of the next call, microseconds of Redis
+        ``TIME`` (see ops/design/rate-limit.md)."""
         return f"{self.prefix}:rate:{account}"
 
     def rate_adapt(self, account: str) -> str:
-        """Adaptive slow-down state after throttling answers."""
+        """Adaptive slow-down state after throttling answers (hash ``factor_ppm``, ``at_us``);
+        the rate limiter derives it as ``rate(account) + ":adapt"``."""
         return f"{self.prefix}:rate:{account}:adapt"
 
-    def quota(self, account: str, window: str) -> str:
-        """Calls reserved in one quota window (``day:2026-11-24`` or ``total``)."""
-        return f"{self.prefix}:quota:{account}:{window}"
+    def quota(self, account: str, window: str = "") -> str:
+        """Calls reserved in one quota window (``day:2026-11-24`` or ``total``); with no window,
+        the prefix that ``CallQuota`` extends with the window itself."""
+        base = f"{self.prefix}:quota:{account}"
+        return f"{base}:{window}" if window else base
 
     def stop(self, account: str) -> str:
         """Set when a fatal error stops the fleet; a hash with code, message and time."""

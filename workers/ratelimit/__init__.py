@@ -1,0 +1,66 @@
+"""One global rate limit and one call quota for the whole fleet of an account.
+
+::
+
+    limiter, quota = from_settings(settings, redis_client)   # redis.asyncio.Redis, or None
+    await limiter.acquire()        # wait for a slot: at most qps*t + burst calls in any t seconds
+    await quota.reserve()          # count the call (raises QuotaExhausted when spent)
+    ...send...                     # on a Throttling answer: await limiter.on_throttled()
+
+Algorithm apart from storage: :mod:`.gcra` and :mod:`.windows` are plain functions; a
+:class:`Backend` keeps the state, either :class:`RedisBackend` (one Lua script per step, Redis's
+clock, shared by every host) or :class:`MemoryBackend` (one process, injected clocks).
+Design note: ``ops/design/rate-limit.md``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from workers.errors import ConfigError
+from workers.keys import Keys, account_tag
+from workers.ratelimit.backend import Backend, QuotaState, RateState
+from workers.ratelimit.gcra import Grant, Rate
+from workers.ratelimit.limiter import RateLimiter
+from workers.ratelimit.memory import MemoryBackend
+from workers.ratelimit.quota import CallQuota
+from workers.ratelimit.redis_backend import RedisBackend
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+
+    from workers.config import Settings
+
+__all__ = [
+    "Backend",
+    "CallQuota",
+    "Grant",
+    "MemoryBackend",
+    "QuotaState",
+    "Rate",
+    "RateLimiter",
+    "RateState",
+    "RedisBackend",
+    "from_settings",
+]
+
+
+def from_settings(
+    settings: Settings, redis: Redis | None, *, backend: Backend | None = None
+) -> tuple[RateLimiter, CallQuota]:
+    """The limiter and quota of ``settings.access_key_id``'s account, from ``qps``, ``burst``,
+    ``quota`` and ``quota_window``, under ``settings.key_prefix``.
+
+    State lives in ``redis`` (shared by the fleet); with ``None``, in a fresh
+    :class:`MemoryBackend` (this process only) unless ``backend`` is given. Raises
+    :class:`ConfigError` when no AccessKeyId is set (the limit is per account).
+    """
+    if not settings.access_key_id:
+        raise ConfigError("ALIBABA_CLOUD_ACCESS_KEY_ID: needed to key the account's rate limit")
+    if backend is None:
+        backend = RedisBackend(redis) if redis is not None else MemoryBackend()
+    keys = Keys(settings.key_prefix)
+    account = account_tag(settings.access_key_id)
+    limiter = RateLimiter(backend, keys.rate(account), settings.qps, settings.burst)
+    quota = CallQuota(backend, keys.quota(account), settings.quota, settings.quota_window)
+    return limiter, quota

@@ -1,0 +1,121 @@
+"""GCRA with an adaptive rate factor: the algorithm only, over plain numbers (no storage, no I/O).
+
+GCRA (the generic cell rate algorithm) keeps one number per limit, the *theoretical arrival time*
+``tat`` of the next call. A caller arriving at ``now`` is given the slot
+``max(now, tat - tolerance)`` and moves ``tat`` to ``max(tat, now) + increment``. With
+``increment >= interval = 1/qps`` and ``tolerance = (burst - 1) * interval`` no window of length
+``t`` ever holds more than ``qps * t + burst`` slots. Callers *reserve* a slot and sleep until it,
+so every admission costs exactly one backend round trip and callers are served in arrival order.
+
+The adaptive factor ``f`` (``floor <= f <= 1``) stretches the increment to ``interval / f`` after
+the service answered ``Throttling`` anyway: a throttle multiplies ``f`` by ``decrease`` (at most
+once per ``hold_s``), and ``f`` climbs back linearly, ``1 / recovery_s`` per second, computed from
+the time of the last throttle whenever a slot is reserved (so successes cost nothing).
+
+Times are integer microseconds of the *backend's* clock (Redis ``TIME``); factors are parts per
+million. ``gcra_*.lua`` next to this module are line-by-line twins of these functions.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from workers.errors import ConfigError
+
+__all__ = ["PPM", "Grant", "Rate", "current_factor", "give_back", "reserve", "throttle"]
+
+PPM = 1_000_000  # a factor of 1.0, in parts per million
+
+
+@dataclass(frozen=True, slots=True)
+class Rate:
+    """A validated rate limit: ``qps`` calls per second (0 = unlimited), ``burst`` back to back.
+
+    ``decrease``: factor applied on a throttle (0 < d < 1); ``floor``: lowest factor (0 < f <= 1);
+    ``recovery_s``: seconds for the factor to climb by 1.0; ``hold_s``: throttles within this many
+    seconds of the last decrease are counted as the same event. Raises :class:`ConfigError`.
+    """
+
+    qps: float
+    burst: int = 1
+    decrease: float = 0.5
+    floor: float = 0.1
+    recovery_s: float = 60.0
+    hold_s: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.qps) and self.qps >= 0):
+            raise ConfigError(f"qps must be a finite number >= 0 (0 = unlimited), got {self.qps}")
+        if not isinstance(self.burst, int) or self.burst < 1:
+            raise ConfigError(f"burst must be an integer >= 1, got {self.burst!r}")
+        if not 0 < self.decrease < 1:
+            raise ConfigError(f"decrease must be between 0 and 1, got {self.decrease}")
+        if not 0 < self.floor <= 1:
+            raise ConfigError(f"floor must be > 0 and <= 1, got {self.floor}")
+        if not (math.isfinite(self.recovery_s) and self.recovery_s > 0):
+            raise ConfigError(f"recovery_s must be > 0, got {self.recovery_s}")
+        if not (math.isfinite(self.hold_s) and self.hold_s >= 0):
+            raise ConfigError(f"hold_s must be >= 0, got {self.hold_s}")
+
+    @property
+    def unlimited(self) -> bool:
+        return self.qps == 0
+
+    @property
+    def interval_us(self) -> int:
+        """Spacing of calls at the configured rate, microseconds, rounded up (never faster)."""
+        return max(1, math.ceil(PPM / self.qps))
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """One reserved slot. ``slot_us - now_us`` is how long the caller sleeps before sending;
+    ``tat_us`` and ``increment_us`` identify the reservation so an unused one can be given back."""
+
+    slot_us: int
+    now_us: int
+    tat_us: int
+    increment_us: int
+    factor_ppm: int
+
+    @property
+    def wait_s(self) -> float:
+        return max(0, self.slot_us - self.now_us) / PPM
+
+
+def current_factor(adapt: tuple[int, int] | None, now_us: int, rate: Rate) -> float:
+    """The factor in ppm now, from the last throttle's ``(factor_ppm, at_us)``; PPM when none."""
+    if adapt is None:
+        return float(PPM)
+    factor_ppm, at_us = adapt
+    return min(float(PPM), factor_ppm + (now_us - at_us) * PPM / (rate.recovery_s * PPM))
+
+
+def reserve(tat_us: int | None, now_us: int, rate: Rate, factor_ppm: float) -> Grant:
+    """Reserve the next slot; the new state is ``grant.tat_us``."""
+    interval = rate.interval_us
+    increment = math.ceil(interval * PPM / factor_ppm)
+    tolerance = (rate.burst - 1) * interval  # of the configured rate: a slower rate never widens it
+    tat = now_us if tat_us is None or tat_us < now_us else tat_us
+    slot = max(now_us, tat - tolerance)
+    return Grant(slot, now_us, tat + increment, increment, math.floor(factor_ppm))
+
+
+def give_back(tat_us: int | None, grant: Grant) -> int | None:
+    """The state after returning an unused ``grant``, or ``None`` when a later reservation was made
+    since (the slot is then simply lost, which only ever slows the fleet down)."""
+    if tat_us is None or tat_us != grant.tat_us:
+        return None
+    return tat_us - grant.increment_us
+
+
+def throttle(
+    adapt: tuple[int, int] | None, now_us: int, rate: Rate
+) -> tuple[int, int] | None:
+    """The adaptive state ``(factor_ppm, at_us)`` after a throttling answer, or ``None`` when the
+    last decrease is less than ``hold_s`` old (one crowded moment is one event)."""
+    if adapt is not None and now_us - adapt[1] < rate.hold_s * PPM:
+        return None
+    lowered = max(rate.floor * PPM, current_factor(adapt, now_us, rate) * rate.decrease)
+    return math.floor(lowered), now_us

@@ -1,0 +1,132 @@
+"""One rate limit shared by every worker of an account: ``await limiter.acquire()`` before each call.
+
+The limit is a GCRA (:mod:`workers.ratelimit.gcra`) whose state lives in the backend under the
+caller's key, so every process using the same key and Redis shares it, and two keys are two
+independent limits. ``acquire`` reserves a slot in one backend step and sleeps until it: no
+polling, one round trip per admission. Inside one process the waiters queue in arrival order and
+only the head holds a reservation, so a process never books more than one slot ahead (a throttle
+takes effect within one slot per process, and a cancelled waiter wastes nothing).
+See ``ops/design/rate-limit.md``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Coroutine
+from typing import Any
+
+from workers.errors import CarnumberError
+from workers.ratelimit.backend import Backend, RateState
+from workers.ratelimit.gcra import PPM, Grant, Rate
+
+__all__ = ["RateLimiter"]
+
+log = logging.getLogger(__name__)
+
+
+class RateLimiter:
+    """At most ``qps * t + burst`` admissions in any ``t`` seconds across all users of ``key``.
+
+    ``qps == 0`` means unlimited (no backend calls at all). After :meth:`on_throttled` the shared
+    rate drops by ``decrease`` (not below ``floor`` of ``qps``; repeated throttles within
+    ``hold_s`` count once) and climbs back to ``qps`` over ``recovery_s`` seconds per 1.0 of factor.
+    An instance belongs to one event loop at a time (build one per ``asyncio.run``; it is cheap).
+    Raises :class:`~workers.errors.ConfigError` for bad arguments.
+    """
+
+    def __init__(
+        self,
+        backend: Backend,
+        key: str,
+        qps: float,
+        burst: int = 1,
+        *,
+        decrease: float = 0.5,
+        floor: float = 0.1,
+        recovery_s: float = 60.0,
+        hold_s: float = 1.0,
+    ) -> None:
+        self.backend = backend
+        self.key = key
+        self.adapt_key = f"{key}:adapt"  # == Keys.rate_adapt(account) for key == Keys.rate(account)
+        self.rate = Rate(qps, burst, decrease, floor, recovery_s, hold_s)
+        self._gate: tuple[asyncio.AbstractEventLoop, asyncio.Lock] | None = None
+        self._background: set[asyncio.Task[None]] = set()
+
+    def __repr__(self) -> str:
+        return f"RateLimiter(key={self.key!r}, qps={self.rate.qps}, burst={self.rate.burst})"
+
+    async def acquire(self) -> None:
+        """Wait until this caller may send one request. Cancellation-safe: a cancelled waiter is
+        not admitted, and its reserved slot is given back when no later one was booked.
+        Raises :class:`~workers.errors.Paused` when the backend is unreachable."""
+        if self.rate.unlimited:
+            return
+        async with self._local_queue():
+            grant = await self._reserve()
+            if grant.wait_s > 0:
+                try:
+                    await asyncio.sleep(grant.wait_s)
+                except asyncio.CancelledError:
+                    self._in_background(self._give_back(grant))
+                    raise
+
+    async def on_throttled(self) -> None:
+        """The service answered Throttling: lower the shared rate (best effort, never raises)."""
+        if self.rate.unlimited:
+            return
+        try:
+            factor = await self.backend.gcra_throttled(self.adapt_key, self.rate)
+        except CarnumberError as exc:
+            log.warning("rate limit %s: throttle not recorded (%s)", self.key, exc)
+            return
+        log.info("rate limit %s: throttled, now %.2f qps", self.key, self.rate.qps * factor / PPM)
+
+    async def on_success(self) -> None:
+        """A call succeeded. Free: recovery is computed from the time since the last throttle
+        whenever a slot is reserved, so there is nothing to record here."""
+
+    async def state(self) -> RateState:
+        """The factor in force and how far ahead slots are booked (for status and tests)."""
+        return await self.backend.gcra_peek(self.key, self.adapt_key, self.rate)
+
+    async def effective_qps(self) -> float:
+        """The rate in force now, calls per second (``qps`` lowered by recent throttles)."""
+        if self.rate.unlimited:
+            return 0.0
+        return self.rate.qps * (await self.state()).factor_ppm / PPM
+
+    # -- internals ----------------------------------------------------------------------------
+    def _local_queue(self) -> asyncio.Lock:
+        """This loop's FIFO of waiters (asyncio.Lock hands over in arrival order)."""
+        loop = asyncio.get_running_loop()
+        if self._gate is None or self._gate[0] is not loop:
+            self._gate = (loop, asyncio.Lock())
+        return self._gate[1]
+
+    async def _reserve(self) -> Grant:
+        # Shielded: if we are cancelled while the step is in flight, the step still completes
+        # and its slot is given back instead of being booked for nobody.
+        step = asyncio.ensure_future(self.backend.gcra_reserve(self.key, self.adapt_key, self.rate))
+        try:
+            return await asyncio.shield(step)
+        except asyncio.CancelledError:
+            step.add_done_callback(self._orphaned)
+            raise
+
+    def _orphaned(self, step: asyncio.Future[Grant]) -> None:
+        if step.cancelled() or step.exception() is not None:
+            return
+        self._in_background(self._give_back(step.result()))
+
+    async def _give_back(self, grant: Grant) -> None:
+        try:
+            await self.backend.gcra_give_back(self.key, grant)
+        except CarnumberError as exc:  # the slot is lost: slower, never faster
+            log.debug("rate limit %s: slot not given back (%s)", self.key, exc)
+
+    def _in_background(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
