@@ -178,14 +178,14 @@ class OcrApp:
                 await asyncio.sleep(injection.slow_ms / 1000.0)
             if injection.kind is not None:
                 self.stats.fault(injection.kind)
-                await self._inject(injection.kind, image, send, request_id, host_id)
+                await self._inject(injection.kind, image, receive, send, request_id, host_id)
                 return
             plates = await self._recognize(image)
         except ApiError as exc:
             await self._error(send, exc, request_id, host_id, complete=complete)
             return
         except Exception:
-            log.exception("recognizer failed (request %s)", request_id)
+            log.exception("internal error (request %s)", request_id)
             await self._error(send, reject("InternalError"), request_id, host_id)
             return
         self.stats.answer("Success")
@@ -217,12 +217,15 @@ class OcrApp:
         await _respond(send, status or exc.status, body, request_id, headers)
 
     async def _inject(
-        self, kind: str, image: ImageInput, send: Send, request_id: str, host_id: str
+        self, kind: str, image: ImageInput, receive: Receive, send: Send, request_id: str,
+        host_id: str,
     ) -> None:
         cfg = self.config.faults
         if kind == "hang":
             try:
-                await asyncio.sleep(cfg.hang_s)
+                if not await _hold(receive, cfg.hang_s):
+                    self.stats.answer("(disconnected)")
+                    return  # the client gave up: nobody left to answer
             except asyncio.CancelledError:  # server shutting down: drop the held connection
                 _abort(send)
                 return
@@ -256,12 +259,25 @@ def _abort(send: Send) -> bool:
     transport = getattr(getattr(send, "__self__", None), "transport", None)
     if transport is None:
         return False
+    if transport.is_closing():
+        return True
     sock = transport.get_extra_info("socket")
     if sock is not None:
-        with contextlib.suppress(OSError, AttributeError):
+        with contextlib.suppress(OSError, AttributeError, ValueError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     transport.abort()
     return True
+
+
+async def _hold(receive: Receive, seconds: float) -> bool:
+    """Wait ``seconds`` without answering; False as soon as the client disconnects."""
+    try:
+        async with asyncio.timeout(seconds):
+            while (await receive())["type"] != "http.disconnect":
+                pass
+    except TimeoutError:
+        return True
+    return False
 
 
 async def _read_body(receive: Receive, cap: int) -> tuple[bytes | None, bool]:
