@@ -4,6 +4,11 @@ The background is the plate's dominant colour: among strongly coloured pixels th
 blue / yellow / green; a plate with few coloured pixels is white or black by its brightness.
 Characters cover roughly a third of a plate, so a majority vote over the central area is
 enough. Hues are OpenCV's (0..180).
+
+Lighting casts shift hues (a blue plate under sodium light looks yellow), so the text's
+polarity is checked too: blue and black plates carry light characters on a dark ground,
+yellow, green and white plates dark characters on a light ground. Green is exempt (a new-energy
+plate fades to white at the top, which upsets a two-level split).
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ __all__ = ["COLOURS", "plate_colour"]
 COLOURS = ("blue", "yellow", "green", "white", "black")
 
 # hue bands (OpenCV scale), for pixels with enough saturation and brightness
-_BANDS = {"yellow": (11, 34), "green": (35, 90), "blue": (91, 135)}
+_BANDS = {"yellow": (11, 34), "green": (35, 79), "blue": (80, 135)}  # cyan counts as blue
 _MIN_SAT = 70
 _MIN_VAL = 50
 
@@ -37,11 +42,23 @@ def plate_colour(plate: np.ndarray) -> tuple[str, float]:
     }
     best = max(votes, key=lambda k: votes[k])
     share = votes[best] / total
+    light_ground = _light_share(core)
     # NEV plates fade from green to near-white, so green needs a smaller share
     need = 0.18 if best == "green" else 0.25
     if share >= need:
+        if best == "yellow" and share < 0.6 and light_ground < 0.4:
+            # patchy yellow and light text on a dark ground: a blue plate under a warm cast
+            return "blue", 0.6
         return best, min(1.0, 0.5 + share)
-    bright = float(np.count_nonzero(val >= 130)) / total
-    if bright >= 0.5:
-        return "white", 0.5 + bright / 2
-    return "black", 0.5 + (1 - bright) / 2
+    if light_ground >= 0.55:
+        return "white", min(1.0, 0.5 + light_ground / 2)
+    if votes["blue"] >= votes["yellow"] and votes["blue"] > 0.02 * total:
+        return "blue", 0.5
+    return "black", 0.5 + (1 - light_ground) / 2
+
+
+def _light_share(core: np.ndarray) -> float:
+    """Share of pixels on the light side of an Otsu split of the grey image (0..1)."""
+    grey = cv2.cvtColor(core, cv2.COLOR_BGR2GRAY)
+    threshold, _ = cv2.threshold(grey, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    return float(np.count_nonzero(grey > threshold)) / max(grey.size, 1)

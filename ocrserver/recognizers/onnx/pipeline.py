@@ -50,6 +50,7 @@ class PipelineOptions:
     upscale_limit: float = 1.5
     min_score: float = 0.3
     views: tuple[tuple[float, float, float], ...] = ((0.0, 0.0, 1.3), (0.05, 0.0, 1.6))
+    green_views: tuple[tuple[float, float, float], ...] = ((0.0, 0.0, 1.3), (0.05, 0.0, 2.0))
     two_row_aspect: float = 2.3
     crop_max_height: int = 160
     crop_aspect: tuple[float, float] = (1.5, 6.5)
@@ -169,19 +170,19 @@ class OnnxRecognizer(Recognizer):
         if pw < 4 or ph < 2:
             return None
         if cand.crop_mode:
-            colour_img = bgr
+            colour, colour_prob = plate_colour(bgr)
             views = [
                 cv2.resize(bgr, (max(8, round(w * st)), h)) if st != 1.0 else bgr
                 for st in opts.crop_views
             ]
         else:
-            colour_img = warp_quad(bgr, cand.quad, opts.warp_height)
+            colour, colour_prob = plate_colour(warp_quad(bgr, cand.quad, opts.warp_height))
             views = []
-            for mx, my, stretch in opts.views:
+            # eight characters on a new-energy plate: a view with more room between them
+            for mx, my, stretch in opts.green_views if colour == "green" else opts.views:
                 region = expand_quad(cand.quad, mx, my)
                 rw, rh = quad_size(region)
                 views.append(warp_quad(bgr, region, opts.warp_height, aspect=rw / max(rh, 1.0) * stretch))
-        colour, colour_prob = plate_colour(colour_img)
         readings = self._reader.candidates(views, beam=opts.beam)
         weights = [1.0] * len(readings)
         if pw / ph < opts.two_row_aspect:
