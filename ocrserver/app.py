@@ -36,12 +36,12 @@ from ocrserver.codes import error_body, reject
 from ocrserver.config import ServerConfig
 from ocrserver.envelope import success_body
 from ocrserver.faults import EXCLUSIVE_KINDS, FaultPlan
-from ocrserver.intake import load_image
+from ocrserver.intake import api_refusal, load_image
 from ocrserver.ratelimit import SecondWindowLimiter
 from ocrserver.recognizers import get_recognizer
 from ocrserver.recognizers.base import DetectedPlate, ImageInput, Recognizer
 from ocrserver.stats import Stats
-from workers.errors import ApiError
+from workers.errors import ApiError, ImageRejected
 from workers.imagecheck import MAX_BYTES
 
 __all__ = ["OcrApp", "build_app"]
@@ -184,6 +184,9 @@ class OcrApp:
         except ApiError as exc:
             await self._error(send, exc, request_id, host_id, complete=complete)
             return
+        except ImageRejected as exc:  # a recognizer that cannot decode what passed the checks
+            await self._error(send, api_refusal(exc), request_id, host_id)
+            return
         except Exception:
             log.exception("internal error (request %s)", request_id)
             await self._error(send, reject("InternalError"), request_id, host_id)
@@ -238,7 +241,7 @@ class OcrApp:
             await send({"type": "http.response.start", "status": 200,
                         "headers": [(b"content-length", b"1000")]})
             await send({"type": "http.response.body", "body": b"{", "more_body": True})
-            raise ConnectionAbortedError("fault-reset")
+            return  # the server closes a connection whose answer was left unfinished
         if kind == "malformed":
             self.stats.answer("(malformed)")
             good = success_body(request_id, [], image.width, image.height)

@@ -26,12 +26,13 @@ from ocrserver.recognizers.base import ImageInput
 from workers.errors import ApiError, ImageRejected
 from workers.imagecheck import API_EQUIVALENT, MAX_BYTES, check_image, check_url
 
-__all__ = ["LOOPBACK_HOSTS", "fetch_url", "load_image"]
+__all__ = ["LOOPBACK_HOSTS", "api_refusal", "fetch_url", "load_image"]
 
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
 
 
-def _refusal(exc: ImageRejected) -> ApiError:
+def api_refusal(exc: ImageRejected) -> ApiError:
+    """The service's answer for a local image refusal (``local.*`` code -> status and Code)."""
     status, code = API_EQUIVALENT.get(exc.code, (400, "illegalImageUrl"))
     return reject(code, exc.message, status=status)
 
@@ -43,7 +44,7 @@ async def fetch_url(
     try:
         check_url(url)
     except ImageRejected as exc:
-        raise _refusal(exc) from None
+        raise api_refusal(exc) from None
     try:
         host = (urlsplit(url).hostname or "").lower()
     except ValueError:
@@ -98,7 +99,7 @@ async def load_image(
     try:
         info = check_image(data)
     except ImageRejected as exc:
-        raise _refusal(exc) from None
+        raise api_refusal(exc) from None
     return ImageInput(
         data=data,
         width=info.width,
