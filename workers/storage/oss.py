@@ -35,11 +35,15 @@ def public_endpoint(endpoint: str) -> str:
 
 
 class OssStore:
-    """oss2 buckets over one shared HTTP session (thread-safe for our use)."""
+    """oss2 buckets over one shared HTTP session (thread-safe for our use).
+
+    ``page_size``: keys per ListObjectsV2 request (OSS caps it at 1000).
+    """
 
     scheme = "oss"
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, page_size: int = 1000) -> None:
+        self.page_size = page_size
         self.oss2: Any = require("oss2")
         if not settings.oss_endpoint:
             raise ConfigError(
@@ -122,7 +126,7 @@ class OssStore:
     def iter_objects(self, bucket: str, prefix: str) -> Iterator[ObjectInfo]:
         b = self._bucket(bucket)
         try:
-            for obj in self.oss2.ObjectIteratorV2(b, prefix=prefix, max_keys=1000):
+            for obj in self.oss2.ObjectIteratorV2(b, prefix=prefix, max_keys=self.page_size):
                 if obj.key.endswith("/") or obj.is_prefix():
                     continue
                 modified = datetime.fromtimestamp(int(obj.last_modified), UTC)

@@ -25,18 +25,25 @@ _DENIED = {"AccessDenied", "403", "Forbidden", "AllAccessDisabled", "InvalidAcce
 
 
 class S3Store:
-    """One boto3 S3 client (thread-safe), built from settings, or the ``client`` you pass."""
+    """One boto3 S3 client (thread-safe), built from settings, or the ``client`` you pass.
+
+    ``attempts``: botocore's own tries per request (standard retry mode, for throttling and
+    connection resets); ``page_size``: keys per listing request (S3 caps it at 1000).
+    """
 
     scheme = "s3"
 
-    def __init__(self, settings: Settings, client: Any = None) -> None:
+    def __init__(
+        self, settings: Settings, client: Any = None, *, attempts: int = 3, page_size: int = 1000
+    ) -> None:
+        self.page_size = page_size
         if client is None:
             boto3 = require("boto3")
             botocore_config = require("botocore.config")
             config = botocore_config.Config(
                 connect_timeout=settings.connect_timeout_s,
                 read_timeout=settings.read_timeout_s,
-                retries={"mode": "standard", "max_attempts": 3},
+                retries={"mode": "standard", "max_attempts": attempts},
                 max_pool_connections=max(10, settings.concurrency),
                 signature_version="s3v4",
             )
@@ -90,7 +97,10 @@ class S3Store:
         paginator = self.client.get_paginator("list_objects_v2")
         where = f"s3://{bucket}/{prefix}"
         try:
-            for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
+            pages = paginator.paginate(
+                Bucket=bucket, Prefix=prefix, PaginationConfig={"PageSize": self.page_size}
+            )
+            for page in pages:
                 for obj in page.get("Contents", ()):
                     if obj["Key"].endswith("/"):
                         continue  # a "folder" marker, not an object
