@@ -26,16 +26,20 @@ class Child:
     proc: subprocess.Popen[str]
     url: str | None = None
     lines: list[str] = field(default_factory=list)
+    pump: threading.Thread | None = None
 
     def stop(self, timeout_s: float = 15.0) -> None:
-        if self.proc.poll() is not None:
-            return
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.pump is not None:
+            self.pump.join(5)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
 
 
 def _pump(child: Child, url_seen: threading.Event) -> None:
@@ -61,7 +65,8 @@ def _spawn(
     )
     child = Child(name, proc)
     seen = threading.Event()
-    threading.Thread(target=_pump, args=(child, seen), daemon=True).start()
+    child.pump = threading.Thread(target=_pump, args=(child, seen), daemon=True)
+    child.pump.start()
     return child, seen
 
 
