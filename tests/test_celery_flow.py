@@ -32,7 +32,8 @@ def server() -> Iterator[RunningServer]:
 def _archive(folder: Path, n: int) -> None:
     folder.mkdir()
     for i in range(n):
-        (folder / f"cam1-{i:03d}.png").write_bytes(make_test_image([{"text": f"浙B{i:05d}", "type": "小型汽车"}]))
+        image = make_test_image([{"text": f"浙B{i:05d}", "type": "小型汽车"}])
+        (folder / f"cam1-{i:03d}.png").write_bytes(image)
 
 
 def _env(server: RunningServer, redis_url: str, key_prefix: str, tmp: Path, **extra: str) -> dict[str, str]:

@@ -66,7 +66,9 @@ async def ceiling(url: str, bodies: list[bytes], seconds: float, concurrency: in
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--images", type=int, default=20_000)
     parser.add_argument("--worker-processes", type=int, default=2)
     parser.add_argument("--concurrency", type=int, default=32, help="calls in flight per worker process")
