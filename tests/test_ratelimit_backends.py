@@ -181,6 +181,15 @@ def test_throttles_in_one_moment_count_once_and_never_go_below_the_floor(
             await floored.on_throttled()
         assert (await floored.state()).factor_ppm == pytest.approx(200_000, abs=100)
 
+        # With slots booked 1 s ahead, throttles stay one event until those slots have passed.
+        booked = RateLimiter(backend, f"{key_prefix}:rate:booked", 10, hold_s=0)
+        for _ in range(10):
+            await backend.gcra_reserve(booked.key, booked.adapt_key, booked.rate)
+        await booked.on_throttled()
+        await asyncio.sleep(0.05)
+        await booked.on_throttled()
+        assert (await booked.state()).factor_ppm == pytest.approx(500_000, abs=2_000)
+
     run_backend(body)
 
 

@@ -45,7 +45,7 @@ class Backend(Protocol):
         """Return an unused slot if no later one was reserved; ``True`` when it was returned."""
         ...
 
-    async def gcra_throttled(self, adapt_key: str, rate: Rate) -> int:
+    async def gcra_throttled(self, key: str, adapt_key: str, rate: Rate) -> int:
         """Record a throttling answer; returns the factor now in force (ppm)."""
         ...
 

@@ -8,9 +8,11 @@ GCRA (the generic cell rate algorithm) keeps one number per limit, the *theoreti
 so every admission costs exactly one backend round trip and callers are served in arrival order.
 
 The adaptive factor ``f`` (``floor <= f <= 1``) stretches the increment to ``interval / f`` after
-the service answered ``Throttling`` anyway: a throttle multiplies ``f`` by ``decrease`` (at most
-once per ``hold_s``), and ``f`` climbs back linearly, ``1 / recovery_s`` per second, computed from
-the time of the last throttle whenever a slot is reserved (so successes cost nothing).
+the service answered ``Throttling`` anyway: a throttle multiplies ``f`` by ``decrease``, and ``f``
+climbs back linearly, ``1 / recovery_s`` per second, computed from the time of the last throttle
+whenever a slot is reserved (so successes cost nothing). After a decrease, further throttles are
+ignored until ``hold_s`` has passed *and* every slot booked before the decrease has gone by: calls
+sent on those slots were scheduled at the old rate, so their throttles say nothing new.
 
 Times are integer microseconds of the *backend's* clock (Redis ``TIME``); factors are parts per
 million. ``gcra_*.lua`` next to this module are line-by-line twins of these functions.
@@ -23,7 +25,7 @@ from dataclasses import dataclass
 
 from workers.errors import ConfigError
 
-__all__ = ["PPM", "Grant", "Rate", "current_factor", "give_back", "reserve", "throttle"]
+__all__ = ["PPM", "Adapt", "Grant", "Rate", "current_factor", "give_back", "reserve", "throttle"]
 
 PPM = 1_000_000  # a factor of 1.0, in parts per million
 
@@ -34,7 +36,8 @@ class Rate:
 
     ``decrease``: factor applied on a throttle (0 < d < 1); ``floor``: lowest factor (0 < f <= 1);
     ``recovery_s``: seconds for the factor to climb by 1.0; ``hold_s``: throttles within this many
-    seconds of the last decrease are counted as the same event. Raises :class:`ConfigError`.
+    seconds of the last decrease (or before the slots booked then have passed) count as the same
+    event. Raises :class:`ConfigError`.
     """
 
     qps: float
@@ -84,12 +87,22 @@ class Grant:
         return max(0, self.slot_us - self.now_us) / PPM
 
 
-def current_factor(adapt: tuple[int, int] | None, now_us: int, rate: Rate) -> float:
-    """The factor in ppm now, from the last throttle's ``(factor_ppm, at_us)``; PPM when none."""
+@dataclass(frozen=True, slots=True)
+class Adapt:
+    """The adaptive state after the last decrease: the factor set then (ppm), when (``at_us``, the
+    base of the recovery), and until when later throttles are ignored (``hold_until_us``)."""
+
+    factor_ppm: int
+    at_us: int
+    hold_until_us: int
+
+
+def current_factor(adapt: Adapt | None, now_us: int, rate: Rate) -> float:
+    """The factor in ppm now (PPM when no throttle is remembered)."""
     if adapt is None:
         return float(PPM)
-    factor_ppm, at_us = adapt
-    return min(float(PPM), factor_ppm + (now_us - at_us) * PPM / (rate.recovery_s * PPM))
+    climbed = (now_us - adapt.at_us) * PPM / (rate.recovery_s * PPM)
+    return min(float(PPM), adapt.factor_ppm + climbed)
 
 
 def reserve(tat_us: int | None, now_us: int, rate: Rate, factor_ppm: float) -> Grant:
@@ -110,12 +123,11 @@ def give_back(tat_us: int | None, grant: Grant) -> int | None:
     return tat_us - grant.increment_us
 
 
-def throttle(
-    adapt: tuple[int, int] | None, now_us: int, rate: Rate
-) -> tuple[int, int] | None:
-    """The adaptive state ``(factor_ppm, at_us)`` after a throttling answer, or ``None`` when the
-    last decrease is less than ``hold_s`` old (one crowded moment is one event)."""
-    if adapt is not None and now_us - adapt[1] < rate.hold_s * PPM:
+def throttle(adapt: Adapt | None, tat_us: int | None, now_us: int, rate: Rate) -> Adapt | None:
+    """The adaptive state after a throttling answer, or ``None`` while the last decrease holds.
+    ``tat_us`` is the limit's state now: slots up to it were booked at the old rate."""
+    if adapt is not None and now_us < adapt.hold_until_us:
         return None
     lowered = max(rate.floor * PPM, current_factor(adapt, now_us, rate) * rate.decrease)
-    return math.floor(lowered), now_us
+    hold_until = max(now_us + math.ceil(rate.hold_s * PPM), tat_us or 0)
+    return Adapt(math.floor(lowered), now_us, hold_until)

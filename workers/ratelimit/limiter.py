@@ -29,8 +29,9 @@ class RateLimiter:
     """At most ``qps * t + burst`` admissions in any ``t`` seconds across all users of ``key``.
 
     ``qps == 0`` means unlimited (no backend calls at all). After :meth:`on_throttled` the shared
-    rate drops by ``decrease`` (not below ``floor`` of ``qps``; repeated throttles within
-    ``hold_s`` count once) and climbs back to ``qps`` over ``recovery_s`` seconds per 1.0 of factor.
+    rate drops by ``decrease`` (not below ``floor`` of ``qps``; further throttles count only once
+    ``hold_s`` has passed and the slots booked before the decrease are spent) and climbs back to
+    ``qps`` at ``1 / recovery_s`` of ``qps`` per second.
     An instance belongs to one event loop at a time (build one per ``asyncio.run``; it is cheap).
     Raises :class:`~workers.errors.ConfigError` for bad arguments.
     """
@@ -77,7 +78,7 @@ class RateLimiter:
         if self.rate.unlimited:
             return
         try:
-            factor = await self.backend.gcra_throttled(self.adapt_key, self.rate)
+            factor = await self.backend.gcra_throttled(self.key, self.adapt_key, self.rate)
         except CarnumberError as exc:
             log.warning("rate limit %s: throttle not recorded (%s)", self.key, exc)
             return

@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 from workers.ratelimit import gcra
 from workers.ratelimit.backend import QuotaState, RateState
-from workers.ratelimit.gcra import PPM, Grant, Rate
+from workers.ratelimit.gcra import PPM, Adapt, Grant, Rate
 from workers.ratelimit.windows import window_key
 
 __all__ = ["MemoryBackend"]
@@ -30,7 +30,7 @@ class MemoryBackend:
         self._clock = clock
         self._wall_clock = wall_clock
         self._tat: dict[str, int] = {}
-        self._adapt: dict[str, tuple[int, int]] = {}
+        self._adapt: dict[str, Adapt] = {}
         self._counts: dict[str, int] = {}
 
     def _now_us(self) -> int:
@@ -55,13 +55,13 @@ class MemoryBackend:
         self._tat[key] = restored
         return True
 
-    async def gcra_throttled(self, adapt_key: str, rate: Rate) -> int:
+    async def gcra_throttled(self, key: str, adapt_key: str, rate: Rate) -> int:
         now = self._now_us()
-        lowered = gcra.throttle(self._adapt.get(adapt_key), now, rate)
+        lowered = gcra.throttle(self._adapt.get(adapt_key), self._tat.get(key), now, rate)
         if lowered is not None:
             self._adapt[adapt_key] = lowered
-            return lowered[0]
-        return int(self._factor(adapt_key, now, rate))
+            return lowered.factor_ppm
+        return int(gcra.current_factor(self._adapt.get(adapt_key), now, rate))
 
     async def gcra_peek(self, key: str, adapt_key: str, rate: Rate) -> RateState:
         now = self._now_us()

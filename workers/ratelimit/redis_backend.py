@@ -88,10 +88,10 @@ class RedisBackend:
         )
         return bool(int(done))
 
-    async def gcra_throttled(self, adapt_key: str, rate: Rate) -> int:
+    async def gcra_throttled(self, key: str, adapt_key: str, rate: Rate) -> int:
         factor, _changed = await self._run(
             "gcra_throttled",
-            [adapt_key],
+            [key, adapt_key],
             [repr(rate.decrease), repr(rate.floor), repr(rate.recovery_s), repr(rate.hold_s)],
             "lowering the rate after a throttle",
         )
