@@ -9,18 +9,22 @@ new-energy plate usually lost a repeated digit).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
-from .grammar import IMPOSSIBLE_FACTOR, match_format
+import numpy as np
 
-__all__ = ["Choice", "choose_text", "format_prior", "join_rows"]
+from .grammar import IMPOSSIBLE_FACTOR, match_format
+from .recognition import ctc_beam_search, ctc_greedy_decode
+
+__all__ = ["Choice", "choose_text", "format_prior", "join_rows", "read_candidates", "substitutions"]
 
 Candidates = Sequence[tuple[str, float]]
 Choice = tuple[str, float, str | None]  # text, probability 0..1, format name
 
 _NEV = frozenset({"nev_small", "nev_large"})
-# selection priors: a string no plate can carry loses to almost any string one can
-NO_FORMAT_PRIOR = 0.05
+# selection priors: a string no plate can carry loses to any string one can
+NO_FORMAT_PRIOR = 1e-3
 MISMATCH_PRIOR = 0.6
 
 
@@ -33,6 +37,45 @@ def format_prior(fmt: str | None, colour: str) -> float:
     if colour == "blue" and fmt in _NEV:
         return MISMATCH_PRIOR
     return 1.0
+
+
+def substitutions(
+    probs: np.ndarray, charset: list[str], *, alternatives: int = 4
+) -> list[tuple[str, float]]:
+    """Strings that fit a format and differ from the greedy reading in one character.
+
+    For each character of the greedy path, the ``alternatives`` next most probable classes at
+    its most confident step are tried in its place. A candidate's probability is the product
+    of its characters' step probabilities (comparable to the beam's). Empty when the greedy
+    reading already fits a format.
+    """
+    greedy = ctc_greedy_decode(probs, charset)
+    if not greedy.text or match_format(greedy.text):
+        return []
+    index = {c: i + 1 for i, c in enumerate(charset)}
+    base = math.prod(greedy.char_probs)
+    out: dict[str, float] = {}
+    for pos, (start, end) in enumerate(greedy.spans):
+        own = index[greedy.text[pos]]
+        step = start + int(np.argmax(probs[start:end, own]))
+        row = probs[step]
+        for cls in np.argsort(row)[::-1][: alternatives + 2]:
+            cls = int(cls)
+            if cls in (0, own):
+                continue
+            text = greedy.text[:pos] + charset[cls - 1] + greedy.text[pos + 1 :]
+            if match_format(text):
+                p = base / max(greedy.char_probs[pos], 1e-9) * float(row[cls])
+                out[text] = max(out.get(text, 0.0), p)
+    return sorted(out.items(), key=lambda kv: kv[1], reverse=True)
+
+
+def read_candidates(probs: np.ndarray, charset: list[str], beam: int = 8) -> list[tuple[str, float]]:
+    """Beam candidates of one reading, plus one-character repairs when none fits a format."""
+    cands = ctc_beam_search(probs, charset, beam=beam)
+    if not any(match_format(text) for text, _ in cands):
+        cands += substitutions(probs, charset)
+    return cands
 
 
 def join_rows(upper: Candidates, lower: Candidates, keep: int = 8) -> list[tuple[str, float]]:

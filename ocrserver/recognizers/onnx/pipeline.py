@@ -22,11 +22,11 @@ from workers.errors import ImageRejected
 
 from ..base import DetectedPlate, ImageInput, Recognizer
 from .colour import plate_colour
-from .decision import choose_text, join_rows
+from .decision import choose_text, join_rows, read_candidates
 from .detection import PlateDetector
 from .models import ModelFiles
 from .plate_type import classify_plate
-from .recognition import TextRecognizer
+from .recognition import TextRecognizer, ctc_beam_search
 from .rectify import clip_polygon, expand_quad, order_corners, quad_size, split_rows, warp_quad
 
 __all__ = ["OnnxRecognizer", "PipelineOptions", "decode_image"]
@@ -183,11 +183,11 @@ class OnnxRecognizer(Recognizer):
                 region = expand_quad(cand.quad, mx, my)
                 rw, rh = quad_size(region)
                 views.append(warp_quad(bgr, region, opts.warp_height, aspect=rw / max(rh, 1.0) * stretch))
-        readings = self._reader.candidates(views, beam=opts.beam)
+        readings = self._read(views)
         weights = [1.0] * len(readings)
         if pw / ph < opts.two_row_aspect:
             upper, lower = split_rows(warp_quad(bgr, cand.quad, opts.warp_height * 2))
-            top, bottom = self._reader.candidates([upper, lower], beam=opts.beam)
+            top, bottom = self._read([upper, lower], repair=False)
             readings.append(join_rows(top[:4], bottom))
             weights.append(float(len(views)))  # one two-row reading weighs as much as the views
         choice = choose_text(readings, colour, weights)
@@ -203,6 +203,20 @@ class OnnxRecognizer(Recognizer):
             polygon=clip_polygon(cand.quad, w, h),  # type: ignore[arg-type]
             key_prob=round(cand.det_score, 4),
         )
+
+
+    def _read(self, crops: list[np.ndarray], repair: bool = True) -> list[list[tuple[str, float]]]:
+        """Candidate strings per crop. Crops run one at a time: on CPU this model is slower per
+        crop in a batch (measured: 8.5 ms for one, 21 ms for two)."""
+        charset, beam = self._reader.charset, self.options.beam
+        out = []
+        for crop in crops:
+            probs = self._reader.probabilities([crop])[0]
+            if repair:
+                out.append(read_candidates(probs, charset, beam))
+            else:
+                out.append(ctc_beam_search(probs, charset, beam=beam))
+        return out
 
 
 def _image_quad(width: int, height: int) -> np.ndarray:

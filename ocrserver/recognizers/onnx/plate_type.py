@@ -34,11 +34,8 @@ def classify_plate(
     ``colour.COLOURS`` with the confidence of that colour (0..1).
     """
     if fmt in _BY_FORMAT:
-        kind = _BY_FORMAT[fmt]
-        # a new-energy string on a blue plate is more likely a misread than a NEV
-        if kind == "新能源车" and colour == "blue":
-            return "小型汽车", 0.6
-        return kind, 0.95
+        # eight characters with D/F in a NEV position: a new-energy plate whatever its shade
+        return _BY_FORMAT[fmt], 0.95
     if "警" in text:
         return "警车", 0.8
     if colour in _BY_COLOUR:

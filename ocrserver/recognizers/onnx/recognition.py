@@ -122,12 +122,3 @@ class TextRecognizer:
     def __call__(self, crops: list[np.ndarray]) -> list[Reading]:
         """Greedy readings of ``crops``, in order."""
         return [ctc_greedy_decode(p, self.charset) for p in self.probabilities(crops)]
-
-    def candidates(self, crops: list[np.ndarray], beam: int = 8) -> list[list[tuple[str, float]]]:
-        """For each crop, its ``beam`` most probable strings with their probabilities.
-
-        Crops are run one at a time: on CPU this model is slower per crop in a batch.
-        """
-        return [
-            ctc_beam_search(self.probabilities([c])[0], self.charset, beam=beam) for c in crops
-        ]

@@ -86,13 +86,14 @@ def warp_quad(
 
 
 def split_rows(
-    plate: np.ndarray, upper_end: float = 0.42, lower_start: float = 0.32
+    plate: np.ndarray, upper_end: float = 0.38, lower_start: float = 0.33
 ) -> tuple[np.ndarray, np.ndarray]:
     """Cut a straightened two-row plate into its upper and lower text rows.
 
-    On a double-row plate (440×220 mm) the upper row holds the province and authority letter
-    in a band about a third of the height; the bands overlap a little so a slightly off quad
-    does not clip either row. The upper row's two characters sit in the middle half.
+    On a double-row plate (440×220 mm) the upper row (60 mm characters from 15 mm down) holds
+    the province and authority letter; the lower row's 110 mm characters start at 90 mm. The
+    bands overlap a little so a slightly off quad does not clip either row.
+    The upper row's two characters sit in the middle 70%.
     """
     h, w = plate.shape[:2]
     upper = plate[: max(1, round(h * upper_end)), round(w * 0.15) : round(w * 0.85)]
