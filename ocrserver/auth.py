@@ -67,7 +67,7 @@ class NonceCache:
     """Nonces seen in the last ``window_s`` seconds, per key. Insertion order is expiry order,
     so purging is popping from the front; ``max_nonces`` caps memory even at absurd rates."""
 
-    def __init__(self, window_s: float = WINDOW_S, max_nonces: int = 2_000_000) -> None:
+    def __init__(self, window_s: float = WINDOW_S, max_nonces: int = 1_000_000) -> None:
         self.window_s = window_s
         self.max_nonces = max_nonces
         self._seen: OrderedDict[tuple[str, str], float] = OrderedDict()
