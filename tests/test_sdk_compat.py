@@ -104,7 +104,7 @@ def test_sdk_throttled() -> None:
     codes = []
     with start_server(ServerConfig(qps=2)) as limited:
         client = _sdk(limited)
-        for _ in range(6):  # 2 per whole second: some of 6 quick calls must be refused
+        for _ in range(10):  # 2 per whole second: some of 10 quick calls must be refused
             try:
                 req = sdk_models.RecognizeCarNumberRequest(body=io.BytesIO(PNG))
                 client.recognize_car_number(req)  # type: ignore[attr-defined]

@@ -40,11 +40,11 @@ def test_qps_limit_is_exact_per_second_and_per_key() -> None:
         stats = httpx.get(f"{srv.url}/__carnumber/stats").json()
     for results in (r1, r2):
         assert set(results) == {"ok", "Throttling.User"}
-        assert 5 <= results.count("ok") <= 10  # one burst may straddle a second boundary
+        assert results.count("ok") >= 5  # a burst may straddle second boundaries: 5 in each
     assert stats["per_key"]["k1"]["max_accepted_per_second"] == 5
     assert stats["per_key"]["k2"]["max_accepted_per_second"] == 5
     assert stats["throttled"] == stats["answers"]["Throttling.User"] == 80 - stats["accepted_total"]
-    assert stats["answers"]["Success"] == stats["accepted_total"]
+    assert stats["answers"]["Success"] == stats["accepted_total"] == r1.count("ok") + r2.count("ok")
     assert stats["requests_total"] == 80
     assert sum(stats["accepted_per_second"].values()) == stats["accepted_total"]
     assert all(n <= 10 for n in stats["accepted_per_second"].values())  # 2 keys x 5
@@ -54,7 +54,7 @@ def test_throttle_retry_after_is_optional() -> None:
     with start_server(ServerConfig(qps=1, throttle_retry_after=True)) as srv, httpx.Client() as http:
         client = Client(srv.url, Credentials("testid", "testsecret"), http)
         errors = []
-        for _ in range(3):
+        for _ in range(5):
             try:
                 client.recognize(Image(body=PNG))
             except RetryableApiError as exc:
@@ -64,7 +64,7 @@ def test_throttle_retry_after_is_optional() -> None:
     with start_server(ServerConfig(qps=1)) as srv, httpx.Client() as http:
         client = Client(srv.url, Credentials("testid", "testsecret"), http)
         with pytest.raises(RetryableApiError) as err:
-            for _ in range(3):
+            for _ in range(5):
                 client.recognize(Image(body=PNG))
         assert err.value.retry_after_s is None  # off by default, like the real service
 
