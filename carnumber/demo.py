@@ -197,10 +197,11 @@ def _summary(
         f"  throughput  {len(images) / elapsed:.1f} images/s end to end (account QPS limit applies)",
         f"  parquet     {run_dir} ({files} file(s))",
         "",
-        "Try:",
-        f"  duckdb -c \"SELECT plate, plate_type, plate_prob, source FROM '{run_dir}/*.parquet' "
-        f"WHERE status = 'ok' LIMIT 10\"",
-        f"  python -c \"import pandas as pd; print(pd.read_parquet('{run_dir}').head())\"",
+        "Try (pip install duckdb for the first):",
+        f"  python -c \"import duckdb; duckdb.sql(\\\"SELECT plate, plate_type, plate_prob, source "
+        f"FROM '{run_dir}/*.parquet' WHERE status = 'ok' LIMIT 10\\\").show()\"",
+        f"  python -c \"import pyarrow.parquet as pq; "
+        f"print(pq.read_table('{run_dir}').select(['plate', 'plate_type', 'source']).slice(0, 5))\"",
         f"  (run id: {run_id})",
     ]
     return "\n".join(lines)

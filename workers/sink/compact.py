@@ -123,7 +123,7 @@ def compact_run(dataset: Dataset, run_id: str, rows_per_file: int = 500_000) -> 
 
     _publish(dataset, run_dir, out_dir, files, written, local, token)
     report = CompactReport(run_id, len(files), len(written), rows_in, rows_out, len(winners))
-    log.info("compacted run %s: %s", run_id, report)
+    log.debug("compacted run %s: %s", run_id, report)
     return report
 
 
