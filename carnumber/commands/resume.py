@@ -52,10 +52,14 @@ def main(args: argparse.Namespace) -> int:
         cleared = asyncio.run(clear())
         if cleared:
             print(f"cleared fleet stop ({cleared.get('code')}: {cleared.get('message')})")
+    # "running" before publishing: a worker that finishes the last chunk marks the run done.
+    runs.set_state(args.run_id, "running")
     chunks = runs.unpark(args.run_id)
     for chunk in chunks:
         publish_chunk(chunk, settings.queue)
-    runs.set_state(args.run_id, "running")
+    summary = runs.get(args.run_id)
+    if summary is not None and summary.outstanding == 0 and summary.parked == 0:
+        runs.set_state(args.run_id, "done")
     print(
         f"run {args.run_id}: re-published {sum(len(c.images) for c in chunks)} images in {len(chunks)} chunks"
     )

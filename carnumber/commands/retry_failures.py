@@ -30,6 +30,8 @@ def main(args: argparse.Namespace) -> int:
     runs = run_store(settings, client)
     configure_celery(settings)
     round_no = int(client.hincrby(runs.keys.run(args.run_id), "retry_rounds", 1))
+    # "running" before publishing: a worker that finishes the last chunk marks the run done.
+    runs.set_state(args.run_id, "running")
     # A retry round is a sub-run: its chunk ids are prefixed so they never collide with the first pass.
     report = enqueue(
         refs,
@@ -41,7 +43,6 @@ def main(args: argparse.Namespace) -> int:
         chunk_size=settings.chunk_size,
         queue_high_water=settings.queue_high_water,
     )
-    runs.set_state(args.run_id, "running")
     print(
         f"run {args.run_id}: re-enqueued {report.images_enqueued} images (retry round {round_no})"
     )
