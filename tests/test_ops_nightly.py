@@ -1,0 +1,206 @@
+"""ops/nightly.sh for real: bash and shellcheck accept it, and it drives the real ``carnumber``
+commands against real Redis, a real Celery worker and the local API server on loopback.
+
+* a quota spent mid-run: exit 3; the next night resumes that run (never lifting a stop) and
+  processes its own;
+* retryable failures (injected 503s, one attempt each): one retry round, then compaction;
+* a stopped fleet: exit 4 and nothing enqueued; a held lock: exit 75; no SOURCE: exit 2.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+import redis.asyncio as aredis
+
+from carnumber.localstack import Child, start_worker
+from ocrserver.config import ServerConfig
+from ocrserver.faults import FaultConfig
+from ocrserver.server import RunningServer, start_server
+from ocrserver.truth import make_test_image
+from workers.fleet import FleetControl
+from workers.keys import Keys, account_tag
+from workers.runs import RunStore
+from workers.sink.dataset import open_dataset
+
+pytestmark = pytest.mark.timeout(240)
+
+ROOT = Path(__file__).resolve().parents[1]
+NIGHTLY = ROOT / "ops" / "nightly.sh"
+KEY_ID, SECRET = "nightlyid", "nightly-secret-value-0123"
+
+
+def test_nightly_script_is_valid_bash() -> None:
+    done = subprocess.run(["bash", "-n", str(NIGHTLY)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert os.access(NIGHTLY, os.X_OK)
+    text = NIGHTLY.read_text()
+    assert "set -euo pipefail" in text and "set -x" not in text
+
+
+@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck not installed (apt shellcheck)")
+def test_nightly_script_passes_shellcheck() -> None:
+    done = subprocess.run(["shellcheck", str(NIGHTLY)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def _archive(folder: Path, n: int, first: int = 0) -> Path:
+    folder.mkdir(parents=True)
+    for i in range(first, first + n):
+        plates = [{"text": f"浙A{i:05d}", "type": "小型汽车"}]
+        (folder / f"cam2-{i:03d}.png").write_bytes(make_test_image(plates))
+    return folder
+
+
+def _env(
+    redis_url: str, key_prefix: str, tmp: Path, server: RunningServer | None = None, **extra: str
+) -> dict[str, str]:
+    return {
+        "CARNUMBER_ENDPOINT": server.url if server else "http://127.0.0.1:9",
+        "ALIBABA_CLOUD_ACCESS_KEY_ID": KEY_ID,
+        "ALIBABA_CLOUD_ACCESS_KEY_SECRET": SECRET,
+        "REDIS_URL": redis_url,
+        "CARNUMBER_KEY_PREFIX": key_prefix,
+        "CARNUMBER_QUEUE": f"{key_prefix}:queue",
+        "CARNUMBER_OUTPUT": str(tmp / "out"),
+        "CARNUMBER_CHUNK_SIZE": "4",
+        "CARNUMBER_QPS": "0",
+        **extra,
+    }
+
+
+def _nightly(env: dict[str, str], tmp: Path, **extra: str) -> subprocess.CompletedProcess[str]:
+    full = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("CARNUMBER_", "ALIBABA_CLOUD_", "OSS_"))},
+        **env,
+        "CARNUMBER": f"{sys.executable} -m carnumber.cli",
+        "LOCK_FILE": str(tmp / "nightly.lock"),
+        "FOLLOW_TIMEOUT": "120",
+        "FOLLOW_LOG_EVERY": "1",
+        **extra,
+    }
+    done = subprocess.run(
+        ["bash", str(NIGHTLY)], cwd=ROOT, env=full, capture_output=True, text=True, timeout=200
+    )
+    assert SECRET not in done.stdout + done.stderr  # logs without secrets
+    return done
+
+
+def _worker(env: dict[str, str]) -> Child:
+    return start_worker(env, concurrency=1, hostname=f"n{abs(hash(env['CARNUMBER_KEY_PREFIX']))}@%h")
+
+
+def _wait_done(runs: RunStore, run_id: str, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        s = runs.get(run_id)
+        if s is not None and s.state == "done":
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"run {run_id} not done: {runs.get(run_id)}")
+
+
+@pytest.fixture
+def server() -> Iterator[RunningServer]:
+    with start_server(ServerConfig(keys=f"{KEY_ID}:{SECRET}")) as srv:
+        yield srv
+
+
+def test_quota_parks_the_run_and_the_next_night_resumes_it(
+    server: RunningServer, redis_url: str, key_prefix: str, redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    runs = RunStore(redis_client, Keys(key_prefix))
+    night1 = _env(
+        redis_url, key_prefix, tmp_path, server, CARNUMBER_QUOTA="5", CARNUMBER_QUOTA_WINDOW="total"
+    )
+    worker = _worker(night1)
+    try:
+        first = _nightly(
+            night1,
+            tmp_path,
+            SOURCE=str(_archive(tmp_path / "a" / "2026-11-22", 9)).replace("2026-11-22", "{date}"),
+            RUN_DATE="2026-11-22",
+        )
+    finally:
+        worker.stop()
+    assert first.returncode == 3, first.stdout + first.stderr
+    assert "call quota spent" in first.stdout
+    s1 = runs.get("2026-11-22")
+    assert s1 is not None and s1.state == "quota_exhausted" and s1.written == 5 and s1.parked == 4
+
+    # The quota is raised (a new day); the next night resumes the parked run and does its own.
+    night2 = {**night1, "CARNUMBER_QUOTA": "100"}
+    worker = _worker(night2)
+    try:
+        second = _nightly(
+            night2, tmp_path, SOURCE=str(_archive(tmp_path / "b", 3, first=100)), RUN_ID="night-2"
+        )
+        _wait_done(runs, "2026-11-22")
+    finally:
+        worker.stop()
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "resuming run 2026-11-22 (state quota_exhausted)" in second.stdout
+    assert "compacting" in second.stdout and "retrying" not in second.stdout
+    dataset = open_dataset(night2["CARNUMBER_OUTPUT"])
+    rows2 = dataset.read_run("night-2").to_pylist()
+    assert sorted(r["plate"] for r in rows2) == [f"浙A{i:05d}" for i in range(100, 103)]
+    assert len({r["image_id"] for r in dataset.read_run("2026-11-22").to_pylist()}) == 9
+
+
+def test_retryable_failures_get_one_retry_round(
+    redis_url: str, key_prefix: str, redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    faults = FaultConfig(rate_503=0.4)
+    with start_server(ServerConfig(keys=f"{KEY_ID}:{SECRET}", faults=faults, seed=3)) as srv:
+        env = _env(redis_url, key_prefix, tmp_path, srv, CARNUMBER_MAX_ATTEMPTS="1")
+        worker = _worker(env)
+        try:
+            done = _nightly(env, tmp_path, SOURCE=str(_archive(tmp_path / "a", 12)), RUN_ID="r-retry")
+        finally:
+            worker.stop()
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "retrying" in done.stdout and "compacting after the retry round" in done.stdout
+    rows = open_dataset(env["CARNUMBER_OUTPUT"]).read_run("r-retry").to_pylist()
+    assert len({r["image_id"] for r in rows}) == 12 == len(rows)  # compacted: one outcome per image
+    summary = RunStore(redis_client, Keys(key_prefix)).get("r-retry")
+    assert summary is not None and int(summary.fields["retry_rounds"]) == 1
+
+
+def test_stopped_fleet_enqueues_nothing(
+    redis_url: str, key_prefix: str, redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    async def stop() -> None:
+        ar = aredis.Redis.from_url(redis_url)
+        try:
+            await FleetControl(ar, Keys(key_prefix), account_tag(KEY_ID)).stop(
+                "InvalidAccessKeyId.NotFound", "", "x"
+            )
+        finally:
+            await ar.aclose()
+
+    asyncio.run(stop())
+    env = _env(redis_url, key_prefix, tmp_path)
+    done = _nightly(env, tmp_path, SOURCE=str(_archive(tmp_path / "a", 2)), RUN_ID="r-stop")
+    assert done.returncode == 4, done.stdout + done.stderr
+    assert "fleet stopped by InvalidAccessKeyId.NotFound" in done.stdout
+    assert RunStore(redis_client, Keys(key_prefix)).runs() == []
+
+
+def test_lock_and_missing_source(redis_url: str, key_prefix: str, tmp_path: Path) -> None:
+    env = _env(redis_url, key_prefix, tmp_path)
+    missing = _nightly(env, tmp_path)
+    assert missing.returncode == 2 and "SOURCE is not set" in missing.stdout
+    with open(tmp_path / "nightly.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        locked = _nightly(env, tmp_path, SOURCE=str(tmp_path))
+    assert locked.returncode == 75 and "holds" in locked.stdout
