@@ -26,6 +26,8 @@ _NEV = frozenset({"nev_small", "nev_large"})
 # selection priors: a string no plate can carry loses to any string one can
 NO_FORMAT_PRIOR = 1e-3
 MISMATCH_PRIOR = 0.6
+# formats rare on the road, which misreads of common ones easily fit (皖 + 7 digits)
+RARE_PRIOR = {"farm": 0.1}
 
 
 def format_prior(fmt: str | None, colour: str) -> float:
@@ -36,7 +38,7 @@ def format_prior(fmt: str | None, colour: str) -> float:
         return MISMATCH_PRIOR
     if colour == "blue" and fmt in _NEV:
         return MISMATCH_PRIOR
-    return 1.0
+    return RARE_PRIOR.get(fmt, 1.0)
 
 
 def substitutions(

@@ -27,7 +27,15 @@ from .detection import PlateDetector
 from .models import ModelFiles
 from .plate_type import classify_plate
 from .recognition import TextRecognizer, ctc_beam_search
-from .rectify import clip_polygon, expand_quad, order_corners, quad_size, split_rows, warp_quad
+from .rectify import (
+    clip_polygon,
+    expand_quad,
+    extend_up,
+    order_corners,
+    quad_size,
+    split_rows,
+    warp_quad,
+)
 
 __all__ = ["OnnxRecognizer", "PipelineOptions", "decode_image"]
 
@@ -43,7 +51,8 @@ class PipelineOptions:
     need room for a CTC blank between them); ``two_row_aspect``: plates narrower than this
     (width/height) are also read as two rows; ``crop_max_height`` and ``crop_aspect``: images
     this small and plate-shaped are read whole, without detection; ``beam``: candidate
-    strings kept per reading.
+    strings kept per reading; ``upper_row_shares``: how far above a yellow plate's box (in box
+    heights) to look, in turn, for a missed upper row.
     """
 
     detect_sides: tuple[int, ...] = (960,)
@@ -57,6 +66,7 @@ class PipelineOptions:
     crop_views: tuple[float, ...] = (1.0,)
     warp_height: int = 48
     beam: int = 8
+    upper_row_shares: tuple[float, ...] = (0.45, 0.8)
 
 
 def decode_image(data: bytes) -> np.ndarray:
@@ -182,15 +192,23 @@ class OnnxRecognizer(Recognizer):
             for mx, my, stretch in opts.green_views if colour == "green" else opts.views:
                 region = expand_quad(cand.quad, mx, my)
                 rw, rh = quad_size(region)
-                views.append(warp_quad(bgr, region, opts.warp_height, aspect=rw / max(rh, 1.0) * stretch))
+                aspect = rw / max(rh, 1.0) * stretch
+                views.append(warp_quad(bgr, region, opts.warp_height, aspect=aspect))
         readings = self._read(views)
         weights = [1.0] * len(readings)
         if pw / ph < opts.two_row_aspect:
-            upper, lower = split_rows(warp_quad(bgr, cand.quad, opts.warp_height * 2))
-            top, bottom = self._read([upper, lower], repair=False)
-            readings.append(join_rows(top[:4], bottom))
+            readings.append(self._read_two_rows(bgr, cand.quad))
             weights.append(float(len(views)))  # one two-row reading weighs as much as the views
+        quad = cand.quad
         choice = choose_text(readings, colour, weights)
+        if (choice is None or choice[2] is None) and colour == "yellow" and not cand.crop_mode:
+            # a double-row plate whose detection holds only the lower row: look above it
+            for share in opts.upper_row_shares:
+                tall = extend_up(cand.quad, share)
+                better = choose_text([self._read_two_rows(bgr, tall)], colour)
+                if better is not None and better[2] is not None:
+                    choice, quad = better, tall
+                    break
         if choice is None:
             return None
         text, prob, fmt = choice
@@ -200,10 +218,14 @@ class OnnxRecognizer(Recognizer):
             prob=round(prob, 4),
             plate_type=plate_type,
             type_prob=round(type_prob, 4),
-            polygon=clip_polygon(cand.quad, w, h),  # type: ignore[arg-type]
+            polygon=clip_polygon(quad, w, h),  # type: ignore[arg-type]
             key_prob=round(cand.det_score, 4),
         )
 
+    def _read_two_rows(self, bgr: np.ndarray, quad: np.ndarray) -> list[tuple[str, float]]:
+        upper, lower = split_rows(warp_quad(bgr, quad, self.options.warp_height * 2))
+        top, bottom = self._read([upper, lower], repair=False)
+        return join_rows(top[:4], bottom)
 
     def _read(self, crops: list[np.ndarray], repair: bool = True) -> list[list[tuple[str, float]]]:
         """Candidate strings per crop. Crops run one at a time: on CPU this model is slower per

@@ -13,6 +13,7 @@ import numpy as np
 __all__ = [
     "clip_polygon",
     "expand_quad",
+    "extend_up",
     "order_corners",
     "quad_size",
     "split_rows",
@@ -65,6 +66,13 @@ def expand_quad(quad: np.ndarray, dx: float, dy: float) -> np.ndarray:
     )
 
 
+def extend_up(quad: np.ndarray, share: float) -> np.ndarray:
+    """The quad with its top edge moved up by ``share`` of its height (along its own axis)."""
+    tl, tr, br, bl = quad
+    v = ((bl - tl) + (br - tr)) / 2
+    return np.array([tl - share * v, tr - share * v, br, bl], dtype=np.float32)
+
+
 def warp_quad(
     image: np.ndarray, quad: np.ndarray, out_height: int, aspect: float | None = None
 ) -> np.ndarray:
@@ -86,7 +94,7 @@ def warp_quad(
 
 
 def split_rows(
-    plate: np.ndarray, upper_end: float = 0.38, lower_start: float = 0.33
+    plate: np.ndarray, upper_end: float = 0.40, lower_start: float = 0.33
 ) -> tuple[np.ndarray, np.ndarray]:
     """Cut a straightened two-row plate into its upper and lower text rows.
 
