@@ -62,6 +62,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # Even with -v: these libraries log request URLs and headers (signatures) at DEBUG/INFO.
+    for name in ("httpx", "httpcore", "botocore", "boto3", "urllib3", "s3transfer", "oss2"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     try:
         return int(args._module.main(args) or 0)
     except CarnumberError as exc:

@@ -100,24 +100,17 @@ def start_worker(
     concurrency: int = 2,
     hostname: str = "worker@%h",
     extra: Sequence[str] = (),
+    via_cli: bool = False,
 ) -> Child:
-    """A Celery worker child on the queue named in ``env`` (``CARNUMBER_QUEUE``)."""
+    """A Celery worker child on the queue named in ``env`` (``CARNUMBER_QUEUE``), started as
+    ``celery -A workers worker`` or, with ``via_cli``, as ``carnumber worker``."""
     queue = env.get("CARNUMBER_QUEUE", "carnumber")
-    argv = [
-        sys.executable,
-        "-m",
-        "celery",
-        "-A",
-        "workers",
-        "worker",
-        "--loglevel=WARNING",
-        f"--concurrency={concurrency}",
-        f"--queues={queue}",
-        f"--hostname={hostname}",
-        "--without-mingle",
-        "--without-gossip",
-        *extra,
-    ]
+    common = ["--loglevel=WARNING", f"--concurrency={concurrency}", f"--hostname={hostname}"]
+    if via_cli:
+        argv = [sys.executable, "-m", "carnumber.cli", "worker", *common, *extra]
+    else:
+        celery = [sys.executable, "-m", "celery", "-A", "workers", "worker", f"--queues={queue}"]
+        argv = [*celery, *common, "--without-mingle", "--without-gossip", *extra]
     child, _ = _spawn("worker", argv, env)
     return child
 

@@ -51,8 +51,9 @@ def _env(server: RunningServer, redis_url: str, key_prefix: str, tmp: Path, **ex
     }
 
 
-def _worker(env: dict[str, str]) -> Child:
-    return start_worker(env, concurrency=1, hostname=f"t{abs(hash(env['CARNUMBER_KEY_PREFIX']))}@%h")
+def _worker(env: dict[str, str], via_cli: bool = False) -> Child:
+    name = f"t{abs(hash(env['CARNUMBER_KEY_PREFIX'] + env['CARNUMBER_ENDPOINT']))}@%h"
+    return start_worker(env, concurrency=1, hostname=name, via_cli=via_cli)
 
 
 def _store(client: redis.Redis, key_prefix: str) -> RunStore:
@@ -119,7 +120,7 @@ def test_quota_pauses_the_run_and_resume_finishes_it(
 
     # The operator raises the budget; the run continues where it stopped.
     monkeypatch.setenv("CARNUMBER_QUOTA", "20")
-    worker = _worker({**env, "CARNUMBER_QUOTA": "20"})
+    worker = _worker({**env, "CARNUMBER_QUOTA": "20"}, via_cli=True)  # `carnumber worker` this time
     try:
         assert cli(["resume", "q"]) == 0
         assert cli(["status", "q", "--follow"]) == 0
@@ -129,3 +130,42 @@ def test_quota_pauses_the_run_and_resume_finishes_it(
     rows = open_dataset(env["CARNUMBER_OUTPUT"]).read_run("q").to_pylist()
     assert len(rows) == 20 and len({r["image_id"] for r in rows}) == 20
     assert Settings.from_env(env).quota == 7
+
+
+def test_retry_failures_redoes_only_retryable_failures(
+    redis_url: str, key_prefix: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ocrserver.faults import FaultConfig
+
+    _archive(tmp_path / "archive", 20)
+    pdf = tmp_path / "archive" / "cam1-999.png"
+    pdf.write_bytes(b"%PDF-1.7\n" + b"x" * 300)  # refused locally: a final failure, never retried
+    down = ServerConfig(keys="flowid:flowsecret", faults=FaultConfig(rate_503=0.5), seed=11)
+    with start_server(down) as flaky:
+        env = _env(flaky, redis_url, key_prefix, tmp_path, CARNUMBER_MAX_ATTEMPTS="1")
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        worker = _worker(env)
+        try:
+            assert cli(["enqueue", str(tmp_path / "archive"), "--run", "rf", "--wait"]) == 0
+        finally:
+            worker.stop()
+    rows = open_dataset(env["CARNUMBER_OUTPUT"]).read_run("rf").to_pylist()
+    retryable = {r["image_id"] for r in rows if r["status"] == "failed" and r["retryable"]}
+    assert 0 < len(retryable) < 20
+    assert sum(1 for r in rows if r["error_code"] == "local.unsupportedFormat") == 1
+
+    with start_server(ServerConfig(keys="flowid:flowsecret")) as healthy:
+        monkeypatch.setenv("CARNUMBER_ENDPOINT", healthy.url)
+        worker = _worker({**env, "CARNUMBER_ENDPOINT": healthy.url})
+        try:
+            assert cli(["retry-failures", "rf"]) == 0
+            assert cli(["status", "rf", "--follow"]) == 0
+        finally:
+            worker.stop()
+        assert _accepted(healthy) == len(retryable)  # only those were called again
+    assert cli(["compact", "rf"]) == 0
+    rows = open_dataset(env["CARNUMBER_OUTPUT"]).read_run("rf").to_pylist()
+    assert len(rows) == 21 and len({r["image_id"] for r in rows}) == 21
+    assert sorted(r["status"] for r in rows).count("ok") == 20
+    assert cli(["retry-failures", "rf", "--dry-run"]) == 0

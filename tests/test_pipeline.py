@@ -123,3 +123,19 @@ def test_wrong_secret_stops_the_fleet_and_leaves_images_pending(
     assert summary.state == "stopped" and summary.fields["stop_code"] == "SignatureDoesNotMatch"
     assert summary.parked == 20
     assert len(rt.dataset.read_run("r3")) == 0  # nothing marked failed
+
+
+def test_no_secret_or_signature_reaches_logs(
+    server: RunningServer, redis_url: str, key_prefix: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    refs = _images(tmp_path / "d", 4)
+    url_ref = ImageRef(f"{server.url}/img.png?Signature=abc123secret&Expires=9")
+    rt = _runtime(server, redis_url, key_prefix, tmp_path)
+    with caplog.at_level(logging.DEBUG):
+        execute_chunk(Chunk("r4", "0000000", (*refs, url_ref)), rt)
+    text = caplog.text
+    assert "testsecret" not in text and "abc123secret" not in text and "Signature=" not in text
+    rows = rt.dataset.read_run("r4").to_pylist()
+    assert all("abc123secret" not in (r["source"] + str(r["error_message"])) for r in rows)

@@ -12,6 +12,7 @@ or a signed URL's query string: URLs in messages pass through :func:`redact_url`
 from __future__ import annotations
 
 import json
+import logging
 import time
 import uuid
 from dataclasses import dataclass
@@ -38,6 +39,11 @@ __all__ = [
     "http_timeout",
     "read_response",
 ]
+
+# httpx logs every request URL at INFO; with ``Url`` images that URL embeds the image's own
+# (possibly presigned) address. Our own logs name images by id and redacted source instead.
+for _name in ("httpx", "httpcore"):
+    logging.getLogger(_name).setLevel(logging.WARNING)
 
 ACTION = "RecognizeCarNumber"
 VERSION = "2021-07-07"
