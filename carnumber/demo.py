@@ -51,11 +51,10 @@ def _recognizer(choice: str) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    from ocrserver.samples import generate_archive
-
     from carnumber.commands.status import follow
     from carnumber.embedded_redis import EmbeddedRedis
     from carnumber.localstack import start_server, start_worker
+    from ocrserver.samples import generate_archive
 
     out = Path(args.out).resolve()
     archive = out / "archive"
@@ -112,10 +111,9 @@ def main(args: argparse.Namespace) -> int:
 def _run(env: dict[str, str], run_id: str, archive: Path, timeout_s: float, follow) -> str:  # type: ignore[no-untyped-def]
     import io
 
-    from producers.sources import open_source
-
     from carnumber.commands.common import configure_celery, connect_redis, run_store
     from producers.enqueue import enqueue
+    from producers.sources import open_source
     from workers.config import Settings
     from workers.errors import CarnumberError
     from workers.sink.compact import compact_run
