@@ -25,7 +25,8 @@ def _is_convex(quad: np.ndarray) -> bool:
     signs = []
     for i in range(4):
         a, b, c = quad[i], quad[(i + 1) % 4], quad[(i + 2) % 4]
-        signs.append(np.cross(b - a, c - b) > 0)
+        u, v = b - a, c - b
+        signs.append(float(u[0] * v[1] - u[1] * v[0]) > 0)
     return all(signs) or not any(signs)
 
 
