@@ -92,9 +92,10 @@ def main(args: argparse.Namespace) -> int:
             "enqueued %d images in %d chunks", r.images_enqueued, r.chunks_published
         ),
     )
-    runs.set_state(
-        args.run_id, "running", enqueue_finished_at=time.time(), lines_skipped=len(skipped)
-    )
+    if report.stopped_by is None:  # a paused run keeps its state (resume sets it running)
+        runs.set_state(
+            args.run_id, "running", enqueue_finished_at=time.time(), lines_skipped=len(skipped)
+        )
     elapsed = time.monotonic() - started
     print(
         f"run {args.run_id}: {report.images_seen} images seen, {report.images_enqueued} enqueued in "
