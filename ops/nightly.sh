@@ -3,7 +3,8 @@
 #
 #   1. refuse to start while the fleet is stopped by a fatal error (that needs an operator);
 #   2. resume runs parked because the call quota was spent (state quota_exhausted): the quota
-#      window has reset since. Nothing else is resumed automatically (AUTO_RESUME_STATES);
+#      window has reset since. Nothing else is resumed automatically (AUTO_RESUME_STATES).
+#      Each is re-enqueued from its recorded source too: the producer stops feeding a paused run;
 #   3. enqueue tonight's images as run RUN_ID, follow it to the end, compact it;
 #   4. retry the run's retryable failures once, follow again, compact again.
 #
@@ -79,6 +80,10 @@ run_state() {
   cn status "$1" --json | sed -n 's/^ *"state": "\([^"]*\)".*/\1/p'
 }
 
+run_source() {
+  cn status "$1" --json | python3 -c 'import json, sys; print(json.load(sys.stdin)["source"])'
+}
+
 # Follow a run to its end, logging one line in FOLLOW_LOG_EVERY. Returns the nightly exit code.
 follow() {
   local rc=0 state
@@ -116,6 +121,13 @@ for state in $AUTO_RESUME_STATES; do
     log "resuming run $run (state $state)"
     # --keep-stop: an automatic resume never lifts a fatal stop; only an operator does.
     cn resume "$run" --keep-stop
+    # The producer stops feeding a paused run: publish what it had not yet published (chunks
+    # published before are skipped, so this needs the same source and ENQUEUE_ARGS as then).
+    src="$(run_source "$run")"
+    log "re-enqueueing the rest of run $run from ${src%%\?*}"
+    if ! cn enqueue "$src" --run "$run" "${EXTRA[@]}"; then
+      log "re-enqueueing run $run failed; its parked images are back in the queue, the rest waits for an operator"
+    fi
   done
 done
 

@@ -120,23 +120,30 @@ def test_quota_parks_the_run_and_the_next_night_resumes_it(
     server: RunningServer, redis_url: str, key_prefix: str, redis_client: redis.Redis, tmp_path: Path
 ) -> None:
     runs = RunStore(redis_client, Keys(key_prefix))
+    # A queue of one chunk at most: the producer is still feeding when the quota runs out, and
+    # stops there, so the next night must publish the rest of the source as well as the parked.
     night1 = _env(
-        redis_url, key_prefix, tmp_path, server, CARNUMBER_QUOTA="5", CARNUMBER_QUOTA_WINDOW="total"
+        redis_url,
+        key_prefix,
+        tmp_path,
+        server,
+        CARNUMBER_QUOTA="5",
+        CARNUMBER_QUOTA_WINDOW="total",
+        CARNUMBER_QUEUE_HIGH_WATER="1",
     )
+    archive = _archive(tmp_path / "a" / "2026-11-22", 24)
     worker = _worker(night1)
     try:
         first = _nightly(
-            night1,
-            tmp_path,
-            SOURCE=str(_archive(tmp_path / "a" / "2026-11-22", 9)).replace("2026-11-22", "{date}"),
-            RUN_DATE="2026-11-22",
+            night1, tmp_path, SOURCE=str(archive).replace("2026-11-22", "{date}"), RUN_DATE="2026-11-22"
         )
     finally:
         worker.stop()
     assert first.returncode == 3, first.stdout + first.stderr
     assert "call quota spent" in first.stdout
     s1 = runs.get("2026-11-22")
-    assert s1 is not None and s1.state == "quota_exhausted" and s1.written == 5 and s1.parked == 4
+    assert s1 is not None and s1.state == "quota_exhausted" and s1.written == 5
+    assert s1.enqueued < 24  # the producer stopped feeding the paused run
 
     # The quota is raised (a new day); the next night resumes the parked run and does its own.
     night2 = {**night1, "CARNUMBER_QUOTA": "100"}
@@ -150,11 +157,13 @@ def test_quota_parks_the_run_and_the_next_night_resumes_it(
         worker.stop()
     assert second.returncode == 0, second.stdout + second.stderr
     assert "resuming run 2026-11-22 (state quota_exhausted)" in second.stdout
+    assert f"re-enqueueing the rest of run 2026-11-22 from {archive}" in second.stdout
     assert "compacting" in second.stdout and "retrying" not in second.stdout
     dataset = open_dataset(night2["CARNUMBER_OUTPUT"])
     rows2 = dataset.read_run("night-2").to_pylist()
     assert sorted(r["plate"] for r in rows2) == [f"浙A{i:05d}" for i in range(100, 103)]
-    assert len({r["image_id"] for r in dataset.read_run("2026-11-22").to_pylist()}) == 9
+    rows1 = dataset.read_run("2026-11-22").to_pylist()
+    assert sorted({r["plate"] for r in rows1}) == [f"浙A{i:05d}" for i in range(24)]
 
 
 def test_retryable_failures_get_one_retry_round(
