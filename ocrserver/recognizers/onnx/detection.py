@@ -18,7 +18,7 @@ import numpy as np
 
 __all__ = ["Detection", "PlateDetector", "decode_priors", "nms", "prior_boxes"]
 
-_MEAN_BGR = np.array([104.0, 117.0, 123.0], dtype=np.float32)
+_MEAN_BGR_TUPLE = (104.0, 117.0, 123.0)
 _STEPS = (8, 16, 32)
 _MIN_SIZES = ((24, 48), (96, 192), (384, 768))
 _VARIANCE = (0.1, 0.2)
@@ -117,8 +117,9 @@ class PlateDetector:
         resized = image if (sh, sw) == (h, w) else cv2.resize(
             image, (sw, sh), interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
         )
-        blob = (resized.astype(np.float32) - _MEAN_BGR).transpose(2, 0, 1)[None]
-        loc, conf, landms = self._session.run(None, {self._input: np.ascontiguousarray(blob)})
+        # (pixels - mean) as one NCHW float32 blob, in OpenCV's native code
+        blob = cv2.dnn.blobFromImage(resized, 1.0, (sw, sh), _MEAN_BGR_TUPLE, swapRB=False, crop=False)
+        loc, conf, landms = self._session.run(None, {self._input: blob})
         scores = conf[0, :, 1]
         keep = scores > self.score_threshold
         if not keep.any():

@@ -71,6 +71,8 @@ class ModelFiles:
         options.intra_op_num_threads = max(1, threads)
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
+        # inputs change size image to image: a memory pattern planned for one size is waste
+        options.enable_mem_pattern = False
         try:
             return ort.InferenceSession(
                 str(path), sess_options=options, providers=["CPUExecutionProvider"]

@@ -52,7 +52,9 @@ class PipelineOptions:
     (width/height) are also read as two rows; ``crop_max_height`` and ``crop_aspect``: images
     this small and plate-shaped are read whole, without detection; ``beam``: candidate
     strings kept per reading; ``upper_row_shares``: how far above a yellow plate's box (in box
-    heights) to look, in turn, for a missed upper row.
+    heights) to look, in turn, for a missed upper row; ``scene_width`` and
+    ``crop_width``: padded reader input width (px) for detected plates and for whole-image crops
+    (256 reads scenes as well as 320 at 80% of the cost; tight crops gain from 320).
     """
 
     detect_sides: tuple[int, ...] = (960,)
@@ -67,6 +69,8 @@ class PipelineOptions:
     warp_height: int = 48
     beam: int = 8
     upper_row_shares: tuple[float, ...] = (0.45, 0.8)
+    scene_width: int = 256
+    crop_width: int = 320
 
 
 def decode_image(data: bytes) -> np.ndarray:
@@ -194,7 +198,7 @@ class OnnxRecognizer(Recognizer):
                 rw, rh = quad_size(region)
                 aspect = rw / max(rh, 1.0) * stretch
                 views.append(warp_quad(bgr, region, opts.warp_height, aspect=aspect))
-        readings = self._read(views)
+        readings = self._read(views, width=opts.crop_width if cand.crop_mode else opts.scene_width)
         weights = [1.0] * len(readings)
         if pw / ph < opts.two_row_aspect:
             readings.append(self._read_two_rows(bgr, cand.quad))
@@ -224,16 +228,18 @@ class OnnxRecognizer(Recognizer):
 
     def _read_two_rows(self, bgr: np.ndarray, quad: np.ndarray) -> list[tuple[str, float]]:
         upper, lower = split_rows(warp_quad(bgr, quad, self.options.warp_height * 2))
-        top, bottom = self._read([upper, lower], repair=False)
+        top, bottom = self._read([upper, lower], repair=False, width=self.options.scene_width)
         return join_rows(top[:4], bottom)
 
-    def _read(self, crops: list[np.ndarray], repair: bool = True) -> list[list[tuple[str, float]]]:
+    def _read(
+        self, crops: list[np.ndarray], repair: bool = True, width: int | None = None
+    ) -> list[list[tuple[str, float]]]:
         """Candidate strings per crop. Crops run one at a time: on CPU this model is slower per
         crop in a batch (measured: 8.5 ms for one, 21 ms for two)."""
         charset, beam = self._reader.charset, self.options.beam
         out = []
         for crop in crops:
-            probs = self._reader.probabilities([crop])[0]
+            probs = self._reader.probabilities([crop], width)[0]
             if repair:
                 out.append(read_candidates(probs, charset, beam))
             else:

@@ -103,20 +103,25 @@ class TextRecognizer:
         self.charset = charset
         self.max_width = max_width
 
-    def preprocess(self, crop: np.ndarray) -> np.ndarray:
-        """One BGR crop as a (3, 32, max_width) float32 array."""
+    def preprocess(self, crop: np.ndarray, width: int | None = None) -> np.ndarray:
+        """One BGR crop as a (3, 32, width) float32 array (default width: ``max_width``)."""
+        width = width or self.max_width
         h, w = crop.shape[:2]
-        new_w = min(self.max_width, max(8, math.ceil(self.height * w / max(h, 1))))
+        new_w = min(width, max(8, math.ceil(self.height * w / max(h, 1))))
         resized = cv2.resize(crop, (new_w, self.height), interpolation=cv2.INTER_LINEAR)
-        out = np.zeros((3, self.height, self.max_width), np.float32)
+        out = np.zeros((3, self.height, width), np.float32)
         out[:, :, :new_w] = (resized.astype(np.float32).transpose(2, 0, 1) / 127.5) - 1.0
         return out
 
-    def probabilities(self, crops: list[np.ndarray]) -> np.ndarray:
-        """Softmax outputs (N, T, classes) for ``crops`` in one model run."""
+    def probabilities(self, crops: list[np.ndarray], width: int | None = None) -> np.ndarray:
+        """Softmax outputs (N, T = width / 4, classes) for ``crops`` in one model run.
+
+        ``width`` (px, default ``max_width``) is the padded input width: the model was trained
+        at 320; narrower runs cost proportionally less.
+        """
         if not crops:
             return np.zeros((0, 0, len(self.charset) + 1), np.float32)
-        batch = np.stack([self.preprocess(c) for c in crops])
+        batch = np.stack([self.preprocess(c, width) for c in crops])
         return self._session.run(None, {self._input: batch})[0]
 
     def __call__(self, crops: list[np.ndarray]) -> list[Reading]:
