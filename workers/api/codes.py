@@ -62,6 +62,9 @@ FATAL_CODES = frozenset(
         "noPermission",
         "ocrServiceNotOpen",
         "OcrServiceExpired",
+        # The gateway refuses the action or version: every call would fail the same way.
+        "InvalidAction.NotFound",
+        "InvalidVersion",
     }
 )
 
