@@ -127,3 +127,32 @@ def test_gif_and_bad_bytes(recognizer: OnnxRecognizer) -> None:
 def test_missing_model_dir_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"clp_det\.onnx"):
         OnnxRecognizer(str(tmp_path))
+
+
+def test_served_by_the_local_server(archive: tuple[Path, list[SampleTruth]]) -> None:
+    """``carnumber serve --recognizer onnx`` answers a signed call with the model's reading."""
+    import httpx
+
+    from ocrserver.config import ServerConfig
+    from ocrserver.server import start_server
+    from workers.api.client import Client
+    from workers.api.client import Image as Body
+    from workers.config import Credentials
+
+    out, truths = archive
+    with start_server(ServerConfig(keys="onnxid:onnxsecret", recognizer="onnx")) as srv, \
+            httpx.Client(timeout=30) as http:
+        client = Client(srv.url, Credentials("onnxid", "onnxsecret"), http)
+        seen = total = 0
+        for sample in truths[:6]:
+            # re-encode without the embedded truth: the answer must come from the model
+            buf = io.BytesIO()
+            with Image.open(out / sample.name) as img:
+                img.save(buf, format="JPEG", quality=92)
+            result = client.recognize(Body(body=buf.getvalue()))
+            texts = {p.text for p in result.plates}
+            total += len(sample.plates)
+            seen += sum(t.text in texts for t in sample.plates)
+            for plate in result.plates:
+                assert plate.polygon is not None and plate.plate_type in PLATE_TYPES
+        assert seen >= total - 2, f"{seen}/{total}"

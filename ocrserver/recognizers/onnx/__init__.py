@@ -21,7 +21,13 @@ __all__ = ["OnnxRecognizer", "PipelineOptions"]
 
 def __getattr__(name: str) -> Any:
     if name in __all__:
-        from . import pipeline
+        try:
+            from . import pipeline
+        except ImportError as exc:
+            from workers.errors import ConfigError
 
+            raise ConfigError(
+                f"the onnx recognizer needs {exc.name or 'numpy/opencv'}: pip install 'carnumber[onnx]'"
+            ) from exc
         return getattr(pipeline, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
