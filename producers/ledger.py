@@ -149,9 +149,15 @@ class Ledger:
         stats = LedgerStats()
         if fs.get_file_info(root).type != pafs.FileType.Directory:
             return cls(index_dir, _State(), exclude_run, stats)  # no output yet: nothing answered
-        os.makedirs(index_dir, exist_ok=True)
-        with _locked(index_dir):
-            state = _update(fs, root, index_dir, batch_entries, rebuild, stats)
+        try:
+            os.makedirs(index_dir, exist_ok=True)
+            with _locked(index_dir):
+                state = _update(fs, root, index_dir, batch_entries, rebuild, stats)
+        except PermissionError as exc:
+            raise ConfigError(
+                f"ledger: cannot write its index in {index_dir} ({exc.strerror}); "
+                "give the producer write access there or pass index_dir"
+            ) from None
         path = _keys_path(index_dir)
         stats.entries = os.path.getsize(path) // RECORD.itemsize if os.path.exists(path) else 0
         return cls(index_dir, state, exclude_run, stats)

@@ -32,6 +32,7 @@ from workers.api.client import Image
 from workers.config import Settings
 from workers.errors import CarnumberError, ConfigError, ImageRejected, InputError, TransportError
 from workers.imagecheck import MAX_BYTES, check_image, check_url, maybe_reencode
+from workers.message import ImageRef
 from workers.storage.archives import ArchiveReader
 from workers.storage.objects import ObjectStore, store_for
 from workers.storage.uris import Location, parse_uri
@@ -66,15 +67,15 @@ class Resolver:
 
     # -- public -----------------------------------------------------------------------------
 
-    def resolve_many(self, refs: Sequence[object]) -> list[Image | CarnumberError]:
-        """One outcome per ref, in order. ``refs`` are :class:`~workers.message.ImageRef`s
-        (anything with a ``source``). Raises :class:`ConfigError` only."""
+    def resolve_many(self, refs: Sequence[ImageRef]) -> list[Image | CarnumberError]:
+        """One outcome per ref, in order (see the module docstring for which errors).
+        Raises :class:`ConfigError` only."""
         out: list[Image | CarnumberError | None] = [None] * len(refs)
         archive_groups: dict[tuple[str, str], list[tuple[int, str]]] = {}
         object_jobs: list[tuple[int, Location]] = []
         for i, ref in enumerate(refs):
             try:
-                loc = parse_uri(str(getattr(ref, "source", ref)))
+                loc = parse_uri(ref.source)
                 if loc.kind == "http":
                     check_url(loc.url)
                     out[i] = Image(url=loc.url)
