@@ -42,10 +42,16 @@ from typing import Any
 import httpx
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import redis
 
 from carnumber.embedded_redis import EmbeddedRedis
 from carnumber.localstack import Child, start_server, start_worker
 from ocrserver.truth import make_test_image
+from workers.config import Settings
+from workers.keys import Keys
+from workers.runs import RunStore, RunSummary
+from workers.sink.dataset import Dataset, open_dataset
 
 __all__ = ["Audit", "audit", "duplicate_rows", "main", "make_archive"]
 
@@ -111,7 +117,6 @@ class Audit:
 def audit(output: str, run_id: str, expected_ids: set[str], max_attempts: int) -> Audit:
     """Read ``run_id``'s parts, count duplicates, compact, and check every image is there once."""
     from workers.sink.compact import compact_run
-    from workers.sink.dataset import open_dataset
 
     dataset = open_dataset(output)
     parts = dataset.parquet_files(dataset.run_dir(run_id))
@@ -150,13 +155,11 @@ def audit(output: str, run_id: str, expected_ids: set[str], max_attempts: int) -
     )
 
 
-def chunk_tails(dataset: Any, parts: list[str]) -> tuple[float, float]:
+def chunk_tails(dataset: Dataset, parts: list[str]) -> tuple[float, float]:
     """Median seconds, over part files, from the first to the last image answered, and from the
     90th-percentile image to the last: how long a chunk's slowest images hold the worker process
     (which takes its next chunk only when this one ends)."""
     import statistics
-
-    import pyarrow.parquet as pq
 
     spans, tails = [], []
     for path in parts:
@@ -187,6 +190,10 @@ class Bench:
     prefix: str = field(default_factory=lambda: f"carnumber-reliab-{uuid.uuid4().hex[:8]}")
     children: list[Child] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        self.redis = redis.Redis.from_url(self.redis_url)
+        self.runs = RunStore(self.redis, Keys(self.prefix))
+
     def env(self, secret: str = SECRET) -> dict[str, str]:
         a = self.args
         assert self.server.url
@@ -207,9 +214,7 @@ class Bench:
             "CARNUMBER_RETRY_CAP_S": str(a.retry_cap_s),
         }
 
-    def settings(self, secret: str = SECRET) -> Any:
-        from workers.config import Settings
-
+    def settings(self, secret: str = SECRET) -> Settings:
         return Settings.from_env(self.env(secret))
 
     def stats(self) -> dict[str, Any]:
@@ -232,27 +237,24 @@ class Bench:
 
     def enqueue(self, run_id: str) -> int:
         """Publish every image of the archive for ``run_id``; returns images enqueued."""
-        from carnumber.commands.common import configure_celery, connect_redis, run_store
+        from carnumber.commands.common import configure_celery
         from producers.enqueue import enqueue
         from producers.sources import open_source
         from workers.tasks import publish_chunk
 
         s = self.settings()
-        client = connect_redis(s)
-        runs = run_store(s, client)
         configure_celery(s)
-        runs.create(run_id, "reliability")
+        self.runs.create(run_id, "reliability")
         report = enqueue(
             open_source(str(self.work / "archive"), s),
             run_id,
-            runs=runs,
+            runs=self.runs,
             publish=lambda chunk: publish_chunk(chunk, s.queue),
-            queue_depth=lambda: int(client.llen(s.queue)),
+            queue_depth=lambda: int(self.redis.llen(s.queue)),
             chunk_size=s.chunk_size,
             queue_high_water=max(s.queue_high_water, self.args.images // s.chunk_size + 1),
         )
-        runs.set_state(run_id, "running")
-        client.close()
+        self.runs.set_state(run_id, "running")
         return report.images_enqueued
 
     def expected_ids(self) -> set[str]:
@@ -260,44 +262,36 @@ class Bench:
 
         return {r.image_id for r in open_source(str(self.work / "archive"), self.settings())}
 
-    def summary(self, run_id: str) -> Any:
-        from carnumber.commands.common import connect_redis, run_store
+    def summary(self, run_id: str) -> RunSummary:
+        s = self.runs.get(run_id)
+        if s is None:
+            raise RuntimeError(f"run {run_id}: not in Redis")
+        return s
 
-        s = self.settings()
-        client = connect_redis(s)
-        try:
-            return run_store(s, client).get(run_id)
-        finally:
-            client.close()
-
-    def wait(self, run_id: str, done: Callable[[Any], bool], worker: Child, label: str) -> float:
+    def wait(self, run_id: str, done: Callable[[RunSummary], bool], worker: Child, label: str) -> float:
         """Seconds until ``done(summary)``; raises RuntimeError on a dead worker or the timeout."""
         started = time.monotonic()
         deadline = started + self.args.timeout_s
         last = 0.0
         while True:
             s = self.summary(run_id)
-            if s is not None and done(s):
+            if done(s):
                 return time.monotonic() - started
             if worker.proc.poll() is not None:
                 raise RuntimeError(f"{label}: worker exited\n" + "\n".join(worker.lines[-30:]))
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{label}: not finished after {self.args.timeout_s} s: {s}")
-            if time.monotonic() - last > 15 and s is not None:
+            if time.monotonic() - last > 15:
                 print(f"  {label}: {s.written}/{s.enqueued} written, {s.parked} parked", flush=True)
                 last = time.monotonic()
             time.sleep(0.2)
 
     def cleanup(self) -> None:
-        import redis
-
-        client = redis.Redis.from_url(self.redis_url)
-        try:
-            keys = [*client.scan_iter(f"{self.prefix}*", count=1000)]
-            if keys:
-                client.delete(*keys)
-        finally:
-            client.close()
+        """Delete this bench's keys (its prefix and its queue) and nothing else."""
+        keys = [*self.redis.scan_iter(f"{self.prefix}*", count=1000)]
+        if keys:
+            self.redis.delete(*keys)
+        self.redis.close()
 
 
 # --- the scenarios -----------------------------------------------------------------------------
@@ -385,8 +379,6 @@ def wrong_secret_run(b: Bench) -> list[Row]:
     b.stop(worker)
     stats = b.stats()
     stopped = b.summary(run_id)
-    from workers.sink.dataset import open_dataset
-
     rows_while_stopped = open_dataset(str(b.work / "out")).read_run(run_id).num_rows
     bound = a.worker_processes * a.concurrency + a.worker_processes
     calls_stopped = int(stats["requests_total"])
@@ -487,7 +479,7 @@ def _fleet_status(b: Bench) -> str | None:
     import redis.asyncio as aredis
 
     from workers.fleet import FleetControl
-    from workers.keys import Keys, account_tag
+    from workers.keys import account_tag
 
     async def read() -> dict[str, Any] | None:
         client = aredis.Redis.from_url(b.redis_url)
@@ -531,7 +523,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="carnumber-reliab-"))
-    redis = None
+    embedded: EmbeddedRedis | None = None
     server: Child | None = None
     bench: Bench | None = None
     try:
@@ -539,8 +531,8 @@ def main(argv: list[str] | None = None) -> int:
         make_archive(work / "archive", args.images)
         redis_url = os.environ.get("REDIS_URL")
         if not redis_url:
-            redis = EmbeddedRedis()
-            redis_url = redis.url
+            embedded = EmbeddedRedis()
+            redis_url = embedded.url
         faults = [
             "--fault-503",
             str(args.fault_503),
@@ -589,8 +581,8 @@ def main(argv: list[str] | None = None) -> int:
             bench.cleanup()
         if server is not None:
             server.stop()
-        if redis is not None:
-            redis.stop()
+        if embedded is not None:
+            embedded.stop()
         shutil.rmtree(work, ignore_errors=True)
 
 
