@@ -5,8 +5,9 @@
 #   2. resume runs parked because the call quota was spent (state quota_exhausted): the quota
 #      window has reset since. Nothing else is resumed automatically (AUTO_RESUME_STATES).
 #      Each is re-enqueued from its recorded source too: the producer stops feeding a paused run;
-#   3. enqueue tonight's images as run RUN_ID, follow it to the end, compact it;
-#   4. retry the run's retryable failures once, follow again, compact again.
+#   3. enqueue tonight's images as run RUN_ID, follow it to the end, compact it, retry its
+#      retryable failures once, follow again, compact again;
+#   4. the same for each run resumed in step 2 (its chunks were queued first: usually done).
 #
 # Settings come from the environment (systemd EnvironmentFile, or the crontab line):
 #   SOURCE        required. Where tonight's images are: folder, archive, s3://, oss://, manifest.
@@ -24,7 +25,7 @@
 # never prints.
 #
 # Exit codes:
-#   0   the run is done and compacted (retry round included)
+#   0   the run (and every resumed run) is done and compacted, retry round included
 #   2   configuration error (missing SOURCE, bad setting, Redis unreachable)
 #   3   the run is parked until the quota resets; the next night resumes it
 #   4   the fleet is stopped or the run paused for another reason: an operator must act
@@ -84,28 +85,45 @@ run_source() {
   cn status "$1" --json | python3 -c 'import json, sys; print(json.load(sys.stdin)["source"])'
 }
 
-# Follow a run to its end, logging one line in FOLLOW_LOG_EVERY. Returns the nightly exit code.
+# Follow run $1 to its end, logging one line in FOLLOW_LOG_EVERY. Returns the nightly exit code.
 follow() {
-  local rc=0 state
-  timeout "$FOLLOW_TIMEOUT" "${CN[@]}" status "$RUN_ID" --follow \
+  local run="$1" rc=0 state
+  timeout "$FOLLOW_TIMEOUT" "${CN[@]}" status "$run" --follow \
     | awk -v every="$FOLLOW_LOG_EVERY" '
         { last = $0; if ((NR - 1) % every == 0) { print; printed = NR } }
         END { if (NR && printed != NR) print last }' \
     | while IFS= read -r line; do log "$line"; done || rc=$?
   case $rc in
     0) return 0 ;;
-    124) log "run not finished after $FOLLOW_TIMEOUT"; return 5 ;;
+    124) log "run $run not finished after $FOLLOW_TIMEOUT"; return 5 ;;
     3)
-      state="$(run_state "$RUN_ID")"
+      state="$(run_state "$run")"
       if [[ "$state" == quota_exhausted ]]; then
-        log "run paused: call quota spent; the next nightly job resumes it"
+        log "run $run paused: call quota spent; the next nightly job resumes it"
         return 3
       fi
-      log "run paused in state '$state': an operator must act (ops/README.md, Resume after a stop)"
+      log "run $run paused in state '$state': an operator must act (ops/README.md, Resume after a stop)"
       return 4
       ;;
-    *) log "carnumber status --follow exited $rc"; return "$rc" ;;
+    *) log "carnumber status $run --follow exited $rc"; return "$rc" ;;
   esac
+}
+
+# Compact finished run $1, retry its retryable failures once, follow and compact again.
+finish() {
+  local run="$1" retryable rc=0
+  log "compacting run $run"
+  cn compact "$run"
+  retryable="$(cn retry-failures "$run" --dry-run \
+    | sed -n 's/^run [^ ]*: \([0-9]*\) images with a retryable failure$/\1/p')"
+  if [[ "${retryable:-0}" -gt 0 ]]; then
+    log "retrying $retryable images of run $run with a retryable failure (one round)"
+    cn retry-failures "$run"
+    follow "$run" || rc=$?
+    if [[ $rc -ne 0 ]]; then return "$rc"; fi
+    log "compacting run $run after the retry round"
+    cn compact "$run"
+  fi
 }
 
 log "starting: source ${SOURCE%%\?*}"
@@ -116,16 +134,20 @@ if [[ -n "$stops" ]]; then
   exit 4
 fi
 
+resumed=()
 for state in $AUTO_RESUME_STATES; do
   for run in $(runs_in_state "$state"); do
     log "resuming run $run (state $state)"
     # --keep-stop: an automatic resume never lifts a fatal stop; only an operator does.
     cn resume "$run" --keep-stop
+    if [[ "$run" == "$RUN_ID" ]]; then continue; fi  # enqueued again below
     # The producer stops feeding a paused run: publish what it had not yet published (chunks
     # published before are skipped, so this needs the same source and ENQUEUE_ARGS as then).
     src="$(run_source "$run")"
     log "re-enqueueing the rest of run $run from ${src%%\?*}"
-    if ! cn enqueue "$src" --run "$run" "${EXTRA[@]}"; then
+    if cn enqueue "$src" --run "$run" "${EXTRA[@]}"; then
+      resumed+=("$run")
+    else
       log "re-enqueueing run $run failed; its parked images are back in the queue, the rest waits for an operator"
     fi
   done
@@ -133,18 +155,19 @@ done
 
 log "enqueueing"
 cn enqueue "$SOURCE" --run "$RUN_ID" "${EXTRA[@]}"
-rc=0; follow || rc=$?
+rc=0; follow "$RUN_ID" || rc=$?
 if [[ $rc -ne 0 ]]; then exit "$rc"; fi
-log "compacting"
-cn compact "$RUN_ID"
+finish "$RUN_ID"
 
-retryable="$(cn retry-failures "$RUN_ID" --dry-run | sed -n 's/^run [^ ]*: \([0-9]*\) images with a retryable failure$/\1/p')"
-if [[ "${retryable:-0}" -gt 0 ]]; then
-  log "retrying $retryable images with a retryable failure (one round)"
-  cn retry-failures "$RUN_ID"
-  rc=0; follow || rc=$?
-  if [[ $rc -ne 0 ]]; then exit "$rc"; fi
-  log "compacting after the retry round"
-  cn compact "$RUN_ID"
-fi
+# Runs resumed above were published first, so they are usually done by now.
+status=0
+for run in "${resumed[@]}"; do
+  rc=0; follow "$run" || rc=$?
+  if [[ $rc -eq 0 ]]; then
+    finish "$run"
+  elif [[ $status -eq 0 ]]; then
+    status=$rc
+  fi
+done
 log "done"
+exit "$status"
