@@ -54,7 +54,8 @@ class PipelineOptions:
     strings kept per reading; ``upper_row_shares``: how far above a yellow plate's box (in box
     heights) to look, in turn, for a missed upper row; ``scene_width`` and
     ``crop_width``: padded reader input width (px) for detected plates and for whole-image crops
-    (256 reads scenes as well as 320 at 80% of the cost; tight crops gain from 320).
+    (256 reads scenes as well as 320 at 80% of the cost; tight crops gain from 320);
+    ``min_chars``: shorter readings are dropped (every plate format has at least 7).
     """
 
     detect_sides: tuple[int, ...] = (960,)
@@ -71,6 +72,7 @@ class PipelineOptions:
     upper_row_shares: tuple[float, ...] = (0.45, 0.8)
     scene_width: int = 256
     crop_width: int = 320
+    min_chars: int = 5
 
 
 def decode_image(data: bytes) -> np.ndarray:
@@ -216,6 +218,8 @@ class OnnxRecognizer(Recognizer):
         if choice is None:
             return None
         text, prob, fmt = choice
+        if len(text) < opts.min_chars or (fmt is None and cand.det_score < 0.5 and prob < 0.3):
+            return None  # a stray mark or a weak detection that reads as no plate
         plate_type, type_prob = classify_plate(text, fmt, colour, colour_prob)
         return DetectedPlate(
             text=text,
