@@ -4,7 +4,7 @@
 heavy imports (onnxruntime, numpy, OpenCV: the ``onnx`` extra) happen on first attribute
 access, so importing this package for its grammar or colour helpers stays cheap to name.
 
-Modules: ``models`` (files, sessions), ``detection`` (boxes + corners), ``rectify``
+Modules: ``model_files`` (the files in ``models/``, sessions), ``detection`` (boxes + corners), ``rectify``
 (geometry), ``recognition`` (CTC reader), ``grammar`` (national formats), ``colour``,
 ``plate_type`` (product classes), ``pipeline`` (the recognizer).
 """

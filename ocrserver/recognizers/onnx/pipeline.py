@@ -24,7 +24,7 @@ from ..base import DetectedPlate, ImageInput, Recognizer
 from .colour import plate_colour
 from .decision import choose_text, join_rows, read_candidates
 from .detection import PlateDetector
-from .models import ModelFiles
+from .model_files import ModelFiles
 from .plate_type import classify_plate
 from .recognition import TextRecognizer, ctc_beam_search
 from .rectify import (
