@@ -179,9 +179,7 @@ def check_image(data: bytes) -> ImageInfo:
 def _check_dimensions(width: int, height: int) -> None:
     short, long = sorted((width, height))
     if short <= MIN_SIDE_PX:
-        raise ImageRejected(
-            "local.imageTooSmall", f"{width}x{height} px; each side must be > {MIN_SIDE_PX}"
-        )
+        raise ImageRejected("local.imageTooSmall", f"{width}x{height} px; each side must be > {MIN_SIDE_PX}")
     if long >= MAX_SIDE_PX:
         raise ImageRejected(
             "local.imageDimensionTooLarge",

@@ -25,6 +25,7 @@ OSS endpoint or credentials) concerns every image of that scheme and is raised.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -62,6 +63,7 @@ class Resolver:
         self.archives = archives or ArchiveReader()
         self.max_threads = max_threads
         self._pool: ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()  # chunks may be resolved from several threads at once
         root = settings.source_root
         self.root = os.path.realpath(root) if root else None
 
@@ -151,7 +153,10 @@ class Resolver:
     def _store(self, scheme: str) -> ObjectStore:
         store = self.stores.get(scheme)
         if store is None:
-            store = self.stores[scheme] = store_for(scheme, self.settings)
+            with self._lock:
+                store = self.stores.get(scheme)
+                if store is None:
+                    store = self.stores[scheme] = store_for(scheme, self.settings)
         return store
 
     def _run_objects(self, jobs: list[tuple[int, Location]]) -> list[tuple[int, Image | CarnumberError]]:
@@ -160,10 +165,12 @@ class Resolver:
         if len(jobs) == 1:
             i, loc = jobs[0]
             return [(i, self._object_image(loc))]
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.max_threads, thread_name_prefix="resolve")
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.max_threads, thread_name_prefix="resolve")
+            pool = self._pool
         one: Callable[[Location], Image | CarnumberError] = self._object_image
-        return list(zip((i for i, _ in jobs), self._pool.map(one, [loc for _, loc in jobs]), strict=True))
+        return list(zip((i for i, _ in jobs), pool.map(one, [loc for _, loc in jobs]), strict=True))
 
     def _object_image(self, loc: Location) -> Image | CarnumberError:
         store = self._store(loc.kind)
