@@ -139,3 +139,16 @@ def test_no_secret_or_signature_reaches_logs(
     assert "testsecret" not in text and "abc123secret" not in text and "Signature=" not in text
     rows = rt.dataset.read_run("r4").to_pylist()
     assert all("abc123secret" not in (r["source"] + str(r["error_message"])) for r in rows)
+
+
+def test_storage_misconfiguration_stops_instead_of_failing_images(
+    server: RunningServer, redis_url: str, key_prefix: str, tmp_path: Path
+) -> None:
+    rt = _runtime(server, redis_url, key_prefix, tmp_path)  # no OSS endpoint configured
+    rt.runs.create("r5", "test")
+    refs = (ImageRef("oss://cams/2026/a.jpg"), ImageRef("oss://cams/2026/b.jpg"))
+    result = execute_chunk(Chunk("r5", "0000000", refs), rt)
+    assert len(result.pending) == 2 and result.calls == 0 and not result.rows
+    summary = rt.runs.get("r5")
+    assert summary is not None and summary.state == "stopped"
+    assert summary.fields["stop_code"] == "local.config"

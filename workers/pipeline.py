@@ -25,6 +25,7 @@ from workers.errors import (
     ApiError,
     CarnumberError,
     CircuitOpen,
+    ConfigError,
     FleetStopped,
     ImageRejected,
     InputError,
@@ -93,7 +94,12 @@ class _Outcome:
 
 async def process_chunk(chunk: Chunk, ctx: ChunkContext) -> ChunkResult:
     """Every image of ``chunk`` ends as rows or as pending; never lost, never twice."""
-    resolved = await asyncio.to_thread(ctx.resolver.resolve_many, list(chunk.images))
+    try:
+        resolved = await asyncio.to_thread(ctx.resolver.resolve_many, list(chunk.images))
+    except ConfigError as exc:
+        # A missing extra, endpoint or storage credential fails every image alike: stop, don't fail.
+        await ctx.fleet.stop("local.config", str(exc), chunk.run_id)
+        return ChunkResult(pending=list(chunk.images), pause=FleetStopped("local.config", str(exc)))
     slots = asyncio.Semaphore(ctx.concurrency)
     paused = asyncio.Event()
 

@@ -69,7 +69,7 @@ class Image:
             )
         if self.body is not None and len(self.body) > MAX_BODY_BYTES:
             raise ImageRejected(
-                "local.tooLarge",
+                "local.imageTooLarge",
                 f"image is {len(self.body)} bytes; the API allows at most {MAX_BODY_BYTES}",
             )
 
