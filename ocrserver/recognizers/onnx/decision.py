@@ -28,6 +28,8 @@ NO_FORMAT_PRIOR = 1e-3
 MISMATCH_PRIOR = 0.6
 # formats rare on the road, which misreads of common ones easily fit (皖 + 7 digits)
 RARE_PRIOR = {"farm": 0.1}
+# a character read with at least this probability is taken as read
+SURE = 0.95
 
 
 def format_prior(fmt: str | None, colour: str) -> float:
@@ -73,7 +75,14 @@ def substitutions(
 
 
 def read_candidates(probs: np.ndarray, charset: list[str], beam: int = 8) -> list[tuple[str, float]]:
-    """Beam candidates of one reading, plus one-character repairs when none fits a format."""
+    """Beam candidates of one reading, plus one-character repairs when none fits a format.
+
+    A confident greedy reading that fits a format (every character ≥ ``SURE``) is returned
+    alone: the beam would only add strings orders of magnitude less likely.
+    """
+    greedy = ctc_greedy_decode(probs, charset)
+    if greedy.char_probs and min(greedy.char_probs) >= SURE and match_format(greedy.text):
+        return [(greedy.text, math.prod(greedy.char_probs))]
     cands = ctc_beam_search(probs, charset, beam=beam)
     if not any(match_format(text) for text, _ in cands):
         cands += substitutions(probs, charset)

@@ -22,7 +22,7 @@ from workers.errors import ImageRejected
 
 from ..base import DetectedPlate, ImageInput, Recognizer
 from .colour import plate_colour
-from .decision import choose_text, join_rows, read_candidates
+from .decision import choose_text, format_prior, join_rows, read_candidates
 from .detection import PlateDetector
 from .model_files import ModelFiles
 from .plate_type import classify_plate
@@ -55,7 +55,8 @@ class PipelineOptions:
     heights) to look, in turn, for a missed upper row; ``scene_width`` and
     ``crop_width``: padded reader input width (px) for detected plates and for whole-image crops
     (256 reads scenes as well as 320 at 80% of the cost; tight crops gain from 320);
-    ``min_chars``: shorter readings are dropped (every plate format has at least 7).
+    ``min_chars``: shorter readings are dropped (every plate format has at least 7);
+    ``sure_prob``: a first view read this surely, in a format that fits the colour, is final.
     """
 
     detect_sides: tuple[int, ...] = (960,)
@@ -73,6 +74,7 @@ class PipelineOptions:
     scene_width: int = 256
     crop_width: int = 320
     min_chars: int = 5
+    sure_prob: float = 0.9
 
 
 def decode_image(data: bytes) -> np.ndarray:
@@ -200,7 +202,13 @@ class OnnxRecognizer(Recognizer):
                 rw, rh = quad_size(region)
                 aspect = rw / max(rh, 1.0) * stretch
                 views.append(warp_quad(bgr, region, opts.warp_height, aspect=aspect))
-        readings = self._read(views, width=opts.crop_width if cand.crop_mode else opts.scene_width)
+        width = opts.crop_width if cand.crop_mode else opts.scene_width
+        readings = self._read(views[:1], width=width)
+        first = choose_text(readings, colour)
+        # a sure, well-formed first view is the answer; otherwise the other views vote too
+        sure = first is not None and first[1] >= opts.sure_prob and format_prior(first[2], colour) == 1.0
+        if not sure:
+            readings += self._read(views[1:], width=width)
         weights = [1.0] * len(readings)
         if pw / ph < opts.two_row_aspect:
             readings.append(self._read_two_rows(bgr, cand.quad))
