@@ -10,7 +10,8 @@ greedily by character accuracy (1 − edit distance / label length, floored at 0
 as *detected* when its match reaches 0.5 character accuracy, as *exact* when the strings are
 equal; a predicted plate matched to no label is a *false detection*. *Type accuracy* is over
 exact reads whose label category has a product class. Latency is one image at a time on one
-thread; images/s runs ``recognize_batch`` over all images with every worker.
+thread; images/s runs ``recognize_batch`` over all images with every worker (best of three
+passes).
 """
 
 from __future__ import annotations
@@ -177,8 +178,12 @@ def score_image(sample: Sample, predictions: Sequence[Any]) -> tuple[list[PlateR
     return results, len(predictions) - len(used_p)
 
 
-def evaluate(recognizer: Any, samples: Sequence[Sample], *, batch: int = 8) -> Report:
-    """Run ``recognizer`` over ``samples`` and collect per-plate results and timings."""
+def evaluate(recognizer: Any, samples: Sequence[Sample], *, batch: int = 8, passes: int = 3) -> Report:
+    """Run ``recognizer`` over ``samples`` and collect per-plate results and timings.
+
+    Latency: one image at a time, each once. Images/s: ``recognize_batch`` over each subset in
+    batches of ``batch``, ``passes`` times; the best pass counts.
+    """
     from ocrserver.recognizers.base import ImageInput
 
     inputs = [_input(s.path) for s in samples]
@@ -195,10 +200,14 @@ def evaluate(recognizer: Any, samples: Sequence[Sample], *, batch: int = 8) -> R
         subset_inputs: list[ImageInput] = [
             i for s, i in zip(samples, inputs, strict=True) if s.subset == subset
         ]
-        start = time.perf_counter()
-        for k in range(0, len(subset_inputs), batch):
-            recognizer.recognize_batch(subset_inputs[k : k + batch])
-        report.images_per_s[subset] = len(subset_inputs) / (time.perf_counter() - start)
+        rates = []
+        for _ in range(passes):
+            start = time.perf_counter()
+            for k in range(0, len(subset_inputs), batch):
+                recognizer.recognize_batch(subset_inputs[k : k + batch])
+            rates.append(len(subset_inputs) / (time.perf_counter() - start))
+        # the least disturbed pass: on a shared machine the others measure the neighbours
+        report.images_per_s[subset] = max(rates)
     return report
 
 
