@@ -88,6 +88,12 @@ def test_chunk_writes_one_row_per_plate_and_failures(
     assert len(rt.dataset.read_run("r1")) == len(rows)
     summary = rt.runs.get("r1")
     assert summary is not None and summary.written == 13
+    # Every call was counted for the metrics exporter, with its latency.
+    from workers.keys import Keys, account_tag
+    from workers.metrics import read_call_stats
+
+    stats = read_call_stats(rt.redis, Keys(key_prefix), account_tag("testid"))
+    assert stats.by_code == {"ok": 24} and stats.latency_count == 24
 
 
 def test_retryable_faults_are_retried_and_counted(redis_url: str, key_prefix: str, tmp_path: Path) -> None:

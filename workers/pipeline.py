@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -71,7 +72,7 @@ class ChunkContext:
     breaker: Breaker
     concurrency: int = 16
     circuit_wait_s: float = 1.0  # how often a waiting image asks an open circuit again
-    on_call: Callable[[str], None] | None = None  # metrics hook: called with "ok" or an error code
+    on_call: Callable[[str, float], None] | None = None  # metrics: ("ok" or error code, seconds)
 
 
 @dataclass(slots=True)
@@ -168,6 +169,7 @@ async def _one(
                 return _Outcome(None, attempt, pause)
             else:
                 attempt += 1
+                sent = time.monotonic()
                 try:
                     rec = await ctx.client.recognize(target)
                 except (ApiError, TransportError) as exc:
@@ -175,13 +177,13 @@ async def _one(
                 else:
                     await ctx.breaker.record(True)
                     if ctx.on_call:
-                        ctx.on_call("ok")
+                        ctx.on_call("ok", time.monotonic() - sent)
                     return _Outcome(recognition_rows(run_id, ref, rec, attempt), attempt)
         if error is None:
             await _sleep_unless_paused(ctx.circuit_wait_s, paused)
             continue
         if ctx.on_call:
-            ctx.on_call(error.code)
+            ctx.on_call(error.code, time.monotonic() - sent)
         decision = ctx.policy.decide(attempt, error)
         if decision.action == "stop":
             await ctx.fleet.stop(error.code, error.message, run_id)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import httpx
@@ -24,6 +23,7 @@ from workers.config import Settings
 from workers.errors import FleetStopped
 from workers.keys import Keys, account_tag
 from workers.message import Chunk
+from workers.metrics import CallCounter
 from workers.pipeline import ChunkContext, ChunkResult, process_chunk
 from workers.runs import RunStore
 from workers.sink.dataset import Dataset, open_dataset
@@ -40,20 +40,22 @@ class Runtime:
     runs: RunStore
     dataset: Dataset
     resolver: object
-    on_call: Callable[[str], None] | None = None
+    on_call: CallCounter | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Runtime:
         from workers.storage import Resolver
 
-        settings.credentials()  # fail fast, naming the variables
+        creds = settings.credentials()  # fail fast, naming the variables
         client = redis.Redis.from_url(settings.redis_url or "redis://127.0.0.1:6379/0")
+        keys = Keys(settings.key_prefix)
         return cls(
             settings=settings,
             redis=client,
-            runs=RunStore(client, Keys(settings.key_prefix)),
+            runs=RunStore(client, keys),
             dataset=open_dataset(settings.output),
             resolver=Resolver(settings),
+            on_call=CallCounter(client, keys, account_tag(creds.access_key_id)),
         )
 
 
@@ -95,6 +97,8 @@ def execute_chunk(chunk: Chunk, rt: Runtime) -> ChunkResult:
     """Process ``chunk`` and make its outcome durable. Raises only on infrastructure trouble
     (Redis, output store), which the task retries."""
     result = asyncio.run(_process(chunk, rt))
+    if rt.on_call is not None:
+        rt.on_call.flush()
     done = len(chunk.images) - len(result.pending)
     if result.rows:
         pending_ids = {r.image_id for r in result.pending}
