@@ -154,20 +154,9 @@ class OnnxRecognizer(Recognizer):
             self._pool = None
 
     def read_array(self, bgr: np.ndarray) -> list[DetectedPlate]:
-        """Plates in a decoded BGR image (H, W, 3 uint8)."""
-        h, w = bgr.shape[:2]
-        plates: list[DetectedPlate] = []
-        for cand in self._candidates(bgr):
-            plate = self._read_candidate(bgr, cand)
-            if plate is not None:
-                plates.append(plate)
-        if not plates and self._looks_like_crop(w, h):
-            # a tight crop the detector saw nothing in: read it whole
-            whole = _Candidate(_image_quad(w, h), 0.5, True)
-            plate = self._read_candidate(bgr, whole)
-            if plate is not None:
-                plates.append(plate)
-        return plates
+        """Plates in a decoded BGR image (H, W, 3 uint8), best detection first."""
+        plates = (self._read_candidate(bgr, cand) for cand in self._candidates(bgr))
+        return [p for p in plates if p is not None]
 
     # -- steps ------------------------------------------------------------------------------
 
