@@ -156,6 +156,10 @@ class RunStore:
             self.keys.run(run_id), mapping={"state": state, "updated_at": time.time(), **extra}
         )
 
+    def clear_stop(self, run_id: str) -> None:
+        """Forget the fatal code that stopped the run (the operator fixed it and resumed)."""
+        self.r.hdel(self.keys.run(run_id), "stop_code")
+
     def get(self, run_id: str) -> RunSummary | None:
         raw = self.r.hgetall(self.keys.run(run_id))
         if not raw:

@@ -52,6 +52,7 @@ def main(args: argparse.Namespace) -> int:
         cleared = asyncio.run(clear())
         if cleared:
             print(f"cleared fleet stop ({cleared.get('code')}: {cleared.get('message')})")
+        runs.clear_stop(args.run_id)
     # "running" before publishing: a worker that finishes the last chunk marks the run done.
     runs.set_state(args.run_id, "running")
     chunks = runs.unpark(args.run_id)
