@@ -1,0 +1,106 @@
+"""Reading the ``--trace`` records (``ratelimit_probe``) and saying where the time went.
+
+Per admitted call: ``slot`` (the time the global limiter granted, Redis ``TIME``), ``woke`` (when
+the caller's sleep ended), ``signed`` (request built) and, matched by nonce, ``arrived`` (when the
+server counted it). From those: whether the *schedule* kept the limit (slot spacing, slots in any
+1-s window), how much schedule time nobody used (idle), and how late calls reach the server after
+their slot (delivery): the spread of that delay is what can push one more call into a whole
+second than the schedule put there.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ratelimit_measure import max_sliding
+
+__all__ = ["TraceStats", "percentile", "read_trace", "trace_stats"]
+
+
+def read_trace(trace_dir: Path, arrivals: Mapping[str, float], first: float) -> list[dict[str, Any]]:
+    """All records of ``trace_dir`` with ``arrived`` (Unix s, or None) added, sorted by slot;
+    records whose slot is before ``first - 5`` s (another case) are dropped."""
+    records: list[dict[str, Any]] = []
+    for path in sorted(trace_dir.glob("*.jsonl")):
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if not line.strip():
+                continue
+            rec = json.loads(line)
+            if math.isnan(rec["slot"]) or rec["slot"] < first - 5:
+                continue
+            rec["arrived"] = arrivals.get(rec.get("nonce") or "")
+            records.append(rec)
+    records.sort(key=lambda r: r["slot"])
+    return records
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The ``q`` quantile (0..1) of ``values`` by nearest rank; NaN when empty."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+
+
+@dataclass(frozen=True, slots=True)
+class TraceStats:
+    """Milliseconds unless named otherwise. ``slots_max_1s``: most slots in any sliding 1-s window
+    of the schedule; ``slot_gap_min_ms``: closest two slots; ``idle_s``: schedule time in the
+    steady window that no caller had booked (sum of slot gaps beyond one interval); ``wake_*``:
+    sleep overshoot (woke - slot); ``delivery_*``: arrived - slot, steady window; ``startup_*``:
+    the same before it; ``spread_ms``: delivery max - min in the steady window; ``rebooked``: slots
+    callers woke too late for and left unused (``--late-rebook-ms``)."""
+
+    calls: int
+    slots_max_1s: int
+    slot_gap_min_ms: float
+    idle_s: float
+    wake_p50_ms: float
+    wake_p99_ms: float
+    wake_max_ms: float
+    delivery_p50_ms: float
+    delivery_p99_ms: float
+    delivery_max_ms: float
+    spread_ms: float
+    startup_delivery_max_ms: float
+    rebooked: int = 0  # slots left unused by callers that woke too late (--late-rebook-ms)
+
+
+def trace_stats(
+    records: Sequence[Mapping[str, Any]], start: float, end: float, interval_s: float
+) -> TraceStats:
+    """Statistics of ``records`` (sorted by slot); the steady window is ``[start, end)`` and the
+    limiter's pacing ``interval_s`` (1/qps)."""
+    slots = [r["slot"] for r in records]
+    steady = [r for r in records if start <= r["slot"] < end]
+    early = [r for r in records if r["slot"] < start]
+    gaps = [b - a for a, b in itertools.pairwise(slots)]
+    steady_slots = [r["slot"] for r in steady]
+    idle = sum(
+        max(0.0, (b - a) - interval_s)
+        for a, b in itertools.pairwise(steady_slots)
+    )
+    wake = [1000 * (r["woke"] - r["slot"]) for r in steady]
+    delivery = [1000 * (r["arrived"] - r["slot"]) for r in steady if r["arrived"] is not None]
+    early_delivery = [1000 * (r["arrived"] - r["slot"]) for r in early if r["arrived"] is not None]
+    return TraceStats(
+        calls=len(records),
+        slots_max_1s=max_sliding(slots),
+        slot_gap_min_ms=1000 * min(gaps, default=float("nan")),
+        idle_s=idle,
+        wake_p50_ms=percentile(wake, 0.5),
+        wake_p99_ms=percentile(wake, 0.99),
+        wake_max_ms=max(wake, default=float("nan")),
+        delivery_p50_ms=percentile(delivery, 0.5),
+        delivery_p99_ms=percentile(delivery, 0.99),
+        delivery_max_ms=max(delivery, default=float("nan")),
+        spread_ms=(max(delivery) - min(delivery)) if delivery else float("nan"),
+        startup_delivery_max_ms=max(early_delivery, default=float("nan")),
+        rebooked=sum(int(r.get("rebooked", 0)) for r in records),
+    )
