@@ -112,13 +112,12 @@ def _run(env: dict[str, str], run_id: str, archive: Path, timeout_s: float, foll
     import io
 
     from carnumber.commands.common import configure_celery, connect_redis, run_store
-    from producers.enqueue import enqueue
+    from producers.enqueue import enqueue_to_broker
     from producers.sources import open_source
     from workers.config import Settings
     from workers.errors import CarnumberError
     from workers.sink.compact import compact_run
     from workers.sink.dataset import open_dataset
-    from workers.tasks import publish_chunk
 
     settings = Settings.from_env(env)
     client = connect_redis(settings)
@@ -126,14 +125,12 @@ def _run(env: dict[str, str], run_id: str, archive: Path, timeout_s: float, foll
     configure_celery(settings)
     started = time.monotonic()
     runs.create(run_id, str(archive))
-    report = enqueue(
+    report = enqueue_to_broker(
         open_source(str(archive), settings, glob="*.jpg"),
         run_id,
+        settings=settings,
+        redis_client=client,
         runs=runs,
-        publish=lambda chunk: publish_chunk(chunk, settings.queue),
-        queue_depth=lambda: int(client.llen(settings.queue)),
-        chunk_size=settings.chunk_size,
-        queue_high_water=settings.queue_high_water,
     )
     runs.set_state(run_id, "running")
     log = io.StringIO()

@@ -17,13 +17,16 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
+import redis
+
+from workers.config import Settings
 from workers.errors import InputError
 from workers.message import Chunk, ImageRef
 from workers.runs import RunStore
 
-__all__ = ["EnqueueReport", "enqueue"]
+__all__ = ["EnqueueReport", "enqueue", "enqueue_to_broker"]
 
 log = logging.getLogger(__name__)
 
@@ -120,3 +123,28 @@ def enqueue(
         if on_progress is not None and k % 50 == 0:
             on_progress(report)
     return report
+
+
+def enqueue_to_broker(
+    refs: Iterable[ImageRef],
+    run_id: str,
+    *,
+    settings: Settings,
+    redis_client: redis.Redis,
+    runs: RunStore,
+    **options: Any,
+) -> EnqueueReport:
+    """:func:`enqueue` wired to the Celery broker of ``settings``: chunks go to its queue, whose
+    length (``LLEN`` of the Redis list) is the backpressure signal."""
+    from workers.tasks import publish_chunk
+
+    return enqueue(
+        refs,
+        run_id,
+        runs=runs,
+        publish=lambda chunk: publish_chunk(chunk, settings.queue),
+        queue_depth=lambda: int(redis_client.llen(settings.queue)),
+        chunk_size=settings.chunk_size,
+        queue_high_water=settings.queue_high_water,
+        **options,
+    )

@@ -48,12 +48,10 @@ def _paused(runs, run_id: str) -> str | None:  # type: ignore[no-untyped-def]
 
 
 def main(args: argparse.Namespace) -> int:
+    from producers.enqueue import enqueue_to_broker
     from producers.ledger import Ledger
     from producers.sources import open_source
-
-    from producers.enqueue import enqueue
     from workers.sink.dataset import check_run_id
-    from workers.tasks import publish_chunk
 
     settings = settings_from(args, chunk_size=args.chunk_size)
     check_run_id(args.run_id)
@@ -78,14 +76,12 @@ def main(args: argparse.Namespace) -> int:
         )
     runs.set_state(args.run_id, "enqueuing")
     started = time.monotonic()
-    report = enqueue(
+    report = enqueue_to_broker(
         refs,
         args.run_id,
+        settings=settings,
+        redis_client=client,
         runs=runs,
-        publish=lambda chunk: publish_chunk(chunk, settings.queue),
-        queue_depth=lambda: int(client.llen(settings.queue)),
-        chunk_size=settings.chunk_size,
-        queue_high_water=settings.queue_high_water,
         ledger=ledger,
         paused_reason=lambda: _paused(runs, args.run_id),
         on_progress=lambda r: log.info(

@@ -16,10 +16,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from producers.enqueue import enqueue
+    from producers.enqueue import enqueue_to_broker
     from workers.sink.dataset import open_dataset
     from workers.sink.failures import retryable_failures
-    from workers.tasks import publish_chunk
 
     settings = settings_from(args)
     refs = retryable_failures(open_dataset(settings.output), args.run_id)
@@ -33,15 +32,13 @@ def main(args: argparse.Namespace) -> int:
     # "running" before publishing: a worker that finishes the last chunk marks the run done.
     runs.set_state(args.run_id, "running")
     # A retry round is a sub-run: its chunk ids are prefixed so they never collide with the first pass.
-    report = enqueue(
+    report = enqueue_to_broker(
         refs,
         args.run_id,
+        settings=settings,
+        redis_client=client,
         runs=runs,
         chunk_prefix=f"retry{round_no}-",
-        publish=lambda chunk: publish_chunk(chunk, settings.queue),
-        queue_depth=lambda: int(client.llen(settings.queue)),
-        chunk_size=settings.chunk_size,
-        queue_high_water=settings.queue_high_water,
     )
     print(
         f"run {args.run_id}: re-enqueued {report.images_enqueued} images (retry round {round_no})"

@@ -76,11 +76,10 @@ def main() -> int:
     parser.add_argument("--ceiling-s", type=float, default=10.0)
     args = parser.parse_args()
 
-    from producers.enqueue import enqueue
+    from producers.enqueue import enqueue_to_broker
     from producers.sources import open_source
     from workers.sink.compact import compact_run
     from workers.sink.dataset import open_dataset
-    from workers.tasks import publish_chunk
 
     work = Path(tempfile.mkdtemp(prefix="carnumber-bench-"))
     redis = None
@@ -122,14 +121,12 @@ def main() -> int:
         run_id = "bench"
         started = time.monotonic()
         runs.create(run_id, "bench")
-        enqueue(
+        enqueue_to_broker(
             open_source(str(work / "archive"), settings),
             run_id,
+            settings=settings,
+            redis_client=client,
             runs=runs,
-            publish=lambda chunk: publish_chunk(chunk, settings.queue),
-            queue_depth=lambda: int(client.llen(settings.queue)),
-            chunk_size=settings.chunk_size,
-            queue_high_water=settings.queue_high_water,
         )
         runs.set_state(run_id, "running")
         while True:
