@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import secrets
+import shutil
 import time
 from pathlib import Path
 
@@ -61,6 +62,7 @@ def main(args: argparse.Namespace) -> int:
     recognizer = _recognizer(args.recognizer)
     print(f"[1/6] generating {args.images} sample images in {archive} ...", flush=True)
     started = time.monotonic()
+    shutil.rmtree(archive, ignore_errors=True)  # ours, from an earlier demo: start from a clean archive
     generate_archive(archive, count=args.images, seed=args.seed)
     print(f"      done in {time.monotonic() - started:.1f}s", flush=True)
 
