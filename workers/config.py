@@ -37,6 +37,7 @@ _ENV: dict[str, str] = {
     "CARNUMBER_QUEUE_HIGH_WATER": "queue_high_water",
     "CARNUMBER_QPS": "qps",
     "CARNUMBER_BURST": "burst",
+    "CARNUMBER_RATE_GUARD_MS": "rate_guard_ms",
     "CARNUMBER_QUOTA": "quota",
     "CARNUMBER_QUOTA_WINDOW": "quota_window",
     "CARNUMBER_RETRY_BASE_S": "retry_base_s",
@@ -93,6 +94,9 @@ class Settings:
 
     qps: float = 10.0
     burst: int = 1
+    # Pace qps calls per (1 s + guard): a call reaching the API up to the guard late never makes
+    # qps + 1 in one second (costs guard / (1 + guard) of the rate). See ops/design/rate-limit.md.
+    rate_guard_ms: float = 10.0
     quota: int | None = None
     quota_window: str = "day"
 
@@ -125,6 +129,10 @@ class Settings:
                 raise ConfigError(f"{_env_name(name)}: must be >= 1, got {getattr(self, name)}")
         if self.qps < 0:
             raise ConfigError(f"CARNUMBER_QPS: must be >= 0 (0 = unlimited), got {self.qps}")
+        if not 0 <= self.rate_guard_ms < 1000:
+            raise ConfigError(
+                f"CARNUMBER_RATE_GUARD_MS: must be >= 0 and < 1000, got {self.rate_guard_ms}"
+            )
         if self.quota is not None and self.quota < 0:
             raise ConfigError(f"CARNUMBER_QUOTA: must be >= 0, got {self.quota}")
         for name, allowed in _CHOICES.items():

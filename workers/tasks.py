@@ -59,6 +59,15 @@ def _check_settings(**_: Any) -> None:
         raise WorkerShutdown(str(exc)) from None
 
 
+@signals.worker_init.connect
+def _warm_up_http(**_: Any) -> None:
+    """Load httpx's lazy imports in the main process; forked pool processes inherit them, so
+    no first call is delivered late after its rate-limit slot."""
+    from workers.api.client import warm_up
+
+    warm_up()
+
+
 @app.task(
     name=TASK_NAME,
     bind=True,

@@ -49,7 +49,7 @@ def from_settings(
     settings: Settings, redis: Redis | None, *, backend: Backend | None = None
 ) -> tuple[RateLimiter, CallQuota]:
     """The limiter and quota of ``settings.access_key_id``'s account, from ``qps``, ``burst``,
-    ``quota`` and ``quota_window``, under ``settings.key_prefix``.
+    ``rate_guard_ms``, ``quota`` and ``quota_window``, under ``settings.key_prefix``.
 
     State lives in ``redis`` (shared by the fleet); with ``None``, in a fresh
     :class:`MemoryBackend` (this process only) unless ``backend`` is given. Raises
@@ -61,6 +61,12 @@ def from_settings(
         backend = RedisBackend(redis) if redis is not None else MemoryBackend()
     keys = Keys(settings.key_prefix)
     account = account_tag(settings.access_key_id)
-    limiter = RateLimiter(backend, keys.rate(account), settings.qps, settings.burst)
+    limiter = RateLimiter(
+        backend,
+        keys.rate(account),
+        settings.qps,
+        settings.burst,
+        guard_s=settings.rate_guard_ms / 1000,
+    )
     quota = CallQuota(backend, keys.quota(account), settings.quota, settings.quota_window)
     return limiter, quota

@@ -14,8 +14,14 @@ whenever a slot is reserved (so successes cost nothing). After a decrease, furth
 ignored until ``hold_s`` has passed *and* every slot booked before the decrease has gone by: calls
 sent on those slots were scheduled at the old rate, so their throttles say nothing new.
 
+A *guard* (``guard_s``) paces ``qps`` calls per ``1 + guard_s`` seconds instead of per second:
+a call may then reach the service up to ``guard_s`` after its slot without putting ``qps + 1``
+calls into any one-second window the service counts (at the cost of ``guard / (1 + guard)`` of
+the rate). The algorithm's default is no guard; the product sets one (``CARNUMBER_RATE_GUARD_MS``).
+
 Times are integer microseconds of the *backend's* clock (Redis ``TIME``); factors are parts per
-million. ``gcra_*.lua`` next to this module are line-by-line twins of these functions.
+million. ``gcra_*.lua`` next to this module are line-by-line twins of these functions (the guard
+is folded into ``interval_us``, which the scripts take as an argument).
 """
 
 from __future__ import annotations
@@ -37,7 +43,9 @@ class Rate:
     ``decrease``: factor applied on a throttle (0 < d < 1); ``floor``: lowest factor (0 < f <= 1);
     ``recovery_s``: seconds for the factor to climb by 1.0; ``hold_s``: throttles within this many
     seconds of the last decrease (or before the slots booked then have passed) count as the same
-    event. Raises :class:`ConfigError`.
+    event; ``guard_s``: seconds added to every second of pacing (0 <= g < 1), so ``qps`` calls
+    are spread over ``1 + guard_s`` s and each may arrive up to ``guard_s`` late without making
+    ``qps + 1`` in any 1-s window. Raises :class:`ConfigError`.
     """
 
     qps: float
@@ -46,6 +54,7 @@ class Rate:
     floor: float = 0.1
     recovery_s: float = 60.0
     hold_s: float = 1.0
+    guard_s: float = 0.0
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.qps) and self.qps >= 0):
@@ -60,6 +69,8 @@ class Rate:
             raise ConfigError(f"recovery_s must be > 0, got {self.recovery_s}")
         if not (math.isfinite(self.hold_s) and self.hold_s >= 0):
             raise ConfigError(f"hold_s must be >= 0, got {self.hold_s}")
+        if not (math.isfinite(self.guard_s) and 0 <= self.guard_s < 1):
+            raise ConfigError(f"guard_s must be >= 0 and < 1 (seconds), got {self.guard_s}")
 
     @property
     def unlimited(self) -> bool:
@@ -67,8 +78,9 @@ class Rate:
 
     @property
     def interval_us(self) -> int:
-        """Spacing of calls at the configured rate, microseconds, rounded up (never faster)."""
-        return max(1, math.ceil(PPM / self.qps))
+        """Spacing of calls at the configured rate, microseconds: ``(1 s + guard) / qps``,
+        rounded up (never faster)."""
+        return max(1, math.ceil((PPM + round(self.guard_s * PPM)) / self.qps))
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,6 +6,10 @@ independent limits. ``acquire`` reserves a slot in one backend step and sleeps u
 polling, one round trip per admission. Inside one process the waiters queue in arrival order and
 only the head holds a reservation, so a process never books more than one slot ahead (a throttle
 takes effect within one slot per process, and a cancelled waiter wastes nothing).
+
+Delivery lateness: slots are paced ``guard_s`` slower than ``qps`` per second, so a call may reach
+the service up to ``guard_s`` after its slot without crowding any one-second window; a waiter that
+wakes more than ``late_s`` after its slot does not send on it but books a new one.
 See ``ops/design/rate-limit.md``.
 """
 
@@ -13,16 +17,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import Coroutine
 from typing import Any
 
-from workers.errors import CarnumberError
+from workers.errors import CarnumberError, ConfigError
 from workers.ratelimit.backend import Backend, RateState
 from workers.ratelimit.gcra import PPM, Grant, Rate
 
-__all__ = ["RateLimiter"]
+__all__ = ["MAX_REBOOKS", "RateLimiter"]
 
 log = logging.getLogger(__name__)
+
+# Consecutive late wake-ups after which a waiter sends anyway: a loop that late every time is
+# overloaded, and a process that never sends helps nobody (a throttle, if any, slows the fleet).
+MAX_REBOOKS = 3
 
 
 class RateLimiter:
@@ -32,6 +41,14 @@ class RateLimiter:
     rate drops by ``decrease`` (not below ``floor`` of ``qps``; further throttles count only once
     ``hold_s`` has passed and the slots booked before the decrease are spent) and climbs back to
     ``qps`` at ``1 / recovery_s`` of ``qps`` per second.
+
+    ``guard_s`` (seconds, 0 <= g < 1) paces ``qps`` calls per ``1 + guard_s`` s, so a call that
+    reaches the service up to ``guard_s`` after its slot still leaves at most ``qps + burst - 1``
+    in every 1-s window (the cost: ``guard / (1 + guard)`` of the rate). ``late_s`` (seconds,
+    default ``guard_s / 2``, 0 = off): a waiter that wakes later than this after its slot leaves
+    the slot unused and books a new one (at most :data:`MAX_REBOOKS` times in a row; counted in
+    :attr:`late_rebooks`). Lateness is measured on this host's monotonic clock, from just before
+    the reservation was sent, so it never under-estimates.
     An instance belongs to one event loop at a time (build one per ``asyncio.run``; it is cheap).
     Raises :class:`~workers.errors.ConfigError` for bad arguments.
     """
@@ -47,16 +64,25 @@ class RateLimiter:
         floor: float = 0.1,
         recovery_s: float = 60.0,
         hold_s: float = 1.0,
+        guard_s: float = 0.0,
+        late_s: float | None = None,
     ) -> None:
         self.backend = backend
         self.key = key
         self.adapt_key = f"{key}:adapt"  # == Keys.rate_adapt(account) for key == Keys.rate(account)
-        self.rate = Rate(qps, burst, decrease, floor, recovery_s, hold_s)
+        self.rate = Rate(qps, burst, decrease, floor, recovery_s, hold_s, guard_s)
+        self.late_s = guard_s / 2 if late_s is None else late_s
+        if not (math.isfinite(self.late_s) and self.late_s >= 0):
+            raise ConfigError(f"late_s must be >= 0 (0 = off), got {late_s}")
+        self.late_rebooks = 0  # slots this limiter's waiters woke too late for and left unused
         self._gate: tuple[asyncio.AbstractEventLoop, asyncio.Lock] | None = None
         self._background: set[asyncio.Task[None]] = set()
 
     def __repr__(self) -> str:
-        return f"RateLimiter(key={self.key!r}, qps={self.rate.qps}, burst={self.rate.burst})"
+        return (
+            f"RateLimiter(key={self.key!r}, qps={self.rate.qps}, burst={self.rate.burst}, "
+            f"guard_s={self.rate.guard_s})"
+        )
 
     async def acquire(self) -> None:
         """Wait until this caller may send one request. Cancellation-safe: a cancelled waiter is
@@ -64,14 +90,31 @@ class RateLimiter:
         Raises :class:`~workers.errors.Paused` when the backend is unreachable."""
         if self.rate.unlimited:
             return
+        loop = asyncio.get_running_loop()
         async with self._local_queue():
-            grant = await self._reserve()
-            if grant.wait_s > 0:
-                try:
-                    await asyncio.sleep(grant.wait_s)
-                except asyncio.CancelledError:
-                    self._in_background(self._give_back(grant))
-                    raise
+            for rebooks in range(MAX_REBOOKS + 1):
+                # Taken before the reservation is sent, so ``started + wait_s`` is never after
+                # the slot (on the backend's clock) and the lateness below never under-estimates.
+                started = loop.time()
+                grant = await self._reserve()
+                if grant.wait_s > 0:
+                    try:
+                        await asyncio.sleep(grant.wait_s)
+                    except asyncio.CancelledError:
+                        self._in_background(self._give_back(grant))
+                        raise
+                late_s = loop.time() - (started + grant.wait_s)
+                if self.late_s <= 0 or late_s <= self.late_s:
+                    return
+                if rebooks == MAX_REBOOKS:
+                    log.warning(
+                        "rate limit %s: woke %.1f ms after the slot %d times in a row (event "
+                        "loop overloaded?); sending anyway", self.key, late_s * 1000, rebooks + 1,
+                    )
+                    return
+                # The moment has passed: the slot stays unused (slower, never faster).
+                self.late_rebooks += 1
+                log.debug("rate limit %s: woke %.1f ms late, booking again", self.key, late_s * 1000)
 
     async def on_throttled(self) -> None:
         """The service answered Throttling: lower the shared rate (best effort, never raises)."""
@@ -93,7 +136,8 @@ class RateLimiter:
         return await self.backend.gcra_peek(self.key, self.adapt_key, self.rate)
 
     async def effective_qps(self) -> float:
-        """The rate in force now, calls per second (``qps`` lowered by recent throttles)."""
+        """The rate in force now, calls per second (``qps`` lowered by recent throttles; the
+        pacing itself is ``guard_s`` per second slower than this)."""
         if self.rate.unlimited:
             return 0.0
         return self.rate.qps * (await self.state()).factor_ppm / PPM
