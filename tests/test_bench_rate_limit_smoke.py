@@ -106,7 +106,7 @@ def test_tiny_fleet_case_measures_sane_numbers(redis_url: str, tmp_path: Path) -
     case = Case(
         mode="limiter", qps=qps, seconds=2.0, warmup_s=1.0,
         nodes=(("smoke-1@hostA", 1), ("smoke-2@hostB", 1)),
-        concurrency=4, chunk_size=5, images=60, warm_http=True,
+        concurrency=4, chunk_size=5, images=60,
     )
     make_archive(tmp_path / "archive", case.images, distinct=5)
     result = run_case(case, tmp_path / "archive", redis_url, tmp_path / "work", log=False, trace=True)

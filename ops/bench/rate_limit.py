@@ -6,13 +6,20 @@ For each Q (default 10 and 50), one case after the other, each with its own loca
 ``limiter``  four Celery worker nodes in two groups (``groupA-1@hostA``, ``groupA-2@hostA``,
              ``groupB-1@hostB``, ``groupB-2@hostB``: plain node names on this one machine, no
              network namespaces), one pool process each, ``CARNUMBER_CONCURRENCY`` 16, through our
-             global GCRA limiter (``CARNUMBER_QPS=Q``, ``CARNUMBER_BURST=1``), chunks of Q images.
+             global GCRA limiter (``CARNUMBER_QPS=Q``, ``CARNUMBER_BURST=1``, the product's
+             default pacing guard ``CARNUMBER_RATE_GUARD_MS`` = 10, so at most 99.0 % of Q),
+             chunks of Q images.
 ``celery``   the same four nodes with ``CARNUMBER_QPS=0`` and Celery's own ``rate_limit`` of Q/s
              set on the task on every node (remote control ``rate_limit``). Celery limits task
              *messages* per node, so this mode uses chunks of ONE image to compare like with like.
 ``latency``  server ``--latency-ms 500`` at Q = 50 through our limiter, ONE worker node
              (``latency-1@hostA``), 2 pool processes x ceil(Q x 0.5 s x 1.5) = 38 calls in flight
-             each (76 in all, so either process alone can carry Q), chunks of 200 (the default).
+             each (76 in all, so either process alone can carry Q), chunks of
+             ceil(50 x latency x Q / processes) = 625 images. Why not the default 200: at the end
+             of a chunk a process books nothing while its last calls are in flight (one latency),
+             and the two processes, sharing the rate equally, finish their chunks in lockstep, so
+             the fleet idles ~latency per chunk; a chunk lasts chunk x processes / Q s, so 50 x
+             that keeps the loss near 2 % (with 200: a chunk every 8 s, ~0.5/8 = 6 % lost).
 
 Each case enqueues Q x (warm-up + seconds + 10) images (never idle), waits until every node
 answers a ping, and measures a steady window of ``--seconds`` that starts ``--warmup`` s after the
@@ -33,12 +40,11 @@ in any second), time nobody had booked, wake-up lateness and slot-to-server dela
     python ops/bench/rate_limit.py                           # the full run, about 7 minutes
     python ops/bench/rate_limit.py --seconds 10 --qps 10     # a quick look
     python ops/bench/rate_limit.py --modes limiter --trace --dump /tmp/rl   # where time goes
-    python ops/bench/rate_limit.py --modes limiter,latency --guard-ms 10 --warm-http \
-        --late-rebook-ms 5                                   # the proposed fixes, tried
+    python ops/bench/rate_limit.py --modes limiter --guard-ms 0  # without the pacing guard
 
-``--guard-ms``, ``--warm-http`` and ``--late-rebook-ms`` try the fixes proposed for the misses
-(pace Q per 1 s + guard; load httpx's lazy imports before the first call; do not send on a slot
-woken for too late) without changing the product: see ``ratelimit_probe``.
+The workers run the product as shipped: pacing guard (``--guard-ms`` overrides
+``CARNUMBER_RATE_GUARD_MS``; 0 also turns the late re-book off), httpx warmed up at
+``worker_init``, and a waiter that wakes more than guard/2 after its slot booking a new one.
 
 Targets (issue "One global rate limit and call quota"): >= 99 % of Q sustained (>= 98 % in the
 latency case), zero throttled responses, never more than Q + burst calls in any second.
@@ -70,12 +76,8 @@ def build_cases(args: argparse.Namespace) -> list[Case]:
     unknown = sorted(set(modes) - set(MODES))
     if unknown:
         raise SystemExit(f"--modes: unknown {', '.join(unknown)} (choose from {', '.join(MODES)})")
-    tried = [f"guard {args.guard_ms:g} ms"] if args.guard_ms else []
-    tried += ["warm http"] if args.warm_http else []
-    tried += [f"late re-book {args.late_rebook_ms:g} ms"] if args.late_rebook_ms else []
-    suffix = f" ({', '.join(tried)})" if tried else ""
-    common = {"seconds": args.seconds, "warmup_s": args.warmup, "guard_ms": args.guard_ms,
-              "warm_http": args.warm_http, "late_rebook_ms": args.late_rebook_ms}
+    suffix = f" (guard {args.guard_ms:g} ms)" if args.guard_ms is not None else ""
+    common = {"seconds": args.seconds, "warmup_s": args.warmup, "guard_ms": args.guard_ms}
 
     def images(q: int) -> int:
         return math.ceil(q * (args.warmup + args.seconds + 10))
@@ -94,9 +96,11 @@ def build_cases(args: argparse.Namespace) -> list[Case]:
     if "latency" in modes:
         q = args.latency_qps
         per_process = args.latency_concurrency or math.ceil(q * args.latency_ms / 1000.0 * 1.5)
-        cases.append(Case(mode="limiter", qps=q, nodes=(("latency-1@hostA", args.latency_processes),),
+        processes = args.latency_processes
+        chunk = args.latency_chunk_size or math.ceil(50 * args.latency_ms / 1000.0 * q / processes)
+        cases.append(Case(mode="limiter", qps=q, nodes=(("latency-1@hostA", processes),),
                           concurrency=per_process,
-                          chunk_size=args.latency_chunk_size,
+                          chunk_size=chunk,
                           images=images(q), latency_ms=args.latency_ms,
                           label=f"limiter, {args.latency_ms:g} ms latency, 1 node{suffix}", **common))
     return cases
@@ -116,18 +120,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--latency-processes", type=int, default=2, help="pool processes of the one node")
     p.add_argument("--latency-concurrency", type=int, default=0,
                    help="calls in flight per process; default Q x latency x 1.5")
-    p.add_argument("--latency-chunk-size", type=int, default=200,
-                   help="default 200, CARNUMBER_CHUNK_SIZE's own default")
+    p.add_argument("--latency-chunk-size", type=int, default=0,
+                   help="default ceil(50 x latency x Q / processes) = 625 (see above); "
+                        "CARNUMBER_CHUNK_SIZE's own default is 200")
     p.add_argument("--redis-url", default=os.environ.get("REDIS_URL"),
                    help="default: a private redis-server for the run (REDIS_URL if set)")
-    p.add_argument("--guard-ms", type=float, default=0.0,
-                   help="try the proposed fix: our limiter paces Q calls per (1 s + guard), i.e. "
-                        "CARNUMBER_QPS = Q / (1 + guard); fractions stay relative to Q")
-    p.add_argument("--warm-http", action="store_true",
-                   help="try the proposed fix: workers load httpx's lazy imports before the first call")
-    p.add_argument("--late-rebook-ms", type=float, default=0.0,
-                   help="try the proposed fix: a caller woken more than this after its slot books "
-                        "a new slot instead of sending late")
+    p.add_argument("--guard-ms", type=float, default=None,
+                   help="CARNUMBER_RATE_GUARD_MS for the workers (default: the product's, 10): "
+                        "Q calls per (1 s + guard); 0 = no guard and no late re-book")
     p.add_argument("--trace", action="store_true",
                    help="diagnostics: load ratelimit_probe into the workers (slot, wake-up, delivery)")
     p.add_argument("--dump", type=Path, help="write each case's call times (JSON) into this folder")

@@ -47,9 +47,11 @@ TASK_NAME = "carnumber.process_chunk"
 @dataclass(frozen=True, slots=True)
 class Case:
     """What one case runs. ``mode``: ``limiter`` (our global limiter, ``CARNUMBER_QPS=qps``,
-    burst 1) or ``celery`` (``CARNUMBER_QPS=0`` and Celery's ``rate_limit`` of ``qps``/s on each
-    node). ``nodes``: (node name, pool processes) per Celery worker; ``concurrency``: calls in
-    flight per process (``CARNUMBER_CONCURRENCY``); ``latency_ms``: added by the server per call."""
+    burst 1, the product's pacing guard) or ``celery`` (``CARNUMBER_QPS=0`` and Celery's
+    ``rate_limit`` of ``qps``/s on each node). ``nodes``: (node name, pool processes) per Celery
+    worker; ``concurrency``: calls in flight per process (``CARNUMBER_CONCURRENCY``);
+    ``latency_ms``: added by the server per call; ``guard_ms``: ``CARNUMBER_RATE_GUARD_MS`` for
+    the workers (``None``: the product's default)."""
 
     mode: str
     qps: int
@@ -61,9 +63,7 @@ class Case:
     images: int
     latency_ms: float = 0.0
     label: str = ""
-    guard_ms: float = 0.0  # limiter mode: CARNUMBER_QPS = qps / (1 + guard_ms / 1000)
-    warm_http: bool = False  # load httpx's lazy imports before the first call (ratelimit_probe)
-    late_rebook_ms: float = 0.0  # a caller woken later than this after its slot books a new one
+    guard_ms: float | None = None
 
     @property
     def name(self) -> str:
@@ -90,7 +90,6 @@ def make_archive(folder: Path, n: int, distinct: int = 100) -> None:
 def _settings(case: Case, server_url: str, redis_url: str, work: Path) -> tuple[Settings, dict[str, str]]:
     tag = f"rlbench-{uuid.uuid4().hex[:10]}"
     chunks = -(-case.images // case.chunk_size)
-    limiter_qps = case.qps * 1000.0 / (1000.0 + case.guard_ms)  # Q per (1 s + guard)
     env = {
         "REDIS_URL": redis_url,
         "CARNUMBER_ENDPOINT": server_url,
@@ -99,12 +98,14 @@ def _settings(case: Case, server_url: str, redis_url: str, work: Path) -> tuple[
         "CARNUMBER_OUTPUT": str(work / "out"),
         "CARNUMBER_QUEUE": f"{tag}:queue",
         "CARNUMBER_KEY_PREFIX": tag,
-        "CARNUMBER_QPS": repr(limiter_qps) if case.mode == "limiter" else "0",
+        "CARNUMBER_QPS": str(case.qps) if case.mode == "limiter" else "0",
         "CARNUMBER_BURST": "1",
         "CARNUMBER_CHUNK_SIZE": str(case.chunk_size),
         "CARNUMBER_CONCURRENCY": str(case.concurrency),
         "CARNUMBER_QUEUE_HIGH_WATER": str(chunks + 1),  # publish everything up front
     }
+    if case.guard_ms is not None:
+        env["CARNUMBER_RATE_GUARD_MS"] = repr(case.guard_ms)
     return Settings.from_env(env), env
 
 
@@ -205,16 +206,11 @@ def _trace_server(server: RunningServer, stats: RecordingStats) -> None:
     server.app.verifier.verify = traced  # type: ignore[method-assign]
 
 
-def _probe_env(trace_dir: Path | None, warm_http: bool, late_rebook_ms: float) -> dict[str, str]:
+def _probe_env(trace_dir: Path) -> dict[str, str]:
     """What a worker needs to load :mod:`ratelimit_probe` (``--include=ratelimit_probe``)."""
     here = str(Path(__file__).resolve().parent)
     env = {"PYTHONPATH": os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH", "")) if p)}
-    if trace_dir is not None:
-        env["RLBENCH_TRACE_DIR"] = str(trace_dir)
-    if warm_http:
-        env["RLBENCH_WARM_HTTP"] = "1"
-    if late_rebook_ms:
-        env["RLBENCH_LATE_REBOOK_MS"] = repr(late_rebook_ms)
+    env["RLBENCH_TRACE_DIR"] = str(trace_dir)
     return env
 
 
@@ -242,10 +238,9 @@ def run_case(
     try:
         settings, env = _settings(case, server.url, redis_url, work)
         extra: list[str] = []
-        if trace or case.warm_http or case.late_rebook_ms:
-            env.update(_probe_env(trace_dir if trace else None, case.warm_http, case.late_rebook_ms))
-            extra.append("--include=ratelimit_probe")
         if trace:
+            env.update(_probe_env(trace_dir))
+            extra.append("--include=ratelimit_probe")
             trace_dir.mkdir(parents=True)
             _trace_server(server, running.stats)
         configure_celery(settings)

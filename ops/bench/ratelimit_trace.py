@@ -55,7 +55,7 @@ class TraceStats:
     steady window that no caller had booked (sum of slot gaps beyond one interval); ``wake_*``:
     sleep overshoot (woke - slot); ``delivery_*``: arrived - slot, steady window; ``startup_*``:
     the same before it; ``spread_ms``: delivery max - min in the steady window; ``rebooked``: slots
-    callers woke too late for and left unused (``--late-rebook-ms``)."""
+    callers woke too late for and left unused (the limiter's late re-book)."""
 
     calls: int
     slots_max_1s: int
@@ -69,7 +69,7 @@ class TraceStats:
     delivery_max_ms: float
     spread_ms: float
     startup_delivery_max_ms: float
-    rebooked: int = 0  # slots left unused by callers that woke too late (--late-rebook-ms)
+    rebooked: int = 0  # slots left unused by callers that woke too late (late re-book)
 
 
 def trace_stats(
