@@ -85,8 +85,9 @@ class RateLimiter:
         )
 
     async def acquire(self) -> None:
-        """Wait until this caller may send one request. Cancellation-safe: a cancelled waiter is
-        not admitted, and its reserved slot is given back when no later one was booked.
+        """Wait until this caller may send one request (on a slot it woke for within ``late_s``,
+        see the class). Cancellation-safe: a cancelled waiter is not admitted, and its reserved
+        slot is given back when no later one was booked.
         Raises :class:`~workers.errors.Paused` when the backend is unreachable."""
         if self.rate.unlimited:
             return
@@ -103,18 +104,18 @@ class RateLimiter:
                     except asyncio.CancelledError:
                         self._in_background(self._give_back(grant))
                         raise
-                late_s = loop.time() - (started + grant.wait_s)
-                if self.late_s <= 0 or late_s <= self.late_s:
+                lateness_s = loop.time() - (started + grant.wait_s)
+                if self.late_s <= 0 or lateness_s <= self.late_s:
                     return
                 if rebooks == MAX_REBOOKS:
                     log.warning(
                         "rate limit %s: woke %.1f ms after the slot %d times in a row (event "
-                        "loop overloaded?); sending anyway", self.key, late_s * 1000, rebooks + 1,
+                        "loop overloaded?); sending anyway", self.key, lateness_s * 1000, rebooks + 1,
                     )
                     return
                 # The moment has passed: the slot stays unused (slower, never faster).
                 self.late_rebooks += 1
-                log.debug("rate limit %s: woke %.1f ms late, booking again", self.key, late_s * 1000)
+                log.debug("rate limit %s: woke %.1f ms late, booking again", self.key, lateness_s * 1000)
 
     async def on_throttled(self) -> None:
         """The service answered Throttling: lower the shared rate (best effort, never raises)."""
