@@ -3,7 +3,8 @@
 A call reaches the service a little after its slot (event-loop wake-up, the first request's lazy
 imports). With slots exactly ``1/Q`` apart, one such call crossing a whole-second boundary makes
 ``Q + 1`` in the service's second. The guard paces ``Q`` per ``1 s + guard`` so a call may be up to
-the guard late; a waiter woken later than ``late_s`` books a new slot instead of sending.
+the guard late; a waiter woken later than ``late_s`` gives its slot back (when nobody booked
+after it) and books a new one instead of sending.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import pytest
 from test_ratelimit_clock import FakeClock
@@ -25,8 +27,8 @@ from test_ratelimit_support import BackendRunner, Recording, run_backend
 from workers.config import Settings
 from workers.errors import ConfigError
 from workers.ratelimit import Backend, MemoryBackend, RateLimiter, from_settings
-from workers.ratelimit.gcra import PPM, Rate
-from workers.ratelimit.limiter import MAX_REBOOKS
+from workers.ratelimit.gcra import PPM, Grant, Rate
+from workers.ratelimit.limiter import DELIVERY_MARGIN_S, MAX_REBOOKS, default_late_s
 
 __all__ = ["run_backend"]  # the fixture, parametrized over both backends
 
@@ -81,7 +83,12 @@ def test_guard_widens_the_interval_and_is_validated() -> None:
         with pytest.raises(ConfigError, match="guard_s"):
             Rate(10, guard_s=bad)
     limiter = RateLimiter(MemoryBackend(), "k", 10, guard_s=0.010)
-    assert limiter.late_s == pytest.approx(0.005)  # default: half the guard
+    # default: the guard less the delivery margin (4 ms), never below half the guard
+    assert round(DELIVERY_MARGIN_S * 1000, 9) == 4
+    assert limiter.late_s == pytest.approx(0.006)
+    assert default_late_s(0.020) == pytest.approx(0.016)
+    assert default_late_s(0.006) == pytest.approx(0.003)  # guard < 2 x margin: half of it
+    assert default_late_s(0.0) == 0
     assert RateLimiter(MemoryBackend(), "k", 10).late_s == 0  # no guard: no re-book
     assert RateLimiter(MemoryBackend(), "k", 10, guard_s=0.01, late_s=0).late_s == 0
     with pytest.raises(ConfigError, match="late_s"):
@@ -128,7 +135,13 @@ def test_a_guard_keeps_a_burst_to_q_plus_burst_minus_one() -> None:
 # -- C: a slot woken too late is not used ----------------------------------------------------------
 
 
-def test_a_late_wake_up_books_again(run_backend: BackendRunner, key_prefix: str) -> None:
+def test_a_late_wake_up_gives_the_slot_back_and_books_again(
+    run_backend: BackendRunner, key_prefix: str
+) -> None:
+    """Nobody booked after the missed slot: it is given back, so the replacement is granted at
+    once (the schedule is not pushed out by a slot) and still at least one interval after the
+    previous call."""
+
     async def body(backend: Backend) -> None:
         rec = Recording(backend)
         limiter = RateLimiter(rec, f"{key_prefix}:rate", 10, guard_s=0.02)  # type: ignore[arg-type]
@@ -143,14 +156,73 @@ def test_a_late_wake_up_books_again(run_backend: BackendRunner, key_prefix: str)
         await asyncio.sleep(0.03)
         time.sleep(0.15)  # the loop stalls past the slot: the waiter wakes ~80 ms late
         await task
-        assert limiter.late_rebooks == 1
+        assert limiter.late_rebooks == 1 and limiter.late_returned == 1
         assert rec.calls["gcra_reserve"] == 3  # first caller, the late slot, its replacement
-        late, used = rec.grants[1], rec.grants[2]
-        assert used.slot_us >= late.slot_us + limiter.rate.interval_us
+        assert rec.calls["gcra_give_back"] == 1
+        first, late, used = rec.grants
+        assert used.wait_s == 0  # the slot's place was free again: granted at once
+        assert late.slot_us < used.slot_us < late.slot_us + limiter.rate.interval_us
+        assert used.slot_us >= first.slot_us + limiter.rate.interval_us
         if isinstance(backend, MemoryBackend):  # the same monotonic clock: compare exactly
             assert returned[0] >= used.slot_us / PPM - 0.002
+        # The schedule goes on from the replacement: the next slot is one interval after it.
+        assert (await limiter.state()).booked_ahead_us > 0.09 * PPM
 
     run_backend(body)
+
+
+def test_a_late_slot_booked_after_is_lost_and_the_waiter_books_the_next(
+    run_backend: BackendRunner, key_prefix: str
+) -> None:
+    """Another process booked after the missed slot: it cannot be given back (that would let two
+    calls share a slot), so it stays unused and the waiter books after the other's slot."""
+
+    async def body(backend: Backend) -> None:
+        rec = Recording(backend)
+        limiter = RateLimiter(rec, f"{key_prefix}:rate", 10, guard_s=0.02)  # type: ignore[arg-type]
+        await limiter.acquire()
+        task = asyncio.create_task(limiter.acquire())
+        await asyncio.sleep(0.03)  # the waiter holds the slot at ~102 ms
+        other = await backend.gcra_reserve(limiter.key, limiter.adapt_key, limiter.rate)  # ~204
+        time.sleep(0.15)
+        await task
+        assert limiter.late_rebooks == 1 and limiter.late_returned == 0
+        late, used = rec.grants[1], rec.grants[2]
+        assert other.slot_us >= late.slot_us + limiter.rate.interval_us
+        assert used.slot_us >= other.slot_us + limiter.rate.interval_us
+
+    run_backend(body)
+
+
+class _SlowOutbound:
+    """A backend whose requests take ``delay_s`` to reach it (the answers come back at once)."""
+
+    def __init__(self, inner: Backend, delay_s: float) -> None:
+        self.inner = inner
+        self.delay_s = delay_s
+
+    async def gcra_reserve(self, key: str, adapt_key: str, rate: Rate) -> Grant:
+        await asyncio.sleep(self.delay_s)
+        return await self.inner.gcra_reserve(key, adapt_key, rate)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+def test_the_reservation_round_trip_is_not_counted_as_lateness(key_prefix: str) -> None:
+    """Lateness runs from when the answer arrived: a slow trip *to* the backend (30 ms here, far
+    above ``late_s``) does not make a waiter woken on time give its slot up."""
+
+    async def body() -> None:
+        limiter = RateLimiter(
+            _SlowOutbound(MemoryBackend(), 0.03), f"{key_prefix}:rate", 10, guard_s=0.02  # type: ignore[arg-type]
+        )
+        assert limiter.late_s < 0.03
+        for _ in range(3):  # granted at once, then twice after a ~102 ms sleep
+            await limiter.acquire()
+        assert limiter.late_rebooks == 0
+
+    asyncio.run(body())
 
 
 def test_without_a_guard_a_late_waiter_still_sends(
@@ -177,16 +249,17 @@ def test_a_cancelled_re_booker_gives_its_new_slot_back(
         await limiter.acquire()
         start = time.monotonic()
         sleeper = asyncio.create_task(limiter.acquire())
-        await asyncio.sleep(0.03)
-        time.sleep(0.15)  # the sleeper wakes late, re-books and sleeps again
+        await asyncio.sleep(0.03)  # the sleeper holds ~102 ms; someone else books ~204 ms
+        await backend.gcra_reserve(limiter.key, limiter.adapt_key, limiter.rate)
+        time.sleep(0.15)  # the sleeper wakes late, cannot give back, books ~306 ms and sleeps
         await asyncio.sleep(0.005)
         sleeper.cancel()
         with pytest.raises(asyncio.CancelledError):
             await sleeper
         await asyncio.sleep(0.02)  # the give-back runs in the background
-        assert limiter.late_rebooks == 1
-        await limiter.acquire()  # takes the returned slot (~204 ms), not the one after (~306)
-        assert time.monotonic() - start < 0.28
+        assert limiter.late_rebooks == 1 and limiter.late_returned == 0
+        await limiter.acquire()  # takes the returned slot (~306 ms), not the one after (~408)
+        assert time.monotonic() - start < 0.38
 
     run_backend(body)
 

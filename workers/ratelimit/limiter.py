@@ -9,8 +9,8 @@ takes effect within one slot per process, and a cancelled waiter wastes nothing)
 
 Delivery lateness: slots are paced ``guard_s`` slower than ``qps`` per second, so a call may reach
 the service up to ``guard_s`` after its slot without crowding any one-second window; a waiter that
-wakes more than ``late_s`` after its slot does not send on it but books a new one.
-See ``ops/design/rate-limit.md``.
+wakes more than ``late_s`` after its slot does not send on it: it gives the slot back when nobody
+booked after it and books a new one. See ``ops/design/rate-limit.md``.
 """
 
 from __future__ import annotations
@@ -25,13 +25,30 @@ from workers.errors import CarnumberError, ConfigError
 from workers.ratelimit.backend import Backend, RateState
 from workers.ratelimit.gcra import PPM, Grant, Rate
 
-__all__ = ["MAX_REBOOKS", "RateLimiter"]
+__all__ = ["DELIVERY_MARGIN_S", "MAX_REBOOKS", "RateLimiter", "default_late_s"]
 
 log = logging.getLogger(__name__)
 
 # Consecutive late wake-ups after which a waiter sends anyway: a loop that late every time is
 # overloaded, and a process that never sends helps nobody (a throttle, if any, slows the fleet).
 MAX_REBOOKS = 3
+
+# What the guard must still cover after ``acquire`` returns, seconds: the admission checks (stop
+# flag and quota, two Redis round trips), signing, the socket write and the trip to the service,
+# plus the one-way return of the reservation's answer, which the lateness measure cannot see
+# (see ``acquire``). Measured, wake-up to server arrival on a loaded 2-core box: p99 2.8-3.2 ms,
+# max 6.9 ms (``ops/design/rate-limit.md``): 4 ms covers the p99 and the sub-ms return trip. A
+# stall *after* acquire (the max) is beyond any re-book's reach whatever the threshold.
+DELIVERY_MARGIN_S = 0.004
+
+
+def default_late_s(guard_s: float) -> float:
+    """The default ``late_s`` for a pacing guard, seconds: the guard less what delivery after
+    ``acquire`` needs (:data:`DELIVERY_MARGIN_S`), but never less than half the guard (a guard
+    smaller than twice the margin is split evenly), and 0 (no re-book) without a guard."""
+    if guard_s <= 0:
+        return 0.0
+    return max(guard_s / 2, guard_s - DELIVERY_MARGIN_S)
 
 
 class RateLimiter:
@@ -45,10 +62,12 @@ class RateLimiter:
     ``guard_s`` (seconds, 0 <= g < 1) paces ``qps`` calls per ``1 + guard_s`` s, so a call that
     reaches the service up to ``guard_s`` after its slot still leaves at most ``qps + burst - 1``
     in every 1-s window (the cost: ``guard / (1 + guard)`` of the rate). ``late_s`` (seconds,
-    default ``guard_s / 2``, 0 = off): a waiter that wakes later than this after its slot leaves
-    the slot unused and books a new one (at most :data:`MAX_REBOOKS` times in a row; counted in
-    :attr:`late_rebooks`). Lateness is measured on this host's monotonic clock, from just before
-    the reservation was sent, so it never under-estimates.
+    default :func:`default_late_s`, 0 = off): a waiter that wakes later than this after its slot
+    does not send on it; it gives the slot back if nobody booked after it (counted in
+    :attr:`late_returned`; the fleet's schedule is then not pushed out) and books a new one (at
+    most :data:`MAX_REBOOKS` times in a row; counted in :attr:`late_rebooks`). Lateness is
+    measured on this host's monotonic clock from when the reservation's answer arrived (see
+    :meth:`acquire`).
     An instance belongs to one event loop at a time (build one per ``asyncio.run``; it is cheap).
     Raises :class:`~workers.errors.ConfigError` for bad arguments.
     """
@@ -71,12 +90,13 @@ class RateLimiter:
         self.key = key
         self.adapt_key = f"{key}:adapt"  # == Keys.rate_adapt(account) for key == Keys.rate(account)
         self.rate = Rate(qps, burst, decrease, floor, recovery_s, hold_s, guard_s)
-        self.late_s = guard_s / 2 if late_s is None else late_s
+        self.late_s = default_late_s(self.rate.guard_s) if late_s is None else late_s
         if not (math.isfinite(self.late_s) and self.late_s >= 0):
             raise ConfigError(f"late_s must be >= 0 (0 = off), got {late_s}")
-        self.late_rebooks = 0  # slots this limiter's waiters woke too late for and left unused
+        self.late_rebooks = 0  # slots this limiter's waiters woke too late for and did not use
+        self.late_returned = 0  # of those, slots given back (nobody had booked after them)
         self._gate: tuple[asyncio.AbstractEventLoop, asyncio.Lock] | None = None
-        self._background: set[asyncio.Task[None]] = set()
+        self._background: set[asyncio.Task[object]] = set()
 
     def __repr__(self) -> str:
         return (
@@ -88,23 +108,30 @@ class RateLimiter:
         """Wait until this caller may send one request (on a slot it woke for within ``late_s``,
         see the class). Cancellation-safe: a cancelled waiter is not admitted, and its reserved
         slot is given back when no later one was booked.
-        Raises :class:`~workers.errors.Paused` when the backend is unreachable."""
+        Raises :class:`~workers.errors.Paused` when the backend is unreachable.
+
+        Lateness is ``now - (answered + wait_s)``, ``answered`` being this host's monotonic time
+        right after the reservation's answer arrived. The backend computed ``wait_s`` at its own
+        ``now``, which lies between sending and ``answered``, so ``answered + wait_s`` is the slot
+        plus the answer's one-way trip back (and the loop's delay resuming this task): lateness
+        is under-stated by that much, typically well under 1 ms, which
+        :data:`DELIVERY_MARGIN_S` leaves room for. Measuring from *before* sending instead
+        over-states it by the whole round trip (p99 2.4 ms on a loaded box), which made waiters
+        woken on time give up good slots."""
         if self.rate.unlimited:
             return
         loop = asyncio.get_running_loop()
         async with self._local_queue():
             for rebooks in range(MAX_REBOOKS + 1):
-                # Taken before the reservation is sent, so ``started + wait_s`` is never after
-                # the slot (on the backend's clock) and the lateness below never under-estimates.
-                started = loop.time()
                 grant = await self._reserve()
+                due = loop.time() + grant.wait_s  # the slot, as seen from here (see above)
                 if grant.wait_s > 0:
                     try:
                         await asyncio.sleep(grant.wait_s)
                     except asyncio.CancelledError:
                         self._in_background(self._give_back(grant))
                         raise
-                lateness_s = loop.time() - (started + grant.wait_s)
+                lateness_s = loop.time() - due
                 if self.late_s <= 0 or lateness_s <= self.late_s:
                     return
                 if rebooks == MAX_REBOOKS:
@@ -113,9 +140,15 @@ class RateLimiter:
                         "loop overloaded?); sending anyway", self.key, lateness_s * 1000, rebooks + 1,
                     )
                     return
-                # The moment has passed: the slot stays unused (slower, never faster).
+                # The moment has passed: the slot is not used (slower, never faster). Given back
+                # first, so when nobody booked after it the new reservation takes its place at
+                # once instead of pushing the fleet's schedule out by one slot.
                 self.late_rebooks += 1
-                log.debug("rate limit %s: woke %.1f ms late, booking again", self.key, lateness_s * 1000)
+                returned = await self._return_late(grant)
+                log.debug(
+                    "rate limit %s: woke %.1f ms late, slot %s, booking again", self.key,
+                    lateness_s * 1000, "given back" if returned else "lost",
+                )
 
     async def on_throttled(self) -> None:
         """The service answered Throttling: lower the shared rate (best effort, never raises)."""
@@ -166,13 +199,24 @@ class RateLimiter:
             return
         self._in_background(self._give_back(step.result()))
 
-    async def _give_back(self, grant: Grant) -> None:
+    async def _give_back(self, grant: Grant) -> bool:
+        """Return an unused slot; ``True`` when it was (never raises: a slot that cannot be
+        returned is lost, which is slower, never faster)."""
         try:
-            await self.backend.gcra_give_back(self.key, grant)
-        except CarnumberError as exc:  # the slot is lost: slower, never faster
+            return await self.backend.gcra_give_back(self.key, grant)
+        except CarnumberError as exc:
             log.debug("rate limit %s: slot not given back (%s)", self.key, exc)
+            return False
 
-    def _in_background(self, coro: Coroutine[Any, Any, None]) -> None:
+    async def _return_late(self, grant: Grant) -> bool:
+        """Give back a slot its waiter woke too late for, before booking a new one (awaited, so
+        the new reservation sees it); ``True`` when it was returned."""
+        returned = await self._give_back(grant)
+        if returned:
+            self.late_returned += 1
+        return returned
+
+    def _in_background(self, coro: Coroutine[Any, Any, object]) -> None:
         task = asyncio.ensure_future(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
