@@ -44,7 +44,8 @@ in any second), time nobody had booked, wake-up lateness and slot-to-server dela
 
 The workers run the product as shipped: pacing guard (``--guard-ms`` overrides
 ``CARNUMBER_RATE_GUARD_MS``; 0 also turns the late re-book off), httpx warmed up at
-``worker_init``, and a waiter that wakes more than guard/2 after its slot booking a new one.
+``worker_init``, and a waiter that wakes more than ``late_s`` (guard - 4 ms, at least guard/2)
+after its slot giving the slot back when it can and booking a new one.
 
 Targets (issue "One global rate limit and call quota"): >= 99 % of Q sustained (>= 98 % in the
 latency case), zero throttled responses, never more than Q + burst calls in any second.
@@ -185,8 +186,10 @@ def main(argv: list[str] | None = None) -> int:
                   f"p50/p99/max {t.wake_p50_ms:.1f}/{t.wake_p99_ms:.1f}/{t.wake_max_ms:.1f} ms; "
                   f"slot→server p50/p99/max {t.delivery_p50_ms:.1f}/{t.delivery_p99_ms:.1f}/"
                   f"{t.delivery_max_ms:.1f} ms (spread {t.spread_ms:.1f} ms; start-up max "
-                  f"{t.startup_delivery_max_ms:.1f} ms)"
-                  + (f"; {t.rebooked} slot(s) left unused by late wakers" if t.rebooked else ""))
+                  f"{t.startup_delivery_max_ms:.1f} ms); woke→server p50/p99/max "
+                  f"{t.admit_p50_ms:.1f}/{t.admit_p99_ms:.1f}/{t.admit_max_ms:.1f} ms"
+                  + (f"; {t.rebooked} late re-book(s), {t.returned} slot(s) given back, "
+                     f"{t.rebooked - t.returned} lost" if t.rebooked else ""))
     print(f"\nload average before: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; after: "
           + " ".join(f"{x:.2f}" for x in os.getloadavg())
           + f"; total {time.monotonic() - started:.0f} s")

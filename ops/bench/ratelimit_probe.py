@@ -3,11 +3,12 @@
 ``--trace``. Nothing here is part of the product, and it changes no behaviour.
 
 ``RLBENCH_TRACE_DIR``: wraps ``RateLimiter.acquire`` (the slot Redis granted for the call, when the
-caller woke up, and how many slots it left unused because it woke too late: the product's late
-re-book) and ``AsyncClient._prepare`` (when the request was signed, and its nonce, which the
-benchmark's server records with each accepted call's arrival, so admission and arrival are matched
-exactly). One JSON line per call in ``RLBENCH_TRACE_DIR/<pid>.jsonl``, Unix seconds (one machine,
-so Redis ``TIME`` and ``time.time()`` are the same clock).
+caller woke up, how many slots it woke too late for (the product's late re-book) and how many of
+those it gave back because nobody had booked after them) and ``AsyncClient._prepare`` (when the
+request was signed, and its nonce, which the benchmark's server records with each accepted call's
+arrival, so admission and arrival are matched exactly). One JSON line per call in
+``RLBENCH_TRACE_DIR/<pid>.jsonl``, Unix seconds (one machine, so Redis ``TIME`` and
+``time.time()`` are the same clock).
 
 (The fixes this probe once tried from outside, a pacing guard, warming httpx up and re-booking
 late slots, are now the product's own: ``CARNUMBER_RATE_GUARD_MS``, ``workers.api.client.warm_up``
@@ -26,12 +27,15 @@ from typing import Any, TextIO
 __all__ = ["install"]
 
 _NAN = float("nan")
-_slot: contextvars.ContextVar[tuple[float, float, float, int] | None] = contextvars.ContextVar(
+_slot: contextvars.ContextVar[tuple[float, float, float, int, int] | None] = contextvars.ContextVar(
     "rlbench_slot", default=None
 )
 _grant: contextvars.ContextVar[Any] = contextvars.ContextVar("rlbench_grant", default=None)
 _reserves: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar(
     "rlbench_reserves", default=None
+)
+_returned: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar(
+    "rlbench_returned", default=None
 )
 _out: dict[int, TextIO] = {}
 
@@ -53,6 +57,7 @@ def install(trace_dir: str) -> None:
         return
     reserve = RateLimiter._reserve
     acquire = RateLimiter.acquire
+    return_late = RateLimiter._return_late
     prepare = AsyncClient._prepare
 
     async def traced_reserve(self: RateLimiter) -> Any:
@@ -65,31 +70,41 @@ def install(trace_dir: str) -> None:
             count[0] += 1
         return grant
 
+    async def traced_return_late(self: RateLimiter, grant: Any) -> bool:
+        returned = await return_late(self, grant)
+        count = _returned.get()
+        if count is not None and returned:
+            count[0] += 1
+        return returned
+
     async def traced_acquire(self: RateLimiter) -> None:
         entered = time.time()
         _grant.set(None)
         count = [0]
         _reserves.set(count)
+        given_back = [0]
+        _returned.set(given_back)
         await acquire(self)
         grant = _grant.get()
         woke = time.time()
         slot = grant.slot_us / 1e6 if grant is not None else _NAN
-        _slot.set((entered, slot, woke, max(0, count[0] - 1)))
+        _slot.set((entered, slot, woke, max(0, count[0] - 1), given_back[0]))
 
     def traced_prepare(self: AsyncClient, image: Any) -> Any:
         req = prepare(self, image)
         admitted = _slot.get()
         _slot.set(None)
-        entered, slot, woke, rebooked = admitted or (_NAN, _NAN, _NAN, 0)
+        entered, slot, woke, rebooked, returned = admitted or (_NAN, _NAN, _NAN, 0, 0)
         _write(trace_dir, {
             "pid": os.getpid(), "entered": entered, "slot": slot, "woke": woke,
-            "rebooked": rebooked, "signed": time.time(),
+            "rebooked": rebooked, "returned": returned, "signed": time.time(),
             "nonce": req.headers.get("x-acs-signature-nonce"),
         })
         return req
 
     RateLimiter._reserve = traced_reserve  # type: ignore[method-assign]
     RateLimiter.acquire = traced_acquire  # type: ignore[method-assign]
+    RateLimiter._return_late = traced_return_late  # type: ignore[method-assign]
     AsyncClient._prepare = traced_prepare  # type: ignore[method-assign, assignment]
     RateLimiter._rlbench_probe = True  # type: ignore[attr-defined]
 

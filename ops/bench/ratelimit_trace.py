@@ -54,8 +54,10 @@ class TraceStats:
     of the schedule; ``slot_gap_min_ms``: closest two slots; ``idle_s``: schedule time in the
     steady window that no caller had booked (sum of slot gaps beyond one interval); ``wake_*``:
     sleep overshoot (woke - slot); ``delivery_*``: arrived - slot, steady window; ``startup_*``:
-    the same before it; ``spread_ms``: delivery max - min in the steady window; ``rebooked``: slots
-    callers woke too late for and left unused (the limiter's late re-book)."""
+    the same before it; ``spread_ms``: delivery max - min in the steady window; ``admit_*``:
+    arrived - woke (what delivery takes after ``acquire`` returned: the part the limiter's
+    ``DELIVERY_MARGIN_S`` must cover); ``rebooked``: slots callers woke too late for and did not
+    use (the limiter's late re-book); ``returned``: of those, slots given back (not wasted)."""
 
     calls: int
     slots_max_1s: int
@@ -69,7 +71,11 @@ class TraceStats:
     delivery_max_ms: float
     spread_ms: float
     startup_delivery_max_ms: float
-    rebooked: int = 0  # slots left unused by callers that woke too late (late re-book)
+    rebooked: int = 0  # slots not used by callers that woke too late (late re-book)
+    returned: int = 0  # of those, slots given back because nobody had booked after them
+    admit_p50_ms: float = float("nan")
+    admit_p99_ms: float = float("nan")
+    admit_max_ms: float = float("nan")
 
 
 def trace_stats(
@@ -88,6 +94,7 @@ def trace_stats(
     )
     wake = [1000 * (r["woke"] - r["slot"]) for r in steady]
     delivery = [1000 * (r["arrived"] - r["slot"]) for r in steady if r["arrived"] is not None]
+    admit = [1000 * (r["arrived"] - r["woke"]) for r in steady if r["arrived"] is not None]
     early_delivery = [1000 * (r["arrived"] - r["slot"]) for r in early if r["arrived"] is not None]
     return TraceStats(
         calls=len(records),
@@ -103,4 +110,8 @@ def trace_stats(
         spread_ms=(max(delivery) - min(delivery)) if delivery else float("nan"),
         startup_delivery_max_ms=max(early_delivery, default=float("nan")),
         rebooked=sum(int(r.get("rebooked", 0)) for r in records),
+        returned=sum(int(r.get("returned", 0)) for r in records),
+        admit_p50_ms=percentile(admit, 0.5),
+        admit_p99_ms=percentile(admit, 0.99),
+        admit_max_ms=max(admit, default=float("nan")),
     )
