@@ -202,7 +202,9 @@ def _looks_truncated(fmt: str, data: bytes, im: ImageFile.ImageFile) -> bool:
     if fmt == "PNG":
         return data.rfind(b"IEND\xaeB`\x82") < 0
     if fmt == "GIF":
-        return not data.rstrip(b"\x00").endswith(b";")
+        # The last data sub-block ends with a 0x00 terminator, then the 0x3B trailer; a stray
+        # ';' at a random cut point (1 in 256) must not pass for the end of the file.
+        return not data.rstrip(b"\x00").endswith(b"\x00;")
     if fmt == "BMP":
         declared = struct.unpack_from("<I", data, 2)[0]
         if declared >= len(data):
