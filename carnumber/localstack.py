@@ -5,26 +5,22 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from ocrserver.server import ServerProcess, spawn_server
 from workers.errors import ConfigError
 
 __all__ = ["Child", "start_server", "start_worker", "stopping"]
-
-_URL = re.compile(r"https?://[0-9A-Za-z.\[\]:-]+")
 
 
 @dataclass
 class Child:
     name: str
     proc: subprocess.Popen[str]
-    url: str | None = None
     lines: list[str] = field(default_factory=list)
     pump: threading.Thread | None = None
 
@@ -42,20 +38,15 @@ class Child:
             self.proc.stdout.close()
 
 
-def _pump(child: Child, url_seen: threading.Event) -> None:
+def _pump(child: Child) -> None:
     assert child.proc.stdout is not None
     for raw in child.proc.stdout:
         line = raw.rstrip()
         child.lines.append(line)
         del child.lines[:-200]
-        if child.url is None and (m := _URL.search(line)):
-            child.url = m.group(0).rstrip("/")
-            url_seen.set()
 
 
-def _spawn(
-    name: str, argv: Sequence[str], env: Mapping[str, str] | None
-) -> tuple[Child, threading.Event]:
+def _spawn(name: str, argv: Sequence[str], env: Mapping[str, str] | None) -> Child:
     proc = subprocess.Popen(
         list(argv),
         stdout=subprocess.PIPE,
@@ -64,35 +55,23 @@ def _spawn(
         env={**os.environ, **(env or {})},
     )
     child = Child(name, proc)
-    seen = threading.Event()
-    child.pump = threading.Thread(target=_pump, args=(child, seen), daemon=True)
+    child.pump = threading.Thread(target=_pump, args=(child,), daemon=True)
     child.pump.start()
-    return child, seen
+    return child
 
 
 def start_server(
     args: Sequence[str], env: Mapping[str, str] | None = None, timeout_s: float = 60.0
-) -> Child:
-    """``carnumber serve --port 0 ARGS...``; returns once it printed the URL it listens on."""
-    argv = [
-        sys.executable,
-        "-m",
-        "carnumber.cli",
-        "serve",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        "0",
-        *args,
-    ]
-    child, seen = _spawn("server", argv, env)
-    deadline = time.monotonic() + timeout_s
-    while not seen.wait(0.1):
-        if child.proc.poll() is not None or time.monotonic() > deadline:
-            child.stop()
-            tail = "\n".join(child.lines[-20:])
-            raise ConfigError(f"local API server did not start:\n{tail}")
-    return child
+) -> ServerProcess:
+    """``carnumber serve --port 0 ARGS...`` in a child process; returns once it listens.
+
+    A thin wrapper over :func:`ocrserver.server.spawn_server` that reports a failed start as a
+    :class:`ConfigError` (one line from the CLI, not a traceback).
+    """
+    try:
+        return spawn_server(list(args), env={**os.environ, **(env or {})}, timeout_s=timeout_s)
+    except RuntimeError as exc:
+        raise ConfigError(f"local API server did not start: {exc}") from None
 
 
 def start_worker(
@@ -111,12 +90,11 @@ def start_worker(
     else:
         celery = [sys.executable, "-m", "celery", "-A", "workers", "worker", f"--queues={queue}"]
         argv = [*celery, *common, "--without-mingle", "--without-gossip", *extra]
-    child, _ = _spawn("worker", argv, env)
-    return child
+    return _spawn("worker", argv, env)
 
 
 @contextlib.contextmanager
-def stopping(*children: Child) -> Iterator[None]:
+def stopping(*children: Child | ServerProcess) -> Iterator[None]:
     try:
         yield
     finally:

@@ -47,6 +47,7 @@ import redis
 
 from carnumber.embedded_redis import EmbeddedRedis
 from carnumber.localstack import Child, start_server, start_worker
+from ocrserver.server import ServerProcess
 from ocrserver.truth import make_test_image
 from workers.config import Settings
 from workers.keys import Keys
@@ -186,7 +187,7 @@ class Bench:
     args: argparse.Namespace
     work: Path
     redis_url: str
-    server: Child
+    server: ServerProcess
     prefix: str = field(default_factory=lambda: f"carnumber-reliab-{uuid.uuid4().hex[:8]}")
     children: list[Child] = field(default_factory=list)
 
@@ -524,7 +525,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="carnumber-reliab-"))
     embedded: EmbeddedRedis | None = None
-    server: Child | None = None
+    server: ServerProcess | None = None
     bench: Bench | None = None
     try:
         print(f"generating {args.images} images ...", flush=True)
