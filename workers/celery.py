@@ -12,9 +12,8 @@ from celery import Celery
 
 from workers.config import Settings
 
-__all__ = ["DEFAULT_BROKER", "app", "celery_config"]
+__all__ = ["app", "celery_config"]
 
-DEFAULT_BROKER = "redis://127.0.0.1:6379/0"
 # Longer than any chunk can take: chunk_size / (fleet share of QPS). 200 images at 0.1 call/s
 # each (a 100-process fleet on 10 QPS) is 2,000 s; 12 h leaves room for quota pauses and retries.
 VISIBILITY_TIMEOUT_S = 12 * 3600
@@ -23,9 +22,8 @@ VISIBILITY_TIMEOUT_S = 12 * 3600
 def celery_config(settings: Settings) -> dict[str, Any]:
     """Celery settings for a reliable Redis broker: late acks, requeue on a lost worker,
     one chunk prefetched per process, no result backend (results go to Parquet)."""
-    broker = settings.redis_url or DEFAULT_BROKER
     return {
-        "broker_url": broker,
+        "broker_url": settings.broker_url,
         "broker_connection_retry_on_startup": True,
         "broker_transport_options": {"visibility_timeout": VISIBILITY_TIMEOUT_S},
         "result_backend": None,

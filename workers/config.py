@@ -16,9 +16,10 @@ from typing import Any
 
 from workers.errors import ConfigError
 
-__all__ = ["DEFAULT_ENDPOINT", "Credentials", "Settings"]
+__all__ = ["DEFAULT_ENDPOINT", "DEFAULT_REDIS_URL", "Credentials", "Settings"]
 
 DEFAULT_ENDPOINT = "https://ocr-api.cn-hangzhou.aliyuncs.com"
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
 # Environment variable -> Settings field. Alibaba Cloud's own names for credentials, ours for the rest.
 _ENV: dict[str, str] = {
@@ -164,6 +165,11 @@ class Settings:
                 values[name] = raw
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**_coerce(values))
+
+    @property
+    def broker_url(self) -> str:
+        """``REDIS_URL``, or the local default: the broker and every piece of shared state."""
+        return self.redis_url or DEFAULT_REDIS_URL
 
     def with_(self, **changes: Any) -> Settings:
         """A copy with some fields changed (validated again)."""

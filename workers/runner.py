@@ -47,7 +47,7 @@ class Runtime:
         from workers.storage import Resolver
 
         creds = settings.credentials()  # fail fast, naming the variables
-        client = redis.Redis.from_url(settings.redis_url or "redis://127.0.0.1:6379/0")
+        client = redis.Redis.from_url(settings.broker_url)
         keys = Keys(settings.key_prefix)
         return cls(
             settings=settings,
@@ -70,7 +70,7 @@ async def _process(chunk: Chunk, rt: Runtime) -> ChunkResult:
     account = account_tag(creds.access_key_id)
     # Short timeouts: an unreachable Redis must pause calls quickly, not hang the chunk.
     ar = aredis.Redis.from_url(
-        s.redis_url or "redis://127.0.0.1:6379/0", socket_timeout=10, socket_connect_timeout=5
+        s.broker_url, socket_timeout=10, socket_connect_timeout=5
     )
     limits = httpx.Limits(max_connections=s.concurrency, max_keepalive_connections=s.concurrency)
     try:

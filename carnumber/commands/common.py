@@ -21,14 +21,11 @@ def settings_from(args: argparse.Namespace, **overrides: Any) -> Settings:
 
 def connect_redis(settings: Settings) -> redis.Redis:
     """A checked connection; an unreachable Redis is a ConfigError naming REDIS_URL."""
-    from workers.celery import DEFAULT_BROKER
-
-    url = settings.redis_url or DEFAULT_BROKER
-    client = redis.Redis.from_url(url, socket_connect_timeout=3)
+    client = redis.Redis.from_url(settings.broker_url, socket_connect_timeout=3)
     try:
         client.ping()
     except (redis.RedisError, OSError) as exc:
-        where = "REDIS_URL" if settings.redis_url else f"REDIS_URL (unset, so {DEFAULT_BROKER})"
+        where = "REDIS_URL" if settings.redis_url else f"REDIS_URL (unset, so {settings.broker_url})"
         raise ConfigError(f"cannot reach Redis at {where}: {exc}") from None
     return client
 

@@ -42,9 +42,8 @@ def registry(settings: Settings, recent_runs: int = 20) -> CollectorRegistry:
 
     from carnumber.exposition import SnapshotCollector
     from carnumber.monitor import Monitor
-    from workers.celery import DEFAULT_BROKER
 
-    url = settings.redis_url or DEFAULT_BROKER
+    url = settings.broker_url
     timeouts = {"socket_connect_timeout": 3, "socket_timeout": 5}
     monitor = Monitor(
         settings,

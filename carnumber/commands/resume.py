@@ -39,7 +39,7 @@ def main(args: argparse.Namespace) -> int:
     configure_celery(settings)
 
     async def clear() -> dict | None:
-        ar = aredis.Redis.from_url(settings.redis_url or "redis://127.0.0.1:6379/0")
+        ar = aredis.Redis.from_url(settings.broker_url)
         try:
             fleet = FleetControl(ar, Keys(settings.key_prefix), account_tag(creds.access_key_id))
             status = await fleet.status()
