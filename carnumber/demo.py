@@ -52,7 +52,6 @@ def _recognizer(choice: str) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    from carnumber.commands.status import follow
     from carnumber.embedded_redis import EmbeddedRedis
     from carnumber.localstack import start_server, start_worker
     from ocrserver.samples import generate_archive
@@ -105,15 +104,16 @@ def main(args: argparse.Namespace) -> int:
             flush=True,
         )
 
-        summary = _run(env, run_id, archive, args.timeout_s, follow)
+        summary = _run(env, run_id, archive, args.timeout_s)
     print(summary)
     return 0
 
 
-def _run(env: dict[str, str], run_id: str, archive: Path, timeout_s: float, follow) -> str:  # type: ignore[no-untyped-def]
+def _run(env: dict[str, str], run_id: str, archive: Path, timeout_s: float) -> str:
     import io
 
     from carnumber.commands.common import configure_celery, connect_redis, run_store
+    from carnumber.commands.status import follow
     from producers.enqueue import enqueue_to_broker
     from producers.sources import open_source
     from workers.config import Settings
