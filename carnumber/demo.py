@@ -76,8 +76,10 @@ def main(args: argparse.Namespace) -> int:
             print(f"[2/6] started an embedded Redis on {redis_url}", flush=True)
 
         key_id, secret = "demo", secrets.token_hex(16)
+        # The key goes by environment, not argv: command lines are visible to every local user.
         server = start_server(
-            ["--recognizer", recognizer, "--keys", f"{key_id}:{secret}", "--qps", str(args.qps)]
+            ["--recognizer", recognizer, "--qps", str(args.qps)],
+            env={"CARNUMBER_SERVER_KEYS": f"{key_id}:{secret}"},
         )
         stack.callback(server.stop)
         print(
