@@ -51,9 +51,13 @@ def _env(server: RunningServer, redis_url: str, key_prefix: str, tmp: Path, **ex
     }
 
 
-def _worker(env: dict[str, str], via_cli: bool = False) -> Child:
+def _worker(env: dict[str, str], via_cli: bool = False, pool: str = "prefork") -> Child:
     name = f"t{abs(hash(env['CARNUMBER_KEY_PREFIX'] + env['CARNUMBER_ENDPOINT']))}@%h"
-    return start_worker(env, concurrency=1, hostname=name, via_cli=via_cli)
+    # threads: two chunks at once in one process, sharing its engine and call slots.
+    concurrency = 2 if pool == "threads" else 1
+    return start_worker(
+        env, concurrency=concurrency, hostname=name, via_cli=via_cli, extra=[f"--pool={pool}"]
+    )
 
 
 def _store(client: redis.Redis, key_prefix: str) -> RunStore:
@@ -64,6 +68,7 @@ def _accepted(server: RunningServer) -> int:
     return int(httpx.get(f"{server.url}/__carnumber/stats").json()["accepted_total"])
 
 
+@pytest.mark.parametrize("pool", ["prefork", "threads"])
 def test_enqueue_worker_parquet(
     server: RunningServer,
     redis_url: str,
@@ -71,12 +76,13 @@ def test_enqueue_worker_parquet(
     key_prefix: str,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
+    pool: str,
 ) -> None:
     _archive(tmp_path / "archive", 23)
     env = _env(server, redis_url, key_prefix, tmp_path)
     for k, v in env.items():
         monkeypatch.setenv(k, v)
-    worker = _worker(env)
+    worker = _worker(env, pool=pool)
     try:
         assert cli(["enqueue", str(tmp_path / "archive"), "--run", "night-1", "--wait"]) == 0
         # Running the same command again enqueues nothing new.

@@ -22,6 +22,16 @@ from workers.runner import Runtime, execute_chunk
 KEYS = "testid:testsecret"
 
 
+_opened: list[Runtime] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_runtimes() -> Iterator[None]:
+    yield
+    while _opened:
+        _opened.pop().close()
+
+
 @pytest.fixture
 def server() -> Iterator[RunningServer]:
     with start_server(ServerConfig(keys=KEYS)) as srv:
@@ -59,7 +69,9 @@ def _runtime(server: RunningServer, redis_url: str, key_prefix: str, tmp: Path, 
             **env,
         }
     )
-    return Runtime.from_settings(settings)
+    rt = Runtime.from_settings(settings)
+    _opened.append(rt)
+    return rt
 
 
 def test_chunk_writes_one_row_per_plate_and_failures(

@@ -4,7 +4,8 @@ A call reaches the service a little after its slot (event-loop wake-up, the firs
 imports). With slots exactly ``1/Q`` apart, one such call crossing a whole-second boundary makes
 ``Q + 1`` in the service's second. The guard paces ``Q`` per ``1 s + guard`` so a call may be up to
 the guard late; a waiter woken later than ``late_s`` gives its slot back (when nobody booked
-after it) and books a new one instead of sending.
+after it) and books a new one instead of sending; a request held up after admission past its
+slot's ``send_by`` is not sent either (``tests/test_send_deadline.py`` runs that end to end).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import asyncio
 import bisect
 import heapq
 import logging
+import math
 import random
 import subprocess
 import sys
@@ -28,7 +30,13 @@ from workers.config import Settings
 from workers.errors import ConfigError
 from workers.ratelimit import Backend, MemoryBackend, RateLimiter, from_settings
 from workers.ratelimit.gcra import PPM, Grant, Rate
-from workers.ratelimit.limiter import DELIVERY_MARGIN_S, MAX_REBOOKS, default_late_s
+from workers.ratelimit.limiter import (
+    DELIVERY_MARGIN_S,
+    MAX_REBOOKS,
+    SEND_MARGIN_S,
+    default_late_s,
+    default_send_late_s,
+)
 
 __all__ = ["run_backend"]  # the fixture, parametrized over both backends
 
@@ -280,6 +288,50 @@ def test_a_waiter_late_every_time_sends_after_max_rebooks(
     assert "sending anyway" in caplog.text
 
 
+# -- D: a request held up after admission is not sent ---------------------------------------------
+
+
+def test_the_slot_carries_its_send_deadline(run_backend: BackendRunner, key_prefix: str) -> None:
+    """``send_by`` is the slot plus ``send_late_s`` (the guard less what the write and the trip
+    take), on the loop's clock; no guard, no limit: no deadline."""
+    assert default_send_late_s(0.010) == pytest.approx(0.010 - SEND_MARGIN_S)
+    assert default_send_late_s(0.002) == pytest.approx(0.001)  # never under half the guard
+    assert default_send_late_s(0.0) == math.inf
+
+    async def body(backend: Backend) -> None:
+        limiter = RateLimiter(backend, f"{key_prefix}:rate", 10, guard_s=0.01)
+        loop = asyncio.get_running_loop()
+        await limiter.acquire()
+        before = loop.time()
+        slot = await limiter.acquire()  # ~101 ms later
+        woke = loop.time()
+        assert slot.grant is not None
+        assert before + 0.09 < slot.send_by - limiter.send_late_s <= woke
+        unguarded = RateLimiter(backend, f"{key_prefix}:rate2", 10)
+        assert (await unguarded.acquire()).send_by == math.inf
+        assert (await RateLimiter(backend, f"{key_prefix}:rate3", 0).acquire()).send_by == math.inf
+
+    run_backend(body)
+
+
+def test_an_abandoned_slot_is_given_back_unless_booked_after(
+    run_backend: BackendRunner, key_prefix: str
+) -> None:
+    async def body(backend: Backend) -> None:
+        limiter = RateLimiter(backend, f"{key_prefix}:rate", 10, guard_s=0.01)
+        slot = await limiter.acquire()
+        await limiter.abandon(slot)  # nobody booked after it: the next caller takes its place
+        assert (limiter.abandoned, limiter.abandoned_returned) == (1, 1)
+        start = time.monotonic()
+        again = await limiter.acquire()
+        assert time.monotonic() - start < 0.05
+        await backend.gcra_reserve(limiter.key, limiter.adapt_key, limiter.rate)  # someone else
+        await limiter.abandon(again)  # booked after: lost (two calls must not share a slot)
+        assert (limiter.abandoned, limiter.abandoned_returned) == (2, 1)
+
+    run_backend(body)
+
+
 # -- the setting -----------------------------------------------------------------------------------
 
 
@@ -304,23 +356,25 @@ def test_rate_guard_setting_reaches_the_limiter() -> None:
 # -- B: warm-up --------------------------------------------------------------------------------------
 
 _WARM_UP_CHECK = """
-import sys, threading
+import gc, sys, threading
 import workers.tasks  # what a worker has imported when worker_init fires
 from celery import signals
-from workers.tasks import _warm_up_http
-assert _warm_up_http in signals.worker_init._live_receivers(None)
+from workers.tasks import _warm_up
+assert _warm_up in signals.worker_init._live_receivers(None)
 lazy = ("httpcore", "anyio._backends._asyncio")
 assert not any(m in sys.modules for m in lazy), [m for m in lazy if m in sys.modules]
-_warm_up_http()
+_warm_up()
 assert all(m in sys.modules for m in lazy), [m for m in lazy if m not in sys.modules]
 assert threading.active_count() == 1  # nothing left running to trip up a fork
+assert gc.get_freeze_count() > 10_000  # start-up objects out of the collector's reach
 print("ok")
 """
 
 
 def test_warm_up_loads_what_the_first_request_would_load_lazily() -> None:
     """In a fresh interpreter (this one has loaded everything already): what the worker_init
-    hook loads is what httpx's async path otherwise loads on the first client and request."""
+    hook loads is what httpx's async path otherwise loads on the first client and request, and
+    it freezes start-up objects so a full collection does not stall a worker's loop."""
     done = subprocess.run(
         [sys.executable, "-W", "error", "-c", _WARM_UP_CHECK],
         capture_output=True, text=True, timeout=60, check=False,

@@ -124,14 +124,14 @@ def _two_workers(env: dict[str, str], chunks: queue.Queue[Chunk]) -> None:
 
     def work() -> None:
         try:
-            rt = Runtime.from_settings(Settings.from_env(env))
-            start.wait(10)
-            while True:
-                try:
-                    chunk = chunks.get_nowait()
-                except queue.Empty:
-                    return
-                execute_chunk(chunk, rt)
+            with Runtime.from_settings(Settings.from_env(env)) as rt:
+                start.wait(10)
+                while True:
+                    try:
+                        chunk = chunks.get_nowait()
+                    except queue.Empty:
+                        return
+                    execute_chunk(chunk, rt)
         except BaseException as exc:
             errors.append(exc)
 

@@ -11,6 +11,8 @@
     │   ├── BadImageError          the service refused this image: terminal row with the code
     │   └── FatalApiError          credentials, signature, permission, billing: stop the fleet
     ├── TransportError             timeout, reset, malformed body: no usable answer, retry
+    ├── SlotMissed                 a request could not leave by its rate-limit slot's deadline:
+    │                              nothing was sent; book a new slot
     └── Paused                     the fleet may not call now; the image stays pending
         ├── FleetStopped           a fatal error stopped the fleet (carries the code)
         ├── CircuitOpen            most recent calls failed: the service looks down
@@ -37,6 +39,7 @@ __all__ = [
     "Paused",
     "QuotaExhausted",
     "RetryableApiError",
+    "SlotMissed",
     "TransportError",
     "Verdict",
 ]
@@ -119,6 +122,15 @@ class TransportError(CarnumberError):
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
+
+
+class SlotMissed(CarnumberError):
+    """The request would have started onto the wire ``late_s`` seconds after its deadline (its
+    rate-limit slot plus what the pacing guard allows); it was not sent."""
+
+    def __init__(self, late_s: float) -> None:
+        super().__init__(f"request held up {late_s * 1000:.1f} ms past its rate-limit slot's deadline")
+        self.late_s = late_s
 
 
 class Paused(CarnumberError):

@@ -1,8 +1,8 @@
 """Per-call counters: how many API calls ended with which code, and how long they took.
 
-Workers count every call through :class:`CallCounter` (hook it to ``Runtime.on_call``); the
-``carnumber metrics`` exporter reads the counts back with :func:`read_call_stats`. Two hashes per
-account, both bumped with HINCRBY in one pipeline:
+Workers count every call through :class:`CallCounter` (the engine hooks its ``record`` to every
+call); the ``carnumber metrics`` exporter reads the counts back with :func:`read_call_stats`. Two
+hashes per account, both bumped with HINCRBY in one pipeline:
 
 * ``calls:{account}:total`` — never expires; a Prometheus counter.
 * ``calls:{account}:m:YYYYMMDDHHMM`` — one per UTC minute (the worker's clock), expiring after
@@ -77,7 +77,14 @@ class CallCounter:
         self._last_flush = clock()
 
     def __call__(self, code: str, elapsed_s: float | None = None) -> None:
-        """Count one call that ended with ``code`` ("ok" for an answer), taking ``elapsed_s``."""
+        """Count one call that ended with ``code`` ("ok" for an answer), taking ``elapsed_s``;
+        writes what is buffered when ``flush_s`` has passed (a Redis round trip, so an event
+        loop uses :meth:`record` and flushes from a thread instead)."""
+        if self.record(code, elapsed_s):
+            self.flush()
+
+    def record(self, code: str, elapsed_s: float | None = None) -> bool:
+        """Buffer one call's outcome without any I/O; ``True`` when a flush is due."""
         now = self._clock()
         fields = Counter({_code_field(code): 1})
         if elapsed_s is not None and elapsed_s >= 0:
@@ -89,9 +96,7 @@ class CallCounter:
                     fields[f"lat_le:{bound}"] = 1
         with self._lock:
             self._pending.setdefault(minute_bucket(now), Counter()).update(fields)
-            due = now - self._last_flush >= self.flush_s
-        if due:
-            self.flush()
+            return now - self._last_flush >= self.flush_s
 
     def flush(self) -> None:
         """Write what is buffered (one pipeline). Call it when a chunk ends, too."""

@@ -1,9 +1,10 @@
 """Process one chunk: resolve each image, call the API concurrently, and turn outcomes into rows.
 
-Plain async functions over plain data; the Celery task (``workers/tasks.py``) only decodes the
-message, builds a :class:`ChunkContext`, runs :func:`process_chunk` and hands the result to the
-sink. Per image: admit (``Gate``) → call → on error ask the :class:`RetryPolicy`; backoff waits
-hold neither a token nor a concurrency slot, and end early if the fleet pauses. One image's
+Plain async functions over plain data; the engine (``workers/engine.py``) builds the
+:class:`ChunkContext` once per process and runs :func:`process_chunk` for each chunk; the runner
+hands the result to the sink. Per image: admit (``Gate``) → call (not sent if held up past the
+slot's ``send_by``: admitted again) → on error ask the :class:`RetryPolicy`; backoff waits hold
+neither a token nor a concurrency slot, and end early if the fleet pauses. One image's
 crash becomes that image's failed row; the others carry on. While the circuit is open, images
 wait for the breaker's probe. When the fleet stops (fatal error) or the quota is spent, images
 not yet answered come back as ``pending``.
@@ -14,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -31,6 +33,7 @@ from workers.errors import (
     ImageRejected,
     InputError,
     Paused,
+    SlotMissed,
     TransportError,
 )
 from workers.message import Chunk, ImageRef
@@ -41,9 +44,14 @@ __all__ = ["ChunkContext", "ChunkResult", "process_chunk"]
 
 log = logging.getLogger(__name__)
 
+# Slots in a row a request may miss (held up past ``send_by``, nothing sent) before it is sent
+# without a deadline: a process that late every time is overloaded, and never sending helps
+# nobody (a throttle, if one comes, slows the fleet).
+MAX_MISSED_SLOTS = 3
+
 
 class Recognizer(Protocol):
-    async def recognize(self, image: Image) -> Recognition: ...
+    async def recognize(self, image: Image, *, send_by: float = math.inf) -> Recognition: ...
 
 
 class Resolver(Protocol):
@@ -70,7 +78,9 @@ class ChunkContext:
     policy: Policy
     fleet: Fleet
     breaker: Breaker
-    concurrency: int = 16
+    # Calls in flight at once. Shared by every chunk the process runs (``workers.engine``), so
+    # a second chunk's images queue behind the first's: waiters are served in arrival order.
+    slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(16))
     circuit_wait_s: float = 1.0  # how often a waiting image asks an open circuit again
     on_call: Callable[[str, float], None] | None = None  # metrics: ("ok" or error code, seconds)
 
@@ -101,12 +111,11 @@ async def process_chunk(chunk: Chunk, ctx: ChunkContext) -> ChunkResult:
         # A missing extra, endpoint or storage credential fails every image alike: stop, don't fail.
         await ctx.fleet.stop("local.config", str(exc), chunk.run_id)
         return ChunkResult(pending=list(chunk.images), pause=FleetStopped("local.config", str(exc)))
-    slots = asyncio.Semaphore(ctx.concurrency)
     paused = asyncio.Event()
 
     async def guarded(ref: ImageRef, target: Image | CarnumberError) -> _Outcome:
         try:
-            return await _one(chunk.run_id, ref, target, ctx, slots, paused)
+            return await _one(chunk.run_id, ref, target, ctx, paused)
         except Exception as exc:  # a bug must cost one image, not the chunk
             log.exception("image %s crashed", ref.image_id)
             failure = Failure("local.internal", f"{type(exc).__name__}: {exc}", retryable=True)
@@ -141,7 +150,6 @@ async def _one(
     ref: ImageRef,
     target: Image | CarnumberError,
     ctx: ChunkContext,
-    slots: asyncio.Semaphore,
     paused: asyncio.Event,
 ) -> _Outcome:
     if isinstance(target, ImageRejected):
@@ -155,26 +163,39 @@ async def _one(
         return _Outcome(failure_rows(run_id, ref, Failure(code, str(target), True), 0), 0)
 
     attempt = 0
+    missed = 0  # slots in a row this attempt's request could not leave by (nothing sent)
     while True:
         if paused.is_set():
             return _Outcome(None, attempt)
         error: ApiError | TransportError | None = None
-        async with slots:
+        async with ctx.slots:
             try:
-                await ctx.gate.admit()
+                slot = await ctx.gate.admit()
             except CircuitOpen:
                 pass  # the service looks down: wait for the breaker's probe instead of parking
             except Paused as pause:
                 paused.set()
                 return _Outcome(None, attempt, pause)
             else:
-                attempt += 1
+                send_by = slot.send_by if missed < MAX_MISSED_SLOTS else math.inf
                 sent = time.monotonic()
                 try:
-                    rec = await ctx.client.recognize(target)
+                    rec = await ctx.client.recognize(target, send_by=send_by)
+                except SlotMissed:
+                    # Held up past the slot: sending now could crowd the service's window.
+                    missed += 1
+                    try:
+                        await ctx.gate.abandon(slot)
+                    except Paused as pause:
+                        paused.set()
+                        return _Outcome(None, attempt, pause)
+                    continue
                 except (ApiError, TransportError) as exc:
+                    attempt += 1
+                    missed = 0
                     error = exc
                 else:
+                    attempt += 1
                     await ctx.breaker.record(True)
                     if ctx.on_call:
                         ctx.on_call("ok", time.monotonic() - sent)

@@ -1,7 +1,8 @@
 """Run one chunk end to end: build the async services, process, write the part, do the books.
 
-:class:`Runtime` is built once per worker process (settings, Redis, output dataset, resolver);
-:func:`execute_chunk` is what the Celery task calls, and what tests call without Celery.
+:class:`Runtime` is built once per worker process (settings, Redis, output dataset, and the
+:class:`~workers.engine.Engine` that runs chunks on one long-lived event loop); :func:`execute_chunk`
+is what the Celery task calls, from any pool thread, and what tests call without Celery.
 Order matters for exactly-once rows: write the part (atomic rename) → count it → park what is
 pending → return (the task acks). A crash anywhere before the ack redelivers the same message,
 which rewrites the same part name and is counted once.
@@ -9,22 +10,18 @@ which rewrites the same part name and is counted once.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from dataclasses import dataclass
 
-import httpx
 import redis
-import redis.asyncio as aredis
 
-from workers.admission import Gate
-from workers.api.client import AsyncClient, http_timeout
 from workers.config import Settings
+from workers.engine import Engine
 from workers.errors import FleetStopped
 from workers.keys import Keys, account_tag
 from workers.message import Chunk
 from workers.metrics import CallCounter
-from workers.pipeline import ChunkContext, ChunkResult, process_chunk
+from workers.pipeline import ChunkResult
 from workers.runs import RunStore
 from workers.sink.dataset import Dataset, open_dataset
 
@@ -39,8 +36,7 @@ class Runtime:
     redis: redis.Redis
     runs: RunStore
     dataset: Dataset
-    resolver: object
-    on_call: CallCounter | None = None
+    engine: Engine
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Runtime:
@@ -49,56 +45,31 @@ class Runtime:
         creds = settings.credentials()  # fail fast, naming the variables
         client = redis.Redis.from_url(settings.broker_url)
         keys = Keys(settings.key_prefix)
+        counter = CallCounter(client, keys, account_tag(creds.access_key_id))
         return cls(
             settings=settings,
             redis=client,
             runs=RunStore(client, keys),
             dataset=open_dataset(settings.output),
-            resolver=Resolver(settings),
-            on_call=CallCounter(client, keys, account_tag(creds.access_key_id)),
+            engine=Engine(settings, Resolver(settings), counter),
         )
 
+    def close(self) -> None:
+        """Stop the engine and close connections."""
+        self.engine.close()
+        self.redis.close()
 
-async def _process(chunk: Chunk, rt: Runtime) -> ChunkResult:
-    from workers.fleet import CircuitBreaker, FleetControl
-    from workers.ratelimit import from_settings as limits_from_settings
-    from workers.retry import RetryPolicy
+    def __enter__(self) -> Runtime:
+        return self
 
-    s = rt.settings
-    creds = s.credentials()
-    keys = Keys(s.key_prefix)
-    account = account_tag(creds.access_key_id)
-    # Short timeouts: an unreachable Redis must pause calls quickly, not hang the chunk.
-    ar = aredis.Redis.from_url(
-        s.broker_url, socket_timeout=10, socket_connect_timeout=5
-    )
-    limits = httpx.Limits(max_connections=s.concurrency, max_keepalive_connections=s.concurrency)
-    try:
-        async with httpx.AsyncClient(timeout=http_timeout(s), limits=limits) as http:
-            limiter, quota = limits_from_settings(s, ar)
-            fleet = FleetControl(ar, keys, account)
-            breaker = CircuitBreaker(ar, keys, account)
-            ctx = ChunkContext(
-                client=AsyncClient(s.endpoint, creds, http),
-                resolver=rt.resolver,  # type: ignore[arg-type]
-                gate=Gate(fleet=fleet, breaker=breaker, limiter=limiter, quota=quota),
-                policy=RetryPolicy.from_settings(s),
-                fleet=fleet,
-                breaker=breaker,
-                concurrency=s.concurrency,
-                on_call=rt.on_call,
-            )
-            return await process_chunk(chunk, ctx)
-    finally:
-        await ar.aclose()
+    def __exit__(self, *_: object) -> None:
+        self.close()
 
 
 def execute_chunk(chunk: Chunk, rt: Runtime) -> ChunkResult:
     """Process ``chunk`` and make its outcome durable. Raises only on infrastructure trouble
     (Redis, output store), which the task retries."""
-    result = asyncio.run(_process(chunk, rt))
-    if rt.on_call is not None:
-        rt.on_call.flush()
+    result = rt.engine.run(chunk)
     done = len(chunk.images) - len(result.pending)
     if result.rows:
         pending_ids = {r.image_id for r in result.pending}

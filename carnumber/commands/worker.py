@@ -11,11 +11,23 @@ __all__ = ["add_arguments", "main"]
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "-c", "--concurrency", type=int, help="worker processes (default: CPU count)"
+        "-c",
+        "--concurrency",
+        type=int,
+        help="chunks run at once: pool processes (prefork; default: CPU count) or pool threads "
+        "of one process (threads)",
     )
     parser.add_argument("-n", "--hostname", help="node name, e.g. worker1@%%h")
     parser.add_argument("-l", "--loglevel", default="INFO")
-    parser.add_argument("--pool", default="prefork", choices=["prefork", "solo", "threads"])
+    parser.add_argument(
+        "--pool",
+        default="prefork",
+        choices=["prefork", "solo", "threads"],
+        help="prefork (default): one chunk at a time per process, a crashed process is replaced "
+        "and its chunk requeued at once. threads: the chunks of one process share its "
+        "CARNUMBER_CONCURRENCY call slots, so the next chunk's calls go out while the last "
+        "ones of the previous chunk are in flight; best for a slow API (see ops/README.md)",
+    )
     parser.add_argument("--max-tasks-per-child", type=int, help="recycle a process after N chunks")
 
 

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -25,7 +27,7 @@ from workers.api.codes import api_error
 from workers.api.response import Recognition, parse_envelope
 from workers.api.signing import canonical_query, sha256_hex, sign
 from workers.config import Credentials, Settings
-from workers.errors import ImageRejected, TransportError
+from workers.errors import ImageRejected, SlotMissed, TransportError
 from workers.message import redact_url
 
 __all__ = [
@@ -215,16 +217,36 @@ class AsyncClient(_Base):
         super().__init__(endpoint, credentials)
         self.http = http
 
-    async def recognize(self, image: Image) -> Recognition:
-        """One attempt. Raises :class:`ApiError` subclasses or :class:`TransportError`."""
+    async def recognize(self, image: Image, *, send_by: float = math.inf) -> Recognition:
+        """One attempt. Raises :class:`ApiError` subclasses or :class:`TransportError`.
+
+        ``send_by`` (``time.monotonic()`` seconds): the request's first byte must go out by then,
+        checked by the HTTP connection right before it writes (after signing, connection pooling
+        and any stall of this process); past it nothing is sent and :class:`SlotMissed` is
+        raised. The rate limiter's slot sets it (``workers.ratelimit.Slot``)."""
         req = self._prepare(image)
+        extensions = {} if math.isinf(send_by) else {"trace": _deadline(send_by)}
         try:
             resp = await self.http.request(
-                req.method, req.url, headers=req.headers, content=req.content
+                req.method, req.url, headers=req.headers, content=req.content,
+                extensions=extensions,
             )
         except httpx.HTTPError as exc:
             raise _translate(exc, self.endpoint) from None
         return read_response(resp.status_code, resp.headers, resp.content)
+
+
+def _deadline(send_by: float) -> Callable[[str, Any], Awaitable[None]]:
+    """An httpcore ``trace`` hook that refuses to start writing a request after ``send_by``
+    (httpcore leaves the connection idle and reusable when a hook raises before the write)."""
+
+    async def hook(event: str, info: Any) -> None:
+        if event.endswith(".send_request_headers.started"):
+            late_s = time.monotonic() - send_by
+            if late_s > 0:
+                raise SlotMissed(late_s)
+
+    return hook
 
 
 def warm_up() -> None:

@@ -21,7 +21,7 @@ from workers.errors import ConfigError
 from workers.keys import Keys, account_tag
 from workers.ratelimit.backend import Backend, QuotaState, RateState
 from workers.ratelimit.gcra import Grant, Rate
-from workers.ratelimit.limiter import RateLimiter
+from workers.ratelimit.limiter import RateLimiter, Slot
 from workers.ratelimit.memory import MemoryBackend
 from workers.ratelimit.quota import CallQuota
 from workers.ratelimit.redis_backend import RedisBackend
@@ -41,6 +41,7 @@ __all__ = [
     "RateLimiter",
     "RateState",
     "RedisBackend",
+    "Slot",
     "from_settings",
 ]
 

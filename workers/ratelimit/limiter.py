@@ -10,7 +10,11 @@ takes effect within one slot per process, and a cancelled waiter wastes nothing)
 Delivery lateness: slots are paced ``guard_s`` slower than ``qps`` per second, so a call may reach
 the service up to ``guard_s`` after its slot without crowding any one-second window; a waiter that
 wakes more than ``late_s`` after its slot does not send on it: it gives the slot back when nobody
-booked after it and books a new one. See ``ops/design/rate-limit.md``.
+booked after it and books a new one. What follows the wake-up (the admission's other checks,
+signing, the HTTP client's own work, a stall of the process) is covered by the :class:`Slot`'s
+``send_by``: the client checks it just before the request's first byte goes out and, when it has
+passed, sends nothing (:meth:`RateLimiter.abandon`, then a new slot). See
+``ops/design/rate-limit.md``.
 """
 
 from __future__ import annotations
@@ -19,13 +23,22 @@ import asyncio
 import logging
 import math
 from collections.abc import Coroutine
+from dataclasses import dataclass
 from typing import Any
 
 from workers.errors import CarnumberError, ConfigError
 from workers.ratelimit.backend import Backend, RateState
 from workers.ratelimit.gcra import PPM, Grant, Rate
 
-__all__ = ["DELIVERY_MARGIN_S", "MAX_REBOOKS", "RateLimiter", "default_late_s"]
+__all__ = [
+    "DELIVERY_MARGIN_S",
+    "MAX_REBOOKS",
+    "SEND_MARGIN_S",
+    "RateLimiter",
+    "Slot",
+    "default_late_s",
+    "default_send_late_s",
+]
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +53,30 @@ MAX_REBOOKS = 3
 # max 6.9 ms (``ops/design/rate-limit.md``): 4 ms covers the p99 and the sub-ms return trip. A
 # stall *after* acquire (the max) is beyond any re-book's reach whatever the threshold.
 DELIVERY_MARGIN_S = 0.004
+
+
+# What the guard must still cover after the request's last check (``Slot.send_by``), seconds:
+# writing the request and its trip to the service's counter. Measured on loopback, written to
+# counted p50 0.5 ms, p99 0.9-1.7 ms (``ops/design/rate-limit.md``).
+SEND_MARGIN_S = 0.002
+
+
+def default_send_late_s(guard_s: float) -> float:
+    """How long after its slot a request may still start onto the wire, seconds: the guard less
+    :data:`SEND_MARGIN_S`, never less than half the guard; ``inf`` (no deadline) without one."""
+    if guard_s <= 0:
+        return math.inf
+    return max(guard_s / 2, guard_s - SEND_MARGIN_S)
+
+
+@dataclass(frozen=True, slots=True)
+class Slot:
+    """One admission. ``send_by``: the latest moment, on this host's monotonic clock (the event
+    loop's ``time()``), at which the request may start onto the wire (``inf``: any time);
+    ``grant``: the reservation, to give back if the request is not sent (``None``: unlimited)."""
+
+    send_by: float = math.inf
+    grant: Grant | None = None
 
 
 def default_late_s(guard_s: float) -> float:
@@ -67,7 +104,10 @@ class RateLimiter:
     :attr:`late_returned`; the fleet's schedule is then not pushed out) and books a new one (at
     most :data:`MAX_REBOOKS` times in a row; counted in :attr:`late_rebooks`). Lateness is
     measured on this host's monotonic clock from when the reservation's answer arrived (see
-    :meth:`acquire`).
+    :meth:`acquire`). ``send_late_s`` (seconds, default :func:`default_send_late_s`, ``inf`` =
+    none): how long after its slot a request may still start onto the wire; the returned
+    :class:`Slot` carries the deadline, and a request that misses it is not sent
+    (:meth:`abandon`; counted in :attr:`abandoned`).
     An instance belongs to one event loop at a time (build one per ``asyncio.run``; it is cheap).
     Raises :class:`~workers.errors.ConfigError` for bad arguments.
     """
@@ -85,6 +125,7 @@ class RateLimiter:
         hold_s: float = 1.0,
         guard_s: float = 0.0,
         late_s: float | None = None,
+        send_late_s: float | None = None,
     ) -> None:
         self.backend = backend
         self.key = key
@@ -93,8 +134,15 @@ class RateLimiter:
         self.late_s = default_late_s(self.rate.guard_s) if late_s is None else late_s
         if not (math.isfinite(self.late_s) and self.late_s >= 0):
             raise ConfigError(f"late_s must be >= 0 (0 = off), got {late_s}")
+        self.send_late_s = (
+            default_send_late_s(self.rate.guard_s) if send_late_s is None else send_late_s
+        )
+        if math.isnan(self.send_late_s) or self.send_late_s < 0:
+            raise ConfigError(f"send_late_s must be >= 0 (inf = no deadline), got {send_late_s}")
         self.late_rebooks = 0  # slots this limiter's waiters woke too late for and did not use
         self.late_returned = 0  # of those, slots given back (nobody had booked after them)
+        self.abandoned = 0  # slots whose request could not leave by ``send_by`` (see ``abandon``)
+        self.abandoned_returned = 0  # of those, slots given back
         self._gate: tuple[asyncio.AbstractEventLoop, asyncio.Lock] | None = None
         self._background: set[asyncio.Task[object]] = set()
 
@@ -104,9 +152,10 @@ class RateLimiter:
             f"guard_s={self.rate.guard_s})"
         )
 
-    async def acquire(self) -> None:
+    async def acquire(self) -> Slot:
         """Wait until this caller may send one request (on a slot it woke for within ``late_s``,
-        see the class). Cancellation-safe: a cancelled waiter is not admitted, and its reserved
+        see the class) and return the :class:`Slot`, whose ``send_by`` is the slot plus
+        ``send_late_s``. Cancellation-safe: a cancelled waiter is not admitted, and its reserved
         slot is given back when no later one was booked.
         Raises :class:`~workers.errors.Paused` when the backend is unreachable.
 
@@ -119,7 +168,7 @@ class RateLimiter:
         over-states it by the whole round trip (p99 2.4 ms on a loaded box), which made waiters
         woken on time give up good slots."""
         if self.rate.unlimited:
-            return
+            return Slot()
         loop = asyncio.get_running_loop()
         async with self._local_queue():
             for rebooks in range(MAX_REBOOKS + 1):
@@ -133,13 +182,13 @@ class RateLimiter:
                         raise
                 lateness_s = loop.time() - due
                 if self.late_s <= 0 or lateness_s <= self.late_s:
-                    return
+                    return Slot(due + self.send_late_s, grant)
                 if rebooks == MAX_REBOOKS:
                     log.warning(
                         "rate limit %s: woke %.1f ms after the slot %d times in a row (event "
                         "loop overloaded?); sending anyway", self.key, lateness_s * 1000, rebooks + 1,
                     )
-                    return
+                    return Slot(math.inf, grant)
                 # The moment has passed: the slot is not used (slower, never faster). Given back
                 # first, so when nobody booked after it the new reservation takes its place at
                 # once instead of pushing the fleet's schedule out by one slot.
@@ -149,6 +198,16 @@ class RateLimiter:
                     "rate limit %s: woke %.1f ms late, slot %s, booking again", self.key,
                     lateness_s * 1000, "given back" if returned else "lost",
                 )
+        raise AssertionError("unreachable: the last pass returns")
+
+    async def abandon(self, slot: Slot) -> None:
+        """The request admitted on ``slot`` was not sent (it missed ``send_by``): give the slot
+        back when nobody booked after it. Never raises."""
+        if slot.grant is None:
+            return
+        self.abandoned += 1
+        if await self._give_back(slot.grant):
+            self.abandoned_returned += 1
 
     async def on_throttled(self) -> None:
         """The service answered Throttling: lower the shared rate (best effort, never raises)."""

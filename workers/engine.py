@@ -1,0 +1,166 @@
+"""A worker process's long-lived async engine: one event loop on its own thread, and the services
+every chunk shares.
+
+Built once per process (after the fork) and started on first use, it keeps for the life of the
+process what a chunk used to build and tear down: the HTTP connection pool (connections stay
+open between chunks), the async Redis client, the limiter and quota, the fleet switch and the
+breaker, and one pool of ``concurrency`` call slots. :meth:`Engine.run` runs a chunk on that
+loop from any thread and blocks until its outcome is known.
+
+Why one pool of slots for the process: a process that runs one chunk at a time books no calls
+while its chunk's last ones are in flight, one API latency per chunk, and processes that share a
+limit drift into finishing their chunks together. When a process runs two chunks at once (the
+worker's threads pool, ``--pool threads --concurrency 2``), both queue for the same slots, which
+hand over in arrival order: the second chunk's images wait behind the first's and take over
+while its last calls are in flight, so the process keeps booking across chunk boundaries and
+its calls in flight never exceed ``concurrency``.
+
+Nothing slow runs on the loop: image reading goes to threads, and call counters are written to
+Redis from a thread every ``flush_s``, so a waiter woken for its slot is never held up by them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+import httpx
+import redis.asyncio as aredis
+
+from workers.admission import Gate
+from workers.api.client import AsyncClient, http_timeout
+from workers.config import Settings
+from workers.keys import Keys, account_tag
+from workers.message import Chunk
+from workers.metrics import CallCounter
+from workers.pipeline import ChunkContext, ChunkResult, Resolver, process_chunk
+
+__all__ = ["Engine"]
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class Engine:
+    """Runs chunks for one process on one event loop with shared services (see the module).
+
+    ``counter``: where call outcomes are counted (written to Redis every ``counter.flush_s``
+    from a thread, and when a chunk ends). Thread-safe; :meth:`close` when done (a daemon
+    thread otherwise dies with the process).
+    """
+
+    def __init__(
+        self, settings: Settings, resolver: Resolver, counter: CallCounter | None = None
+    ) -> None:
+        self.settings = settings
+        self.resolver = resolver
+        self.counter = counter
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._ctx: ChunkContext | None = None
+        self._closers: list[Any] = []
+        self._flusher: asyncio.Task[None] | None = None
+
+    def run(self, chunk: Chunk) -> ChunkResult:
+        """Process ``chunk`` on the engine's loop; blocks the calling thread until it is done."""
+        return self._call(self._process(chunk))
+
+    def _call(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run ``coro`` on the engine's loop and wait for its result (cancelled if the waiting
+        thread is interrupted)."""
+        future = asyncio.run_coroutine_threadsafe(coro, self._started())
+        try:
+            return future.result()
+        except BaseException:
+            future.cancel()
+            raise
+
+    def close(self) -> None:
+        """Close connections and stop the loop's thread. Idempotent."""
+        with self._lock:
+            loop, thread = self._loop, self._thread
+            self._loop = self._thread = None
+        if loop is None or thread is None:
+            return
+        with contextlib.suppress(Exception):
+            asyncio.run_coroutine_threadsafe(self._aclose(), loop).result(timeout=10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=10)
+        if not thread.is_alive():
+            loop.close()
+
+    # -- internals ----------------------------------------------------------------------------
+    def _started(self) -> asyncio.AbstractEventLoop:
+        with self._lock:
+            if self._loop is None:
+                loop = asyncio.new_event_loop()
+                thread = threading.Thread(
+                    target=loop.run_forever, name="carnumber-engine", daemon=True
+                )
+                thread.start()
+                self._loop, self._thread = loop, thread
+            return self._loop
+
+    async def _process(self, chunk: Chunk) -> ChunkResult:
+        try:
+            return await process_chunk(chunk, await self._context())
+        finally:
+            if self.counter is not None:
+                await asyncio.to_thread(self.counter.flush)
+
+    async def _context(self) -> ChunkContext:
+        """The shared services, built on the loop by the first chunk (no await before the
+        assignment, so two first chunks cannot build two)."""
+        if self._ctx is not None:
+            return self._ctx
+        from workers.fleet import CircuitBreaker, FleetControl
+        from workers.ratelimit import from_settings as limits_from_settings
+        from workers.retry import RetryPolicy
+
+        s = self.settings
+        creds = s.credentials()
+        keys = Keys(s.key_prefix)
+        account = account_tag(creds.access_key_id)
+        # Short timeouts: an unreachable Redis must pause calls quickly, not hang a chunk.
+        ar = aredis.Redis.from_url(s.broker_url, socket_timeout=10, socket_connect_timeout=5)
+        limits = httpx.Limits(
+            max_connections=s.concurrency, max_keepalive_connections=s.concurrency
+        )
+        http = httpx.AsyncClient(timeout=http_timeout(s), limits=limits)
+        limiter, quota = limits_from_settings(s, ar)
+        fleet = FleetControl(ar, keys, account)
+        breaker = CircuitBreaker(ar, keys, account)
+        self._ctx = ChunkContext(
+            client=AsyncClient(s.endpoint, creds, http),
+            resolver=self.resolver,
+            gate=Gate(fleet=fleet, breaker=breaker, limiter=limiter, quota=quota),
+            policy=RetryPolicy.from_settings(s),
+            fleet=fleet,
+            breaker=breaker,
+            slots=asyncio.Semaphore(s.concurrency),
+            on_call=self.counter.record if self.counter is not None else None,
+        )
+        self._closers = [http.aclose, ar.aclose]
+        if self.counter is not None:
+            self._flusher = asyncio.ensure_future(self._flush_every(self.counter))
+        return self._ctx
+
+    async def _flush_every(self, counter: CallCounter) -> None:
+        while True:
+            await asyncio.sleep(counter.flush_s)
+            await asyncio.to_thread(counter.flush)
+
+    async def _aclose(self) -> None:
+        if self._flusher is not None:
+            self._flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._flusher
+        for close in self._closers:
+            with contextlib.suppress(Exception):
+                await close()
+        self._ctx, self._closers, self._flusher = None, [], None
