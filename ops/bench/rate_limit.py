@@ -13,13 +13,15 @@ For each Q (default 10 and 50), one case after the other, each with its own loca
              set on the task on every node (remote control ``rate_limit``). Celery limits task
              *messages* per node, so this mode uses chunks of ONE image to compare like with like.
 ``latency``  server ``--latency-ms 500`` at Q = 50 through our limiter, ONE worker node
-             (``latency-1@hostA``), 2 pool processes x ceil(Q x 0.5 s x 1.5) = 38 calls in flight
-             each (76 in all, so either process alone can carry Q), chunks of
-             ceil(50 x latency x Q / processes) = 625 images. Why not the default 200: at the end
-             of a chunk a process books nothing while its last calls are in flight (one latency),
-             and the two processes, sharing the rate equally, finish their chunks in lockstep, so
-             the fleet idles ~latency per chunk; a chunk lasts chunk x processes / Q s, so 50 x
-             that keeps the loss near 2 % (with 200: a chunk every 8 s, ~0.5/8 = 6 % lost).
+             (``latency-1@hostA``) as an operator would run it for a slow API: the threads pool
+             (``--latency-pool``, default ``threads``) with 2 pool threads in one process,
+             ceil(Q x 0.5 s x 1.5) = 38 calls in flight for the process, the product's chunks of
+             200. The two chunks a process runs at once share its call slots (``workers.engine``),
+             so the next chunk's calls go out while the last calls of the one before are in
+             flight. With ``--latency-pool prefork`` (2 processes, 38 in flight each), each
+             process runs one chunk at a time and books nothing while its last calls are in
+             flight: one latency lost per chunk whenever both processes end a chunk together,
+             which, sharing the rate equally, they tend to.
 
 Each case enqueues Q x (warm-up + seconds + 10) images (never idle), waits until every node
 answers a ping, and measures a steady window of ``--seconds`` that starts ``--warmup`` s after the
@@ -41,6 +43,7 @@ in any second), time nobody had booked, wake-up lateness and slot-to-server dela
     python ops/bench/rate_limit.py --seconds 10 --qps 10     # a quick look
     python ops/bench/rate_limit.py --modes limiter --trace --dump /tmp/rl   # where time goes
     python ops/bench/rate_limit.py --modes limiter --guard-ms 0  # without the pacing guard
+    python ops/bench/rate_limit.py --modes latency --latency-pool prefork   # the idle tails
 
 The workers run the product as shipped: pacing guard (``--guard-ms`` overrides
 ``CARNUMBER_RATE_GUARD_MS``; 0 also turns the late re-book off), httpx warmed up at
@@ -97,13 +100,13 @@ def build_cases(args: argparse.Namespace) -> list[Case]:
     if "latency" in modes:
         q = args.latency_qps
         per_process = args.latency_concurrency or math.ceil(q * args.latency_ms / 1000.0 * 1.5)
-        processes = args.latency_processes
-        chunk = args.latency_chunk_size or math.ceil(50 * args.latency_ms / 1000.0 * q / processes)
-        cases.append(Case(mode="limiter", qps=q, nodes=(("latency-1@hostA", processes),),
+        pool = args.latency_pool
+        cases.append(Case(mode="limiter", qps=q, nodes=(("latency-1@hostA", args.latency_processes),),
                           concurrency=per_process,
-                          chunk_size=chunk,
-                          images=images(q), latency_ms=args.latency_ms,
-                          label=f"limiter, {args.latency_ms:g} ms latency, 1 node{suffix}", **common))
+                          chunk_size=args.latency_chunk_size,
+                          images=images(q), latency_ms=args.latency_ms, pool=pool,
+                          label=f"limiter, {args.latency_ms:g} ms latency, 1 node, {pool} pool{suffix}",
+                          **common))
     return cases
 
 
@@ -118,12 +121,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--chunk-size", type=int, default=0, help="limiter mode; default Q")
     p.add_argument("--latency-qps", type=int, default=50)
     p.add_argument("--latency-ms", type=float, default=500.0)
-    p.add_argument("--latency-processes", type=int, default=2, help="pool processes of the one node")
+    p.add_argument("--latency-pool", default="threads", choices=["threads", "prefork"],
+                   help="the latency node's Celery pool (default threads: one process)")
+    p.add_argument("--latency-processes", type=int, default=2,
+                   help="the latency node's --concurrency: pool threads (or processes)")
     p.add_argument("--latency-concurrency", type=int, default=0,
                    help="calls in flight per process; default Q x latency x 1.5")
-    p.add_argument("--latency-chunk-size", type=int, default=0,
-                   help="default ceil(50 x latency x Q / processes) = 625 (see above); "
-                        "CARNUMBER_CHUNK_SIZE's own default is 200")
+    p.add_argument("--latency-chunk-size", type=int, default=200,
+                   help="images per chunk (default 200, CARNUMBER_CHUNK_SIZE's default)")
     p.add_argument("--redis-url", default=os.environ.get("REDIS_URL"),
                    help="default: a private redis-server for the run (REDIS_URL if set)")
     p.add_argument("--guard-ms", type=float, default=None,
@@ -189,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{t.startup_delivery_max_ms:.1f} ms); woke→server p50/p99/max "
                   f"{t.admit_p50_ms:.1f}/{t.admit_p99_ms:.1f}/{t.admit_max_ms:.1f} ms"
                   + (f"; {t.rebooked} late re-book(s), {t.returned} slot(s) given back, "
-                     f"{t.rebooked - t.returned} lost" if t.rebooked else ""))
+                     f"{t.rebooked - t.returned} lost" if t.rebooked else "")
+                  + (f"; {t.missed} request(s) held up past send_by, not sent" if t.missed else ""))
     print(f"\nload average before: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; after: "
           + " ".join(f"{x:.2f}" for x in os.getloadavg())
           + f"; total {time.monotonic() - started:.0f} s")

@@ -51,7 +51,8 @@ class Case:
     ``rate_limit`` of ``qps``/s on each node). ``nodes``: (node name, pool processes) per Celery
     worker; ``concurrency``: calls in flight per process (``CARNUMBER_CONCURRENCY``);
     ``latency_ms``: added by the server per call; ``guard_ms``: ``CARNUMBER_RATE_GUARD_MS`` for
-    the workers (``None``: the product's default)."""
+    the workers (``None``: the product's default); ``pool``: each node's Celery pool (with
+    ``threads``, a node's "processes" are threads of one process sharing its call slots)."""
 
     mode: str
     qps: int
@@ -64,6 +65,7 @@ class Case:
     latency_ms: float = 0.0
     label: str = ""
     guard_ms: float | None = None
+    pool: str = "prefork"  # Celery's pool for every node: prefork (processes) or threads
 
     @property
     def name(self) -> str:
@@ -164,7 +166,8 @@ def _first_accepted(running: _Running, timeout_s: float) -> float:
             return accepted[0]
         _check_alive(running.workers)
         time.sleep(0.05)
-    raise RuntimeError(f"no call reached the server within {timeout_s:.0f} s")
+    tails = "\n".join(line for w in running.workers for line in w.lines[-15:])
+    raise RuntimeError(f"no call reached the server within {timeout_s:.0f} s; workers said:\n{tails}")
 
 
 def _check_alive(workers: Sequence[Child]) -> None:
@@ -247,7 +250,8 @@ def run_case(
         names = [name for name, _ in case.nodes]
         for name, processes in case.nodes:
             running.workers.append(
-                start_worker(env, concurrency=processes, hostname=name, extra=extra)
+                start_worker(env, concurrency=processes, hostname=name,
+                             extra=[*extra, f"--pool={case.pool}"])
             )
         _wait_for_nodes(names, running.workers)
         if case.mode == "celery":

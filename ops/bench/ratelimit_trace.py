@@ -57,7 +57,9 @@ class TraceStats:
     the same before it; ``spread_ms``: delivery max - min in the steady window; ``admit_*``:
     arrived - woke (what delivery takes after ``acquire`` returned: the part the limiter's
     ``DELIVERY_MARGIN_S`` must cover); ``rebooked``: slots callers woke too late for and did not
-    use (the limiter's late re-book); ``returned``: of those, slots given back (not wasted)."""
+    use (the limiter's late re-book); ``returned``: of those, slots given back (not wasted);
+    ``missed``: admitted requests held up past their slot's ``send_by`` and not sent (left out of
+    everything else: their slots count as unused)."""
 
     calls: int
     slots_max_1s: int
@@ -71,6 +73,7 @@ class TraceStats:
     delivery_max_ms: float
     spread_ms: float
     startup_delivery_max_ms: float
+    missed: int = 0  # admitted requests not sent: held up past the slot's send_by
     rebooked: int = 0  # slots not used by callers that woke too late (late re-book)
     returned: int = 0  # of those, slots given back because nobody had booked after them
     admit_p50_ms: float = float("nan")
@@ -84,6 +87,8 @@ def trace_stats(
     """Statistics of ``records`` (sorted by slot); the steady window is ``[start, end)`` and the
     limiter's pacing ``interval_s`` (1/qps)."""
     slots = [r["slot"] for r in records]
+    missed = sum(1 for r in records if r.get("missed"))
+    records = [r for r in records if not r.get("missed")]  # a missed slot's request never left
     steady = [r for r in records if start <= r["slot"] < end]
     early = [r for r in records if r["slot"] < start]
     gaps = [b - a for a, b in itertools.pairwise(slots)]
@@ -109,6 +114,7 @@ def trace_stats(
         delivery_max_ms=max(delivery, default=float("nan")),
         spread_ms=(max(delivery) - min(delivery)) if delivery else float("nan"),
         startup_delivery_max_ms=max(early_delivery, default=float("nan")),
+        missed=missed,
         rebooked=sum(int(r.get("rebooked", 0)) for r in records),
         returned=sum(int(r.get("returned", 0)) for r in records),
         admit_p50_ms=percentile(admit, 0.5),
