@@ -18,6 +18,7 @@ and Parquet:
     python ops/bench/reliability.py                           # 20,000 images, both scenarios
     python ops/bench/reliability.py --images 1000 --only fault
     python ops/bench/reliability.py --images 1000 --concurrency 8 --only secret
+    python ops/bench/reliability.py --only fault --pool threads --worker-processes 4 --concurrency 64
 
 Prints a markdown table; exits 1 if an invariant fails. ``REDIS_URL`` selects a Redis (keys under
 a fresh prefix, deleted afterwards); unset, an embedded one.
@@ -227,7 +228,10 @@ class Bench:
     def workers(self, secret: str = SECRET) -> Child:
         tag = uuid.uuid4().hex[:6]
         child = start_worker(
-            self.env(secret), concurrency=self.args.worker_processes, hostname=f"reliab{tag}@%h"
+            self.env(secret),
+            concurrency=self.args.worker_processes,
+            hostname=f"reliab{tag}@%h",
+            extra=[f"--pool={self.args.pool}"],
         )
         self.children.append(child)
         return child
@@ -381,7 +385,8 @@ def wrong_secret_run(b: Bench) -> list[Row]:
     stats = b.stats()
     stopped = b.summary(run_id)
     rows_while_stopped = open_dataset(str(b.work / "out")).read_run(run_id).num_rows
-    bound = a.worker_processes * a.concurrency + a.worker_processes
+    processes = a.worker_processes if a.pool == "prefork" else 1  # threads share one engine
+    bound = processes * a.concurrency + processes
     calls_stopped = int(stats["requests_total"])
     fleet = _fleet_status(b)
 
@@ -414,7 +419,7 @@ def wrong_secret_run(b: Bench) -> list[Row]:
         ),
         (
             "bound: processes x concurrency + processes",
-            f"{a.worker_processes} x {a.concurrency} + {a.worker_processes} = {bound}",
+            f"{processes} x {a.concurrency} + {processes} = {bound}",
             "",
         ),
         (
@@ -503,7 +508,10 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", type=int, default=20_000)
     p.add_argument("--only", choices=("fault", "secret"), help="run one scenario")
-    p.add_argument("--worker-processes", type=int, default=2)
+    p.add_argument("--pool", choices=("prefork", "threads"), default="prefork",
+                   help="the workers' Celery pool (threads: one process, chunks share its slots)")
+    p.add_argument("--worker-processes", type=int, default=2,
+                   help="pool processes, or pool threads (chunks at once) with --pool threads")
     p.add_argument("--concurrency", type=int, default=32, help="calls in flight per worker process")
     p.add_argument("--chunk-size", type=int, default=200)
     p.add_argument("--read-timeout-s", type=float, default=1.0, help="workers' HTTP read timeout")
@@ -554,7 +562,8 @@ def main(argv: list[str] | None = None) -> int:
         bench = Bench(args, work, redis_url, server)
         print(f"server: carnumber serve --qps 0 {' '.join(faults)}", flush=True)
         print(
-            f"workers: {args.worker_processes} processes x {args.concurrency} calls in flight, "
+            f"workers: {args.worker_processes} {'processes' if args.pool == 'prefork' else 'threads'}"
+            f" ({args.pool} pool) x {args.concurrency} calls in flight per process, "
             f"read timeout {args.read_timeout_s} s, max_attempts {args.max_attempts}, "
             f"backoff base {args.retry_base_s} s cap {args.retry_cap_s} s",
             flush=True,

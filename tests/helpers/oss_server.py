@@ -25,12 +25,14 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import sys
 import threading
 import time
 import uuid
 from dataclasses import dataclass
 from email.utils import formatdate, parsedate_to_datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 from urllib.parse import parse_qsl, quote, unquote, urlsplit
 from xml.sax.saxutils import escape
 
@@ -88,6 +90,15 @@ _SUBRESOURCES = frozenset(
 )
 
 
+class _QuietServer(ThreadingHTTPServer):
+    """A client that hangs up mid-answer (a size check that reads the headers only) is normal
+    here: no traceback on the terminal for it."""
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
+
+
 @dataclass
 class StoredObject:
     data: bytes
@@ -128,7 +139,7 @@ class FakeOss:
     # -- lifecycle --------------------------------------------------------------------------
 
     def start(self) -> FakeOss:
-        server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
+        server = _QuietServer(("127.0.0.1", 0), _handler_for(self))
         server.daemon_threads = True
         self._server = server
         self._thread = threading.Thread(target=server.serve_forever, daemon=True)
