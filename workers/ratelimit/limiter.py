@@ -108,7 +108,8 @@ class RateLimiter:
     none): how long after its slot a request may still start onto the wire; the returned
     :class:`Slot` carries the deadline, and a request that misses it is not sent
     (:meth:`abandon`; counted in :attr:`abandoned`).
-    An instance belongs to one event loop at a time (build one per ``asyncio.run``; it is cheap).
+    An instance belongs to one event loop at a time (a worker process keeps one on its engine's
+    loop, ``workers.engine``; it is cheap to build one per loop).
     Raises :class:`~workers.errors.ConfigError` for bad arguments.
     """
 
