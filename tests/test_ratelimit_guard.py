@@ -31,7 +31,6 @@ from workers.errors import ConfigError
 from workers.ratelimit import Backend, MemoryBackend, RateLimiter, from_settings
 from workers.ratelimit.gcra import PPM, Grant, Rate
 from workers.ratelimit.limiter import (
-    DELIVERY_MARGIN_S,
     MAX_REBOOKS,
     SEND_MARGIN_S,
     default_late_s,
@@ -91,11 +90,11 @@ def test_guard_widens_the_interval_and_is_validated() -> None:
         with pytest.raises(ConfigError, match="guard_s"):
             Rate(10, guard_s=bad)
     limiter = RateLimiter(MemoryBackend(), "k", 10, guard_s=0.010)
-    # default: the guard less the delivery margin (4 ms), never below half the guard
-    assert round(DELIVERY_MARGIN_S * 1000, 9) == 4
-    assert limiter.late_s == pytest.approx(0.006)
-    assert default_late_s(0.020) == pytest.approx(0.016)
-    assert default_late_s(0.006) == pytest.approx(0.003)  # guard < 2 x margin: half of it
+    # default: the send deadline's allowance, the guard less 2 ms, never below half the guard
+    assert round(SEND_MARGIN_S * 1000, 9) == 2
+    assert limiter.late_s == pytest.approx(0.008) == limiter.send_late_s
+    assert default_late_s(0.020) == pytest.approx(0.018)
+    assert default_late_s(0.003) == pytest.approx(0.0015)  # guard < 2 x margin: half of it
     assert default_late_s(0.0) == 0
     assert RateLimiter(MemoryBackend(), "k", 10).late_s == 0  # no guard: no re-book
     assert RateLimiter(MemoryBackend(), "k", 10, guard_s=0.01, late_s=0).late_s == 0
@@ -361,7 +360,7 @@ import workers.tasks  # what a worker has imported when worker_init fires
 from celery import signals
 from workers.tasks import _warm_up
 assert _warm_up in signals.worker_init._live_receivers(None)
-lazy = ("httpcore", "anyio._backends._asyncio")
+lazy = ("httpcore", "anyio._backends._asyncio", "pandas")  # pandas: Table.from_pylist's import
 assert not any(m in sys.modules for m in lazy), [m for m in lazy if m in sys.modules]
 _warm_up()
 assert all(m in sys.modules for m in lazy), [m for m in lazy if m not in sys.modules]
@@ -373,8 +372,9 @@ print("ok")
 
 def test_warm_up_loads_what_the_first_request_would_load_lazily() -> None:
     """In a fresh interpreter (this one has loaded everything already): what the worker_init
-    hook loads is what httpx's async path otherwise loads on the first client and request, and
-    it freezes start-up objects so a full collection does not stall a worker's loop."""
+    hook loads is what httpx's async path otherwise loads on the first client and request and the
+    first Parquet part on its first write, and it freezes start-up objects so a full collection
+    does not stall a worker's loop."""
     done = subprocess.run(
         [sys.executable, "-W", "error", "-c", _WARM_UP_CHECK],
         capture_output=True, text=True, timeout=60, check=False,

@@ -25,6 +25,7 @@ from workers.message import Chunk, ImageRef
 from workers.pipeline import MAX_MISSED_SLOTS, ChunkContext, process_chunk
 from workers.ratelimit import CallQuota, RateLimiter, RedisBackend
 from workers.retry import RetryPolicy
+from workers.slots import Slots
 from workers.storage import Resolver
 
 CREDS = Credentials("sendid", "sendsecret")
@@ -89,7 +90,7 @@ def test_a_missed_slot_is_admitted_again_and_costs_no_call_or_quota(
                     policy=RetryPolicy.from_settings(settings),
                     fleet=fleet,
                     breaker=breaker,
-                    slots=asyncio.Semaphore(2),
+                    slots=Slots(2),
                 )
                 result = await process_chunk(Chunk("late", "0000000", tuple(refs)), ctx)
             assert await quota.used() == len(refs)

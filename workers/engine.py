@@ -10,10 +10,11 @@ loop from any thread and blocks until its outcome is known.
 Why one pool of slots for the process: a process that runs one chunk at a time books no calls
 while its chunk's last ones are in flight, one API latency per chunk, and processes that share a
 limit drift into finishing their chunks together. When a process runs two chunks at once (the
-worker's threads pool, ``--pool threads --concurrency 2``), both queue for the same slots, which
-hand over in arrival order: the second chunk's images wait behind the first's and take over
-while its last calls are in flight, so the process keeps booking across chunk boundaries and
-its calls in flight never exceed ``concurrency``.
+worker's threads pool, ``--pool threads --concurrency 2``), both queue for the same
+:class:`~workers.slots.Slots`, which serve the older chunk first (its retries too): the second
+chunk's images wait behind the first's and take over while its last calls are in flight, so the
+process keeps booking across chunk boundaries and its calls in flight never exceed
+``concurrency``.
 
 Nothing slow runs on the loop: image reading goes to threads, and call counters are written to
 Redis from a thread every ``flush_s``, so a waiter woken for its slot is never held up by them.
@@ -38,6 +39,7 @@ from workers.keys import Keys, account_tag
 from workers.message import Chunk
 from workers.metrics import CallCounter
 from workers.pipeline import ChunkContext, ChunkResult, Resolver, process_chunk
+from workers.slots import Slots
 
 __all__ = ["Engine"]
 
@@ -65,6 +67,7 @@ class Engine:
         self._ctx: ChunkContext | None = None
         self._closers: list[Any] = []
         self._flusher: asyncio.Task[None] | None = None
+        self._started_chunks = 0
 
     def run(self, chunk: Chunk) -> ChunkResult:
         """Process ``chunk`` on the engine's loop; blocks the calling thread until it is done."""
@@ -107,8 +110,9 @@ class Engine:
             return self._loop
 
     async def _process(self, chunk: Chunk) -> ChunkResult:
+        self._started_chunks += 1  # on the loop: chunks are numbered in the order they start
         try:
-            return await process_chunk(chunk, await self._context())
+            return await process_chunk(chunk, await self._context(), self._started_chunks)
         finally:
             if self.counter is not None:
                 await asyncio.to_thread(self.counter.flush)
@@ -142,7 +146,7 @@ class Engine:
             policy=RetryPolicy.from_settings(s),
             fleet=fleet,
             breaker=breaker,
-            slots=asyncio.Semaphore(s.concurrency),
+            slots=Slots(s.concurrency),
             on_call=self.counter.record if self.counter is not None else None,
         )
         self._closers = [http.aclose, ar.aclose]

@@ -39,6 +39,7 @@ from workers.errors import (
 from workers.message import Chunk, ImageRef
 from workers.retry import service_ok
 from workers.sink.rows import Failure, failure_rows, recognition_rows
+from workers.slots import Slots
 
 __all__ = ["ChunkContext", "ChunkResult", "process_chunk"]
 
@@ -78,9 +79,9 @@ class ChunkContext:
     policy: Policy
     fleet: Fleet
     breaker: Breaker
-    # Calls in flight at once. Shared by every chunk the process runs (``workers.engine``), so
-    # a second chunk's images queue behind the first's: waiters are served in arrival order.
-    slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(16))
+    # Calls in flight at once, shared by every chunk the process runs (``workers.engine``);
+    # an older chunk's images, retries included, are served before a newer chunk's.
+    slots: Slots = field(default_factory=lambda: Slots(16))
     circuit_wait_s: float = 1.0  # how often a waiting image asks an open circuit again
     on_call: Callable[[str, float], None] | None = None  # metrics: ("ok" or error code, seconds)
 
@@ -103,8 +104,9 @@ class _Outcome:
     pause: Paused | None = None
 
 
-async def process_chunk(chunk: Chunk, ctx: ChunkContext) -> ChunkResult:
-    """Every image of ``chunk`` ends as rows or as pending; never lost, never twice."""
+async def process_chunk(chunk: Chunk, ctx: ChunkContext, priority: int = 0) -> ChunkResult:
+    """Every image of ``chunk`` ends as rows or as pending; never lost, never twice.
+    ``priority``: the chunk's place for call slots (lower first; the engine's start order)."""
     try:
         resolved = await asyncio.to_thread(ctx.resolver.resolve_many, list(chunk.images))
     except ConfigError as exc:
@@ -115,7 +117,7 @@ async def process_chunk(chunk: Chunk, ctx: ChunkContext) -> ChunkResult:
 
     async def guarded(ref: ImageRef, target: Image | CarnumberError) -> _Outcome:
         try:
-            return await _one(chunk.run_id, ref, target, ctx, paused)
+            return await _one(chunk.run_id, ref, target, ctx, paused, priority)
         except Exception as exc:  # a bug must cost one image, not the chunk
             log.exception("image %s crashed", ref.image_id)
             failure = Failure("local.internal", f"{type(exc).__name__}: {exc}", retryable=True)
@@ -151,6 +153,7 @@ async def _one(
     target: Image | CarnumberError,
     ctx: ChunkContext,
     paused: asyncio.Event,
+    priority: int,
 ) -> _Outcome:
     if isinstance(target, ImageRejected):
         return _Outcome(
@@ -168,7 +171,7 @@ async def _one(
         if paused.is_set():
             return _Outcome(None, attempt)
         error: ApiError | TransportError | None = None
-        async with ctx.slots:
+        async with ctx.slots.hold(priority):
             try:
                 slot = await ctx.gate.admit()
             except CircuitOpen:

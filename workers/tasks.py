@@ -77,14 +77,16 @@ def _check_settings(**_: Any) -> None:
 @signals.worker_init.connect
 def _warm_up(**_: Any) -> None:
     """Before the pool starts, so no call is delivered late after its rate-limit slot: load
-    httpx's lazy imports (forked pool processes inherit them), then freeze what start-up
-    allocated out of the garbage collector's reach. Unfrozen, one full collection of a worker's
-    ~70,000 start-up objects stalls its event loop for ~20 ms, twice the pacing guard; frozen,
-    it scans only what chunks allocate (and forked children stop touching, so copying, those
-    pages)."""
-    from workers.api.client import warm_up
+    what httpx and the first Parquet write import lazily (forked pool processes inherit it),
+    then freeze what start-up allocated out of the garbage collector's reach. Unfrozen, one
+    full collection of a worker's ~70,000 start-up objects stalls its event loop for ~20 ms,
+    twice the pacing guard; frozen, it scans only what chunks allocate (and forked children
+    stop touching, so copying, those pages)."""
+    from workers.api.client import warm_up as warm_up_http
+    from workers.sink.dataset import warm_up as warm_up_parquet
 
-    warm_up()
+    warm_up_http()
+    warm_up_parquet()
     gc.freeze()
 
 

@@ -46,9 +46,10 @@ in any second), time nobody had booked, wake-up lateness and slot-to-server dela
     python ops/bench/rate_limit.py --modes latency --latency-pool prefork   # the idle tails
 
 The workers run the product as shipped: pacing guard (``--guard-ms`` overrides
-``CARNUMBER_RATE_GUARD_MS``; 0 also turns the late re-book off), httpx warmed up at
-``worker_init``, and a waiter that wakes more than ``late_s`` (guard - 4 ms, at least guard/2)
-after its slot giving the slot back when it can and booking a new one.
+``CARNUMBER_RATE_GUARD_MS``; 0 also turns the late checks off), httpx warmed up and start-up
+objects frozen at ``worker_init``, a request not sent when it cannot start by its slot's
+``send_by`` (guard - 2 ms, at least guard/2) and a waiter woken after that point giving the slot
+back when it can and booking a new one.
 
 Targets (issue "One global rate limit and call quota"): >= 99 % of Q sustained (>= 98 % in the
 latency case), zero throttled responses, never more than Q + burst calls in any second.

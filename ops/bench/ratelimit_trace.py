@@ -55,8 +55,8 @@ class TraceStats:
     steady window that no caller had booked (sum of slot gaps beyond one interval); ``wake_*``:
     sleep overshoot (woke - slot); ``delivery_*``: arrived - slot, steady window; ``startup_*``:
     the same before it; ``spread_ms``: delivery max - min in the steady window; ``admit_*``:
-    arrived - woke (what delivery takes after ``acquire`` returned: the part the limiter's
-    ``DELIVERY_MARGIN_S`` must cover); ``rebooked``: slots callers woke too late for and did not
+    arrived - woke (what delivery takes after ``acquire`` returned, which the send deadline
+    bounds); ``rebooked``: slots callers woke too late for and did not
     use (the limiter's late re-book); ``returned``: of those, slots given back (not wasted);
     ``missed``: admitted requests held up past their slot's ``send_by`` and not sent (left out of
     everything else: their slots count as unused)."""

@@ -31,7 +31,6 @@ from workers.ratelimit.backend import Backend, RateState
 from workers.ratelimit.gcra import PPM, Grant, Rate
 
 __all__ = [
-    "DELIVERY_MARGIN_S",
     "MAX_REBOOKS",
     "SEND_MARGIN_S",
     "RateLimiter",
@@ -45,15 +44,6 @@ log = logging.getLogger(__name__)
 # Consecutive late wake-ups after which a waiter sends anyway: a loop that late every time is
 # overloaded, and a process that never sends helps nobody (a throttle, if any, slows the fleet).
 MAX_REBOOKS = 3
-
-# What the guard must still cover after ``acquire`` returns, seconds: the admission checks (stop
-# flag and quota, two Redis round trips), signing, the socket write and the trip to the service,
-# plus the one-way return of the reservation's answer, which the lateness measure cannot see
-# (see ``acquire``). Measured, wake-up to server arrival on a loaded 2-core box: p99 2.8-3.2 ms,
-# max 6.9 ms (``ops/design/rate-limit.md``): 4 ms covers the p99 and the sub-ms return trip. A
-# stall *after* acquire (the max) is beyond any re-book's reach whatever the threshold.
-DELIVERY_MARGIN_S = 0.004
-
 
 # What the guard must still cover after the request's last check (``Slot.send_by``), seconds:
 # writing the request and its trip to the service's counter. Measured on loopback, written to
@@ -80,12 +70,14 @@ class Slot:
 
 
 def default_late_s(guard_s: float) -> float:
-    """The default ``late_s`` for a pacing guard, seconds: the guard less what delivery after
-    ``acquire`` needs (:data:`DELIVERY_MARGIN_S`), but never less than half the guard (a guard
-    smaller than twice the margin is split evenly), and 0 (no re-book) without a guard."""
+    """The default ``late_s`` for a pacing guard, seconds: the send deadline's own allowance
+    (:func:`default_send_late_s`). A waiter woken later than that cannot send on its slot
+    anyway, so it gives the slot back and books another at once instead of signing a request
+    first; one woken earlier goes on, and the request's check at the write covers what follows.
+    0 (no re-book) without a guard."""
     if guard_s <= 0:
         return 0.0
-    return max(guard_s / 2, guard_s - DELIVERY_MARGIN_S)
+    return default_send_late_s(guard_s)
 
 
 class RateLimiter:
@@ -164,8 +156,8 @@ class RateLimiter:
         right after the reservation's answer arrived. The backend computed ``wait_s`` at its own
         ``now``, which lies between sending and ``answered``, so ``answered + wait_s`` is the slot
         plus the answer's one-way trip back (and the loop's delay resuming this task): lateness
-        is under-stated by that much, typically well under 1 ms, which
-        :data:`DELIVERY_MARGIN_S` leaves room for. Measuring from *before* sending instead
+        is under-stated by that much, typically well under 1 ms, which the guard's margin below
+        ``late_s`` (:data:`SEND_MARGIN_S`) leaves room for. Measuring from *before* sending instead
         over-states it by the whole round trip (p99 2.4 ms on a loaded box), which made waiters
         woken on time give up good slots."""
         if self.rate.unlimited:

@@ -8,6 +8,7 @@ a redelivered chunk overwrites its own part instead of adding one (see ops/desig
 
 from __future__ import annotations
 
+import io
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ import pyarrow.parquet as pq
 from workers.errors import ConfigError
 from workers.sink.schema import SCHEMA
 
-__all__ = ["Dataset", "open_dataset"]
+__all__ = ["Dataset", "open_dataset", "warm_up"]
 
 _RUN_ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
 
@@ -32,6 +33,14 @@ def check_run_id(run_id: str) -> str:
             f"run id {run_id!r}: use 1-100 letters, digits, '-', '_' or '.', not starting with '.'"
         )
     return run_id
+
+
+def warm_up() -> None:
+    """Load now what a worker's first part write loads lazily: ``Table.from_pylist`` imports
+    pandas and more on first use (~200 ms, holding the interpreter lock for stretches of ~25 ms,
+    measured), which, on the threads pool, stalls the other chunk's calls right after their
+    slots. Writes an empty part to memory; called at ``worker_init``."""
+    pq.write_table(pa.Table.from_pylist([], schema=SCHEMA), io.BytesIO(), compression="zstd")
 
 
 @dataclass(frozen=True, slots=True)
