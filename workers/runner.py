@@ -24,6 +24,7 @@ from workers.metrics import CallCounter
 from workers.pipeline import ChunkResult
 from workers.runs import RunStore
 from workers.sink.dataset import Dataset, open_dataset
+from workers.storage import Resolver
 
 __all__ = ["Runtime", "execute_chunk"]
 
@@ -37,26 +38,28 @@ class Runtime:
     runs: RunStore
     dataset: Dataset
     engine: Engine
+    resolver: Resolver
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Runtime:
-        from workers.storage import Resolver
-
         creds = settings.credentials()  # fail fast, naming the variables
         client = redis.Redis.from_url(settings.broker_url)
         keys = Keys(settings.key_prefix)
         counter = CallCounter(client, keys, account_tag(creds.access_key_id))
+        resolver = Resolver(settings)
         return cls(
             settings=settings,
             redis=client,
             runs=RunStore(client, keys),
             dataset=open_dataset(settings.output),
-            engine=Engine(settings, Resolver(settings), counter),
+            engine=Engine(settings, resolver, counter),
+            resolver=resolver,
         )
 
     def close(self) -> None:
-        """Stop the engine and close connections."""
+        """Stop the engine, then close the resolver's threads and the connections."""
         self.engine.close()
+        self.resolver.close()
         self.redis.close()
 
     def __enter__(self) -> Runtime:
