@@ -88,7 +88,8 @@ def test_every_carnumber_command_parses_with_the_real_cli() -> None:
         argv = _carnumber_argv(SERVICES[name])
         args = parser.parse_args(argv)
         assert args.command == command, (name, argv)
-    assert parser.parse_args(_carnumber_argv(SERVICES["worker"])).concurrency == 2
+    worker = parser.parse_args(_carnumber_argv(SERVICES["worker"]))
+    assert (worker.concurrency, worker.pool) == (2, "prefork")
     metrics = parser.parse_args(_carnumber_argv(SERVICES["metrics"]))
     assert (metrics.addr, metrics.port) == ("0.0.0.0", 9808)
 
@@ -125,7 +126,10 @@ def test_dockerfile_slim_extras_build_arg_and_non_root() -> None:
 
 
 def test_env_examples_name_only_known_variables() -> None:
-    ops_only = {"CARNUMBER_WORKER_PROCESSES", "CARNUMBER_SERVER_KEYS", "REDIS_PASSWORD", "FLOWER_BASIC_AUTH"}
+    ops_only = {
+        "CARNUMBER_WORKER_POOL", "CARNUMBER_WORKER_PROCESSES", "CARNUMBER_SERVER_KEYS",
+        "REDIS_PASSWORD", "FLOWER_BASIC_AUTH",
+    }
     names = set(re.findall(r"^#? ?([A-Z][A-Z0-9_]+)=", ENV_EXAMPLE.read_text(), re.MULTILINE))
     assert {"REDIS_URL", "ALIBABA_CLOUD_ACCESS_KEY_ID", "ALIBABA_CLOUD_ACCESS_KEY_SECRET"} <= names
     assert names - ops_only <= set(_ENV), names - ops_only - set(_ENV)
@@ -238,7 +242,13 @@ def test_systemd_units_and_cron_line() -> None:
     # systemd's %h is the home directory; the host name is %H.
     assert "--hostname=worker@%H" in worker and "%h" not in worker
     build_parser().parse_args(
-        shlex.split(_defaults(worker.replace("${CARNUMBER_WORKER_PROCESSES}", "4")))[1:]
+        shlex.split(
+            _defaults(
+                worker.replace("${CARNUMBER_WORKER_PROCESSES}", "4").replace(
+                    "${CARNUMBER_WORKER_POOL}", "threads"
+                )
+            )
+        )[1:]
     )
     cron = [
         line
