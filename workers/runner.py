@@ -1,4 +1,4 @@
-"""Run one chunk end to end: build the async services, process, write the part, do the books.
+"""Run one chunk end to end: process it on the engine, write the part, do the books.
 
 :class:`Runtime` is built once per worker process (settings, Redis, output dataset, and the
 :class:`~workers.engine.Engine` that runs chunks on one long-lived event loop); :func:`execute_chunk`
