@@ -11,7 +11,7 @@ import threading
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from ocrserver.server import ServerProcess, spawn_server
+from ocrserver.server import ServerProcess, spawn_server, stop_process
 from workers.errors import ConfigError
 
 __all__ = ["Child", "start_server", "start_worker", "stopping"]
@@ -25,17 +25,7 @@ class Child:
     pump: threading.Thread | None = None
 
     def stop(self, timeout_s: float = 15.0) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if self.pump is not None:
-            self.pump.join(5)
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
+        stop_process(self.proc, self.pump, timeout_s)
 
 
 def _pump(child: Child) -> None:

@@ -45,6 +45,7 @@ __all__ = [
     "run_forever",
     "spawn_server",
     "start_server",
+    "stop_process",
 ]
 
 URL_LINE_PREFIX = "carnumber serve: listening on "
@@ -172,6 +173,24 @@ def run_forever(config: ServerConfig, print_url: Callable[[str], None] | None = 
         sock.close()
 
 
+def stop_process(
+    proc: subprocess.Popen[str], drain: threading.Thread | None, timeout_s: float
+) -> None:
+    """Stop a child whose output ``drain`` reads: SIGTERM, SIGKILL after ``timeout_s``, then
+    wait for the reader and close the pipe (only once nobody reads it)."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    if drain is not None:
+        drain.join(5)
+    if proc.stdout and (drain is None or not drain.is_alive()):
+        proc.stdout.close()
+
+
 class ServerProcess:
     """A server in a child process (``python -m ocrserver ...``). A context manager."""
 
@@ -189,16 +208,7 @@ class ServerProcess:
             self.output.append(line.rstrip())
 
     def stop(self, timeout_s: float = 10.0) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._drain.join(5)
-        if self.proc.stdout and not self._drain.is_alive():
-            self.proc.stdout.close()
+        stop_process(self.proc, self._drain, timeout_s)
 
     def __enter__(self) -> ServerProcess:
         return self
