@@ -22,8 +22,9 @@ from workers.errors import SlotMissed
 from workers.fleet import CircuitBreaker, FleetControl
 from workers.keys import Keys, account_tag
 from workers.message import Chunk, ImageRef
-from workers.pipeline import MAX_MISSED_SLOTS, ChunkContext, process_chunk
+from workers.pipeline import ChunkContext, process_chunk
 from workers.ratelimit import CallQuota, RateLimiter, RedisBackend
+from workers.ratelimit.limiter import MAX_REBOOKS
 from workers.retry import RetryPolicy
 from workers.slots import Slots
 from workers.storage import Resolver
@@ -64,7 +65,7 @@ def test_a_missed_slot_is_admitted_again_and_costs_no_call_or_quota(
     server: RunningServer, redis_url: str, key_prefix: str, tmp_path: Path
 ) -> None:
     """With no time at all allowed after the slot, every request misses its first
-    ``MAX_MISSED_SLOTS`` slots (each handed back with its quota), then goes out without a
+    ``MAX_REBOOKS`` slots (each handed back with its quota), then goes out without a
     deadline: one call per image, the quota counts exactly those calls."""
     refs = []
     for i in range(4):
@@ -101,5 +102,5 @@ def test_a_missed_slot_is_admitted_again_and_costs_no_call_or_quota(
     limiter, _, rows = asyncio.run(main())
     assert sorted(r["plate"] for r in rows) == [f"粤B{i:05d}" for i in range(4)]
     assert {r["attempts"] for r in rows} == {1}  # a missed slot is not an attempt
-    assert limiter.abandoned == len(refs) * MAX_MISSED_SLOTS
+    assert limiter.abandoned == len(refs) * MAX_REBOOKS
     assert _requests(server) == len(refs)

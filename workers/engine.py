@@ -26,8 +26,7 @@ import asyncio
 import contextlib
 import logging
 import threading
-from collections.abc import Coroutine
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
 import redis.asyncio as aredis
@@ -44,7 +43,6 @@ from workers.slots import Slots
 __all__ = ["Engine"]
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 
 class Engine:
@@ -70,13 +68,9 @@ class Engine:
         self._started_chunks = 0
 
     def run(self, chunk: Chunk) -> ChunkResult:
-        """Process ``chunk`` on the engine's loop; blocks the calling thread until it is done."""
-        return self._call(self._process(chunk))
-
-    def _call(self, coro: Coroutine[Any, Any, T]) -> T:
-        """Run ``coro`` on the engine's loop and wait for its result (cancelled if the waiting
-        thread is interrupted)."""
-        future = asyncio.run_coroutine_threadsafe(coro, self._started())
+        """Process ``chunk`` on the engine's loop; blocks the calling thread until it is done
+        (and cancels it if that thread is interrupted)."""
+        future = asyncio.run_coroutine_threadsafe(self._process(chunk), self._started())
         try:
             return future.result()
         except BaseException:

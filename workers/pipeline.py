@@ -37,6 +37,7 @@ from workers.errors import (
     TransportError,
 )
 from workers.message import Chunk, ImageRef
+from workers.ratelimit.limiter import MAX_REBOOKS
 from workers.retry import service_ok
 from workers.sink.rows import Failure, failure_rows, recognition_rows
 from workers.slots import Slots
@@ -44,11 +45,6 @@ from workers.slots import Slots
 __all__ = ["ChunkContext", "ChunkResult", "process_chunk"]
 
 log = logging.getLogger(__name__)
-
-# Slots in a row a request may miss (held up past ``send_by``, nothing sent) before it is sent
-# without a deadline: a process that late every time is overloaded, and never sending helps
-# nobody (a throttle, if one comes, slows the fleet).
-MAX_MISSED_SLOTS = 3
 
 
 class Recognizer(Protocol):
@@ -180,7 +176,8 @@ async def _one(
                 paused.set()
                 return _Outcome(None, attempt, pause)
             else:
-                send_by = slot.send_by if missed < MAX_MISSED_SLOTS else math.inf
+                # Late that often in a row: send anyway, as the limiter does for late wake-ups.
+                send_by = slot.send_by if missed < MAX_REBOOKS else math.inf
                 sent = time.monotonic()
                 try:
                     rec = await ctx.client.recognize(target, send_by=send_by)

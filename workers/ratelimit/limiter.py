@@ -41,8 +41,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# Consecutive late wake-ups after which a waiter sends anyway: a loop that late every time is
-# overloaded, and a process that never sends helps nobody (a throttle, if any, slows the fleet).
+# Consecutive late wake-ups (or requests that missed their ``send_by``, in the pipeline) after
+# which a caller sends anyway: a loop that late every time is overloaded, and a process that
+# never sends helps nobody (a throttle, if any, slows the fleet).
 MAX_REBOOKS = 3
 
 # What the guard must still cover after the request's last check (``Slot.send_by``), seconds:
