@@ -41,6 +41,7 @@ _ENV: dict[str, str] = {
     "CARNUMBER_RATE_GUARD_MS": "rate_guard_ms",
     "CARNUMBER_QUOTA": "quota",
     "CARNUMBER_QUOTA_WINDOW": "quota_window",
+    "CARNUMBER_RUN_DEADLINE": "run_deadline",
     "CARNUMBER_RETRY_BASE_S": "retry_base_s",
     "CARNUMBER_RETRY_CAP_S": "retry_cap_s",
     "CARNUMBER_MAX_ATTEMPTS": "max_attempts",
@@ -100,6 +101,9 @@ class Settings:
     rate_guard_ms: float = 10.0
     quota: int | None = None
     quota_window: str = "day"
+    # Default deadline for `carnumber status` of runs enqueued without `--deadline`: an ISO
+    # date-time, or HH:MM (UTC), the first such time after the run was created.
+    run_deadline: str | None = None
 
     retry_base_s: float = 0.5
     retry_cap_s: float = 30.0
