@@ -117,11 +117,11 @@ class Monitor:
         )
 
     def accounts(self) -> list[str]:
-        """The configured account (when an AccessKeyId is set) and every account with state
-        under the prefix, sorted."""
+        """The configured limit group (``CARNUMBER_ACCOUNT``, else the AccessKeyId, when either is
+        set) and every account with state under the prefix, sorted."""
         found: set[str] = set()
-        if self.settings.access_key_id:
-            found.add(account_tag(self.settings.access_key_id))
+        if self.settings.account or self.settings.access_key_id:
+            found.add(account_tag(self.settings.limit_group()))
         for raw in self.r.scan_iter(match=_glob_escape(self.keys.prefix) + ":*", count=1000):
             m = self._account_re.match(raw.decode("utf-8", "replace"))
             if m:

@@ -36,12 +36,14 @@ _ENV: dict[str, str] = {
     "CARNUMBER_CHUNK_SIZE": "chunk_size",
     "CARNUMBER_CONCURRENCY": "concurrency",
     "CARNUMBER_QUEUE_HIGH_WATER": "queue_high_water",
+    "CARNUMBER_ACCOUNT": "account",
     "CARNUMBER_QPS": "qps",
     "CARNUMBER_BURST": "burst",
     "CARNUMBER_RATE_GUARD_MS": "rate_guard_ms",
     "CARNUMBER_QUOTA": "quota",
     "CARNUMBER_QUOTA_WINDOW": "quota_window",
     "CARNUMBER_RUN_DEADLINE": "run_deadline",
+    "CARNUMBER_PRICE_PER_1000_CALLS": "price_per_1000_calls",
     "CARNUMBER_RETRY_BASE_S": "retry_base_s",
     "CARNUMBER_RETRY_CAP_S": "retry_cap_s",
     "CARNUMBER_MAX_ATTEMPTS": "max_attempts",
@@ -97,6 +99,10 @@ class Settings:
     qps: float = 10.0
     burst: int = 1
     # Pace qps calls per (1 s + guard): a call reaching the API up to the guard late never makes
+    # The group that shares one QPS limit, quota, stop flag and breaker: the main account's id or
+    # any label. Alibaba Cloud limits the main account, shared by all its RAM users' keys; unset,
+    # each AccessKeyId is its own group. See limit_group() and ops/design/rate-limit.md.
+    account: str | None = None
     # qps + 1 in one second (costs guard / (1 + guard) of the rate). See ops/design/rate-limit.md.
     rate_guard_ms: float = 10.0
     quota: int | None = None
@@ -107,6 +113,8 @@ class Settings:
 
     retry_base_s: float = 0.5
     retry_cap_s: float = 30.0
+    # What 1000 calls cost, in the account's currency (for `carnumber plan`); None = not shown.
+    price_per_1000_calls: float | None = None
     max_attempts: int = 6
 
     s3_endpoint_url: str | None = None
@@ -157,6 +165,12 @@ class Settings:
         environment, then explicit ``overrides`` (CLI flags); later sources win.
 
         Raises :class:`ConfigError` naming the variable and the rule it broke.
+        if self.account is not None and not self.account.strip():
+            raise ConfigError("CARNUMBER_ACCOUNT: must not be blank (unset it to group by key)")
+        if self.price_per_1000_calls is not None and self.price_per_1000_calls < 0:
+            raise ConfigError(
+                f"CARNUMBER_PRICE_PER_1000_CALLS: must be >= 0, got {self.price_per_1000_calls}"
+            )
         """
         env = os.environ if environ is None else environ
         values: dict[str, Any] = {}
@@ -196,6 +210,21 @@ class Settings:
             )
         assert self.access_key_id and self.access_key_secret
         return Credentials(self.access_key_id, self.access_key_secret, self.security_token)
+    def limit_group(self) -> str:
+        """The name of the group that shares one rate limit, quota, stop flag and breaker:
+        ``CARNUMBER_ACCOUNT`` when set, else the AccessKeyId. Pass it to
+        :func:`workers.keys.account_tag` for Redis keys. Raises :class:`ConfigError` when neither
+        is set (without a key there is nothing to limit; the secret is not needed here).
+        """
+        if self.account:
+            return self.account.strip()
+        if not self.access_key_id:
+            raise ConfigError(
+                "ALIBABA_CLOUD_ACCESS_KEY_ID (or CARNUMBER_ACCOUNT): needed to key the account's "
+                "rate limit, quota and stop flag"
+            )
+        return self.access_key_id
+
 
 
 def _env_name(field_name: str) -> str:

@@ -184,8 +184,9 @@ class FleetControl:
 
     @classmethod
     def from_settings(cls, redis: Redis | None, settings: Settings, **options: Any) -> FleetControl:
-        """For the account of ``settings`` (raises ``ConfigError`` without credentials)."""
-        account = account_tag(settings.credentials().access_key_id)
+        """For the limit group of ``settings`` (``CARNUMBER_ACCOUNT``, else the AccessKeyId;
+        raises ``ConfigError`` without either)."""
+        account = account_tag(settings.limit_group())
         return cls(redis, Keys(settings.key_prefix), account, **options)
 
     def _remember(self, held: tuple[str, str] | None) -> None:
@@ -285,8 +286,9 @@ class CircuitBreaker:
     def from_settings(
         cls, redis: Redis | None, settings: Settings, **options: Any
     ) -> CircuitBreaker:
-        """For the account of ``settings`` (raises ``ConfigError`` without credentials)."""
-        account = account_tag(settings.credentials().access_key_id)
+        """For the limit group of ``settings`` (``CARNUMBER_ACCOUNT``, else the AccessKeyId;
+        raises ``ConfigError`` without either)."""
+        account = account_tag(settings.limit_group())
         return cls(redis, Keys(settings.key_prefix), account, **options)
 
     def _remember(self, is_open: bool, for_s: float) -> None:

@@ -41,7 +41,7 @@ def main(args: argparse.Namespace) -> int:
     async def clear() -> dict | None:
         ar = aredis.Redis.from_url(settings.broker_url)
         try:
-            fleet = FleetControl(ar, Keys(settings.key_prefix), account_tag(creds.access_key_id))
+            fleet = FleetControl(ar, Keys(settings.key_prefix), account_tag(settings.limit_group()))
             status = await fleet.status()
             await fleet.clear()
             return status

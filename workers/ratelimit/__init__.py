@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from workers.errors import ConfigError
 from workers.keys import Keys, account_tag
 from workers.ratelimit.backend import Backend, QuotaState, RateState
 from workers.ratelimit.gcra import Grant, Rate
@@ -49,19 +48,20 @@ __all__ = [
 def from_settings(
     settings: Settings, redis: Redis | None, *, backend: Backend | None = None
 ) -> tuple[RateLimiter, CallQuota]:
-    """The limiter and quota of ``settings.access_key_id``'s account, from ``qps``, ``burst``,
-    ``rate_guard_ms``, ``quota`` and ``quota_window``, under ``settings.key_prefix``.
+    """The limiter and quota of ``settings.limit_group()`` (``CARNUMBER_ACCOUNT``, else the
+    AccessKeyId), from ``qps``, ``burst``, ``rate_guard_ms``, ``quota`` and ``quota_window``,
+    under ``settings.key_prefix``.
 
     State lives in ``redis`` (shared by the fleet); with ``None``, in a fresh
     :class:`MemoryBackend` (this process only) unless ``backend`` is given. Raises
-    :class:`ConfigError` when no AccessKeyId is set (the limit is per account).
+    :class:`ConfigError` when neither an account nor an AccessKeyId is set (the limit is per
+    account).
     """
-    if not settings.access_key_id:
-        raise ConfigError("ALIBABA_CLOUD_ACCESS_KEY_ID: needed to key the account's rate limit")
+    group = settings.limit_group()  # ConfigError before any backend is built
     if backend is None:
         backend = RedisBackend(redis) if redis is not None else MemoryBackend()
     keys = Keys(settings.key_prefix)
-    account = account_tag(settings.access_key_id)
+    account = account_tag(group)
     limiter = RateLimiter(
         backend,
         keys.rate(account),
