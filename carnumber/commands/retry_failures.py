@@ -16,6 +16,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from carnumber.progress import enqueue_progress
     from producers.enqueue import enqueue_to_broker
     from workers.sink.dataset import open_dataset
     from workers.sink.failures import retryable_failures
@@ -32,15 +33,17 @@ def main(args: argparse.Namespace) -> int:
     # "running" before publishing: a worker that finishes the last chunk marks the run done.
     runs.set_state(args.run_id, "running")
     # A retry round is a sub-run: its chunk ids are prefixed so they never collide with the first pass.
-    report = enqueue_to_broker(
-        refs,
-        args.run_id,
-        settings=settings,
-        redis_client=client,
-        runs=runs,
-        chunk_prefix=f"retry{round_no}-",
-    )
-    print(
-        f"run {args.run_id}: re-enqueued {report.images_enqueued} images (retry round {round_no})"
-    )
+    progress, on_progress = enqueue_progress(args.run_id, total=len(refs))
+    with progress:
+        report = enqueue_to_broker(
+            refs,
+            args.run_id,
+            settings=settings,
+            redis_client=client,
+            runs=runs,
+            chunk_prefix=f"retry{round_no}-",
+            on_progress=on_progress,
+        )
+        on_progress(report)
+    print(f"run {args.run_id}: re-enqueued {report.images_enqueued} images (retry round {round_no})")
     return 0

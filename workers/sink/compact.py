@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -60,14 +61,20 @@ def best_outcomes(keys: pa.Table) -> pa.Table:
 
 
 def read_keys(
-    dataset: Dataset, files: list[str], extra: tuple[str, ...] = ()
+    dataset: Dataset,
+    files: list[str],
+    extra: tuple[str, ...] = (),
+    on_file: Callable[[int], None] | None = None,
 ) -> tuple[pa.Table, int]:
-    """The small columns of every file, with the file's index; and the total row count."""
+    """The small columns of every file, with the file's index; and the total row count.
+    ``on_file(n)`` is called after the n-th file is read."""
     cols = ["image_id", "status", "processed_at", *extra]
     tables = []
     for i, path in enumerate(files):
         t = pq.read_table(path, filesystem=dataset.fs, columns=cols, schema=SCHEMA)
         tables.append(t.append_column("file", pa.array([i] * t.num_rows, pa.int32())))
+        if on_file is not None:
+            on_file(i + 1)
     if not tables:
         empty = SCHEMA.empty_table().select(cols)
         return empty.append_column("file", pa.array([], pa.int32())), 0
@@ -75,11 +82,18 @@ def read_keys(
     return table, table.num_rows
 
 
-def compact_run(dataset: Dataset, run_id: str, rows_per_file: int = 500_000) -> CompactReport:
-    """Merge ``run_id``'s parts. Safe to run again; a run with no parts is left as it is."""
+def compact_run(
+    dataset: Dataset,
+    run_id: str,
+    rows_per_file: int = 500_000,
+    on_progress: Callable[[str, int, int], None] | None = None,
+) -> CompactReport:
+    """Merge ``run_id``'s parts. Safe to run again; a run with no parts is left as it is.
+    ``on_progress(phase, files_done, files)`` follows both passes (phase ``read``, ``write``)."""
     run_dir = dataset.run_dir(run_id)
     files = dataset.parquet_files(run_dir)
-    keys, rows_in = read_keys(dataset, files)
+    progress = on_progress or (lambda phase, done, total: None)
+    keys, rows_in = read_keys(dataset, files, on_file=lambda n: progress("read", n, len(files)))
     winners = best_outcomes(keys).select(["image_id", "file"])
     if not files:
         return CompactReport(run_id, 0, 0, 0, 0, 0)
@@ -101,6 +115,7 @@ def compact_run(dataset: Dataset, run_id: str, rows_per_file: int = 500_000) -> 
 
     try:
         for i, path in enumerate(files):
+            progress("write", i, len(files))
             keep_ids = winners.filter(pc.equal(winners["file"], i))["image_id"]
             if len(keep_ids) == 0:
                 continue
@@ -121,6 +136,7 @@ def compact_run(dataset: Dataset, run_id: str, rows_per_file: int = 500_000) -> 
         if writer is not None:
             writer.close()
 
+    progress("write", len(files), len(files))
     _publish(dataset, run_dir, out_dir, files, written, local, token)
     report = CompactReport(run_id, len(files), len(written), rows_in, rows_out, len(winners))
     log.debug("compacted run %s: %s", run_id, report)
