@@ -7,6 +7,8 @@ images differ from what was recorded (the source changed) is an error, never a s
 already answered in earlier runs are dropped from each chunk through the ledger; the chunk id
 stays the same. The broker queue is kept under ``queue_high_water`` messages: the producer
 waits instead of pushing millions of messages into Redis. Memory holds one chunk at a time.
+``record`` (see :mod:`producers.enqueued`) is handed each chunk *before* it is published, and
+chunks whose images were all dropped too, so ``carnumber verify`` knows exactly what was promised.
 """
 
 from __future__ import annotations
@@ -82,10 +84,14 @@ def enqueue(
     paused_reason: Callable[[], str | None] | None = None,
     sleep: Callable[[float], None] = time.sleep,
     on_progress: Callable[[EnqueueReport], None] | None = None,
+    record: Callable[[Chunk], None] | None = None,
 ) -> EnqueueReport:
     """Publish ``refs`` for ``run_id``; safe to run again for the same run. ``chunk_prefix``
     names a separate pass over the same run (``retry1-``), so its chunk ids never collide.
-    ``paused_reason`` is asked before each chunk; a non-empty answer ends the loop early."""
+    ``paused_reason`` is asked before each chunk; a non-empty answer ends the loop early.
+    ``record`` gets every newly enqueued chunk (with no images when all were dropped) before it
+    is published or counted; an error it raises stops the producer there, and a re-run resumes
+    from that chunk. Raises :class:`InputError` when the source changed under the run id."""
     report = EnqueueReport(run_id)
     for k, batch in enumerate(_batches(refs, chunk_size)):
         if paused_reason is not None and (reason := paused_reason()):
@@ -114,9 +120,13 @@ def enqueue(
                 unique = [r for r in unique if r.image_id not in answered]
                 skipped = len(answered)
                 report.images_already_answered += skipped
+        chunk = Chunk(run_id, chunk_id, tuple(unique))
         if unique:
             report.waited_s += _wait_for_room(queue_depth, queue_high_water, sleep)
-            publish(Chunk(run_id, chunk_id, tuple(unique)))
+        if record is not None:
+            record(chunk)  # before publishing: a crash in between leaves "missing", never "unknown"
+        if unique:
+            publish(chunk)
             report.chunks_published += 1
             report.images_enqueued += len(unique)
         runs.mark_enqueued(run_id, chunk_id, digest, len(unique), skipped)

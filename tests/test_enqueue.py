@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import pytest
 import redis
@@ -99,3 +100,52 @@ def test_ledger_and_duplicates_are_dropped_but_chunk_ids_stay(
     ids = [r.image_id for c in published for r in c.images]
     assert len(ids) == len(set(ids)) == 18
     assert [c.chunk_id for c in published] == ["0000000", "0000001", "0000002"]
+
+
+def test_records_every_chunk_before_publishing_and_a_rerun_overwrites(
+    redis_client: redis.Redis, key_prefix: str, tmp_path: Path
+) -> None:
+    from producers.enqueued import EnqueuedRecords, recorder
+    from workers.sink.dataset import open_dataset
+
+    runs = RunStore(redis_client, Keys(key_prefix))
+    refs = _refs(9)
+    refs[4] = ImageRef("https://cams.example/x.jpg?Signature=s3cr3t&OSSAccessKeyId=k&size=big")
+    order: list[str] = []
+    record = recorder(str(tmp_path / "out"))
+    fail_at = {"chunk": "0000001"}
+
+    def publish(chunk: Chunk) -> None:
+        order.append(f"publish {chunk.chunk_id}")
+        if chunk.chunk_id == fail_at["chunk"]:
+            raise ConnectionError("broker went away")  # the producer dies between record and publish
+
+    def rec(chunk: Chunk) -> None:
+        order.append(f"record {chunk.chunk_id}")
+        record(chunk)
+
+    kwargs = dict(runs=runs, queue_depth=lambda: 0, chunk_size=3, queue_high_water=5, record=rec)
+    ledger = _Ledger({r.image_id for r in refs[6:9]})  # the last chunk was answered in earlier runs
+    with pytest.raises(ConnectionError):
+        enqueue(refs, "r4", publish=publish, ledger=ledger, **kwargs)  # type: ignore[arg-type]
+    assert order == ["record 0000000", "publish 0000000", "record 0000001", "publish 0000001"]
+
+    records = EnqueuedRecords(open_dataset(str(tmp_path / "out")))
+    assert sorted(records.files("r4")) == ["0000000", "0000001"]  # written before the publish failed
+    fail_at["chunk"] = ""
+    order.clear()
+    again = enqueue(refs, "r4", publish=publish, ledger=ledger, **kwargs)  # type: ignore[arg-type]
+    assert again.chunks_already_published == 1 and again.images_already_answered == 3
+    # The same chunk is recorded again (same file, overwritten), and the answered chunk is an empty record.
+    assert order == ["record 0000001", "publish 0000001", "record 0000002"]
+    assert sorted(records.files("r4")) == ["0000000", "0000001", "0000002"]
+    table = records.read("r4")
+    assert table["image_id"].to_pylist() == [r.image_id for r in refs[:6]]  # once each, in order
+    assert table["chunk_id"].to_pylist() == ["0000000"] * 3 + ["0000001"] * 3
+    assert table["source"][4].as_py() == "https://cams.example/x.jpg?size=big"  # never a signature
+    assert "s3cr3t" not in (
+        tmp_path / "out" / "_enqueued" / "run=r4" / "chunk-0000001.parquet"
+    ).read_bytes().decode("latin-1")
+    assert records.refs("r4", [refs[1].image_id])[0].meta == {"camera": "1"}
+    # Readers of the output and the ledger never see the records.
+    assert open_dataset(str(tmp_path / "out")).parquet_files(str(tmp_path / "out")) == []

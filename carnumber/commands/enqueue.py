@@ -49,6 +49,7 @@ def _paused(runs, run_id: str) -> str | None:  # type: ignore[no-untyped-def]
 
 def main(args: argparse.Namespace) -> int:
     from producers.enqueue import enqueue_to_broker
+    from producers.enqueued import recorder
     from producers.ledger import Ledger
     from producers.sources import open_source
     from workers.sink.dataset import check_run_id
@@ -84,6 +85,7 @@ def main(args: argparse.Namespace) -> int:
         runs=runs,
         ledger=ledger,
         paused_reason=lambda: _paused(runs, args.run_id),
+        record=recorder(settings.output),  # what `carnumber verify` reconciles the output against
         on_progress=lambda r: log.info(
             "enqueued %d images in %d chunks", r.images_enqueued, r.chunks_published
         ),

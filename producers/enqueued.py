@@ -1,0 +1,136 @@
+"""The durable record of what the producer enqueued for a run, one small Parquet file per chunk.
+
+Redis remembers only chunk id → digest (``run:{id}:chunks``), which is enough to skip published
+chunks on a re-run but not to say *which images* a run promised to answer. ``carnumber verify``
+needs that list, so the producer writes it beside the output, through the same pyarrow filesystem
+the sink uses (a local directory or ``s3://``)::
+
+    {output}/_enqueued/run={run_id}/chunk-{chunk_id}.parquet   image_id, source, chunk_id, meta
+
+Design choices, each for a failure it rules out:
+
+* **Written before the chunk is published.** A crash between the two leaves a record of a chunk
+  nobody processes: verify calls those images *missing*, and re-running the same
+  ``carnumber enqueue`` publishes the chunk (Redis never counted it). The other order could leave
+  a published chunk with no record, whose images verify would call *unexpected*.
+* **Named by chunk id**, and written to a temporary name then renamed (``Dataset.write_table``):
+  a re-run of the producer overwrites a record instead of adding a second one, and a reader never
+  sees half a file.
+* **A record for every chunk, even one whose images were all dropped** (answered in earlier runs):
+  then every first-pass chunk id in Redis has a record, and a missing record means the run was
+  enqueued by an older version or to another ``CARNUMBER_OUTPUT``. Dropped images are not listed;
+  their count is in the run's hash (``images_skipped``).
+* **Only first-pass chunks** (ids of digits alone). ``retry-failures`` (``retry1-…``) and
+  ``resume`` republish images that are already recorded, so they write nothing here.
+* The leading underscore keeps the directory out of every reader's ``run=*/`` glob and out of the
+  ledger, which only looks at ``run=`` directories. Sources are redacted (never a signed query
+  string), as in the output rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from workers.message import Chunk, ImageRef, redact_url
+from workers.sink.dataset import Dataset, check_run_id, open_dataset
+
+__all__ = [
+    "RECORD_SCHEMA",
+    "EnqueuedRecords",
+    "is_first_pass",
+    "recorder",
+]
+
+RECORD_SCHEMA = pa.schema(
+    [
+        pa.field("image_id", pa.string(), nullable=False),
+        pa.field("source", pa.string(), nullable=False),  # redacted, as in the output rows
+        pa.field("chunk_id", pa.string(), nullable=False),
+        pa.field("meta", pa.map_(pa.string(), pa.string())),  # so a republished image keeps it
+    ],
+    metadata={b"carnumber.enqueued_version": b"1"},
+)
+_PREFIX = "chunk-"
+_SUFFIX = ".parquet"
+
+
+def is_first_pass(chunk_id: str) -> bool:
+    """True for the producer's own chunk ids (``0000042``), which have a record; False for
+    republished ones (``retry1-0000042``), which do not."""
+    return chunk_id.isdigit()
+
+
+@dataclass(frozen=True, slots=True)
+class EnqueuedRecords:
+    """The records of every run in one output dataset."""
+
+    dataset: Dataset
+
+    def run_dir(self, run_id: str) -> str:
+        return f"{self.dataset.root}/_enqueued/run={check_run_id(run_id)}"
+
+    def write(self, chunk: Chunk) -> str:
+        """Record ``chunk``'s images (possibly none); overwrites an earlier record of the same
+        chunk id. Returns the file's path. Raises ``OSError`` or ``pyarrow.ArrowException``
+        when the output store refuses the write (the producer then stops before publishing)."""
+        table = pa.table(
+            {
+                "image_id": [r.image_id for r in chunk.images],
+                "source": [redact_url(r.source) for r in chunk.images],
+                "chunk_id": [chunk.chunk_id] * len(chunk.images),
+                "meta": [list(r.meta.items()) or None for r in chunk.images],
+            },
+            schema=RECORD_SCHEMA,
+        )
+        return self.dataset.write_table(
+            self.run_dir(chunk.run_id), f"{_PREFIX}{chunk.chunk_id}{_SUFFIX}", table
+        )
+
+    def files(self, run_id: str) -> dict[str, str]:
+        """Chunk id → path of each record of ``run_id`` (empty when none was written)."""
+        out = {}
+        for path in self.dataset.parquet_files(self.run_dir(run_id)):
+            name = path.rsplit("/", 1)[-1]
+            if name.startswith(_PREFIX):
+                out[name[len(_PREFIX) : -len(_SUFFIX)]] = path
+        return out
+
+    def read(self, run_id: str, columns: tuple[str, ...] = ("image_id", "source", "chunk_id")) -> pa.Table:
+        """``columns`` of every record of ``run_id``, in chunk order: one row per image listed.
+        Memory is those columns only (about 100 bytes per image with ``source``)."""
+        paths = [p for _, p in sorted(self.files(run_id).items())]
+        if not paths:
+            return RECORD_SCHEMA.empty_table().select(list(columns))
+        return pa.concat_tables(
+            pq.read_table(p, filesystem=self.dataset.fs, columns=list(columns), schema=RECORD_SCHEMA)
+            for p in paths
+        )
+
+    def refs(self, run_id: str, image_ids: Sequence[str]) -> list[ImageRef]:
+        """The recorded refs of ``image_ids`` (source and metadata as enqueued, in chunk order;
+        each image once), to publish them again."""
+        wanted = pa.array(list(image_ids), pa.string())
+        table = self.read(run_id, ("image_id", "source", "meta"))
+        table = table.filter(pc.is_in(table["image_id"], value_set=wanted))
+        seen: dict[str, ImageRef] = {}
+        for row in table.to_pylist():
+            seen.setdefault(
+                row["image_id"], ImageRef(row["source"], row["image_id"], dict(row["meta"] or []))
+            )
+        return list(seen.values())
+
+
+def recorder(output: str) -> Callable[[Chunk], None]:
+    """The ``record`` callback for :func:`producers.enqueue.enqueue` that writes to ``output``
+    (``CARNUMBER_OUTPUT``). Raises :class:`~workers.errors.ConfigError` if it cannot be opened."""
+    records = EnqueuedRecords(open_dataset(output))
+
+    def record(chunk: Chunk) -> None:
+        records.write(chunk)
+
+    return record
