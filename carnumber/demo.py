@@ -117,6 +117,7 @@ def _run(env: dict[str, str], run_id: str, archive: Path, timeout_s: float) -> s
     from carnumber.commands.common import configure_celery, connect_redis, run_store
     from carnumber.commands.status import follow
     from producers.enqueue import enqueue_to_broker
+    from producers.enqueued import recorder
     from producers.sources import open_source
     from workers.config import Settings
     from workers.errors import CarnumberError
@@ -135,6 +136,7 @@ def _run(env: dict[str, str], run_id: str, archive: Path, timeout_s: float) -> s
         settings=settings,
         redis_client=client,
         runs=runs,
+        record=recorder(settings.output),
     )
     runs.set_state(run_id, "running")
     log = io.StringIO()

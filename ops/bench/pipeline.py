@@ -77,6 +77,7 @@ def main() -> int:
     args = parser.parse_args()
 
     from producers.enqueue import enqueue_to_broker
+    from producers.enqueued import recorder
     from producers.sources import open_source
     from workers.sink.compact import compact_run
     from workers.sink.dataset import open_dataset
@@ -127,6 +128,7 @@ def main() -> int:
             settings=settings,
             redis_client=client,
             runs=runs,
+            record=recorder(settings.output),
         )
         runs.set_state(run_id, "running")
         while True:
