@@ -1,0 +1,415 @@
+"""``carnumber verify``: reconcile what the producer enqueued for a run against the output.
+
+Three inputs, none of them changed: the producer's records (:mod:`producers.enqueued`, the images
+the run promised to answer), the small columns of the run's output files (``image_id``,
+``status``, ``processed_at``, ``plate_index``, ``error_code``, ``retryable``: memory is a few
+columns per row, never whole rows) and, from Redis, the run's hash and its parked chunks (read
+with ``LRANGE``, not taken).
+
+An *outcome* is one (image, status, ``processed_at``): a file holds one per image (one row per
+plate), and a genuine second attempt always carries a later time. Each enqueued image falls in
+exactly one class, first match wins:
+
+``duplicated``
+    more than one *answer* outcome (``ok``/``no_plate``), or the same row (image, status, time,
+    plate index) twice — a part file copied or written under two names, even one of failures.
+    Once the run is compacted (only ``compacted-*`` files), any second outcome at all.
+``parked``
+    in a parked chunk: set aside while the fleet was paused; ``carnumber resume`` publishes it.
+``missing``
+    no outcome and not parked: lost, or still queued or in flight while the run is running.
+``exactly_one``
+    one winning outcome. Failures followed by a later outcome (a ``retry-failures`` round) are
+    *superseded*, not duplicates: compaction keeps the answer, as :func:`best_outcomes` does.
+
+Outcomes for images the run never enqueued are ``unexpected``; first-pass chunks that Redis
+counts as enqueued but have no record are ``unrecorded``. The run is clean when every enqueued
+image has exactly one outcome and every other count is zero (failed images do have their one
+outcome; they are reported by code, with their ``retryable`` flag, but are not a mismatch).
+
+:func:`republish_missing` publishes the missing images again, from their records, as a new round
+of chunks (``verify1-…``): a lost message or a lost part file is never redelivered by itself, and a
+chunk id already written is skipped by the workers, hence the new ids.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from producers.enqueued import EnqueuedRecords, is_first_pass
+from workers.errors import InputError
+from workers.message import Chunk
+from workers.runs import RunStore
+from workers.sink.compact import best_outcomes, read_keys
+from workers.sink.dataset import Dataset
+from workers.sink.schema import SCHEMA, STATUS_FAILED
+
+__all__ = [
+    "KINDS",
+    "Example",
+    "FailedCode",
+    "Verification",
+    "parked_chunks",
+    "republish_missing",
+    "verify_run",
+]
+
+KINDS = ("missing", "parked", "duplicated", "unexpected", "unrecorded")
+_MISMATCH_SCHEMA = pa.schema(
+    [("kind", pa.string()), ("image_id", pa.string()), ("url", pa.string()), ("chunk_id", pa.string())]
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Example:
+    """One image of a mismatch: its id, redacted source (None if unknown) and where it is."""
+
+    image_id: str
+    source: str | None
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class FailedCode:
+    code: str
+    retryable: bool
+    images: int
+
+
+@dataclass(slots=True)
+class Verification:
+    """What :func:`verify_run` found. Counts are images unless named otherwise."""
+
+    run_id: str
+    state: str
+    stop_code: str | None
+    compaction: str  # none | compacted | partial (compacted files and newer parts)
+    part_files: int
+    compacted_files: int
+    record_chunks: int
+    enqueued: int  # distinct images in the records
+    listed_twice: int  # images recorded in more than one chunk (the source lists them twice)
+    skipped_answered_earlier: int  # dropped by the producer, answered in earlier runs (Redis)
+    exactly_one: int
+    answered: int  # of exactly_one: the winning outcome is ok/no_plate
+    failed: int  # of exactly_one: the winning outcome is a failure
+    superseded: int  # of exactly_one: earlier failures replaced by a later outcome
+    missing: int
+    parked: int
+    parked_chunks: int
+    duplicated: int
+    unexpected: int
+    unrecorded_chunks: int
+    in_flight: int  # by Redis's counters: enqueued - written - parked
+    failed_by_code: list[FailedCode] = field(default_factory=list)
+    examples: dict[str, list[Example]] = field(default_factory=dict)
+    # Every missing, parked and duplicated image: kind, image_id, url (its source), chunk_id.
+    mismatched: pa.Table = field(default_factory=_MISMATCH_SCHEMA.empty_table)
+
+    @property
+    def ok(self) -> bool:
+        """Every enqueued image has exactly one outcome, and nothing else is off."""
+        return self.exactly_one == self.enqueued and not any(self.counts().values())
+
+    def counts(self) -> dict[str, int]:
+        """The mismatch counts by kind (:data:`KINDS`); chunks for ``unrecorded``."""
+        return {
+            "missing": self.missing,
+            "parked": self.parked,
+            "duplicated": self.duplicated,
+            "unexpected": self.unexpected,
+            "unrecorded": self.unrecorded_chunks,
+        }
+
+    def reasons(self) -> list[str]:
+        """One short phrase per mismatch kind found, e.g. ``"3 missing"``."""
+        out = []
+        for kind, n in self.counts().items():
+            if n:
+                out.append(f"{n} {'chunks ' if kind == 'unrecorded' else ''}{kind}")
+        if self.missing and self.state in ("enqueuing", "running") and self.in_flight:
+            out.append(f"run still {self.state} ({self.in_flight} images queued or in flight)")
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id,
+            "ok": self.ok,
+            "reasons": self.reasons(),
+            "state": self.state,
+            "stop_code": self.stop_code,
+            "compacted": self.compaction == "compacted",
+            "compaction": self.compaction,
+            "files": {"parts": self.part_files, "compacted": self.compacted_files},
+            "record_chunks": self.record_chunks,
+            "enqueued": self.enqueued,
+            "listed_twice": self.listed_twice,
+            "skipped_answered_earlier": self.skipped_answered_earlier,
+            "exactly_one": self.exactly_one,
+            "answered": self.answered,
+            "failed": self.failed,
+            "superseded": self.superseded,
+            **self.counts(),
+            "parked_chunks": self.parked_chunks,
+            "in_flight": self.in_flight,
+            "failed_by_code": [
+                {"code": f.code, "retryable": f.retryable, "images": f.images} for f in self.failed_by_code
+            ],
+            "examples": {
+                kind: [{"image_id": e.image_id, "source": e.source, "detail": e.detail} for e in items]
+                for kind, items in self.examples.items()
+            },
+        }
+
+
+def parked_chunks(runs: RunStore, run_id: str, page: int = 100) -> Iterator[Chunk]:
+    """The run's parked chunks, read a page at a time and left in place (``resume`` takes them)."""
+    key = runs.keys.run_parked(run_id)
+    start = 0
+    while items := runs.r.lrange(key, start, start + page - 1):
+        for raw in items:
+            yield Chunk.from_wire(json.loads(raw))
+        start += len(items)
+
+
+def _ids(table: pa.Table, mask: pa.ChunkedArray | pa.Array) -> pa.Array:
+    """The distinct ``image_id`` values of the rows of ``table`` where ``mask`` holds."""
+    return pc.unique(table.filter(mask)["image_id"]).cast(pa.string())
+
+
+def _in(values: pa.ChunkedArray | pa.Array, value_set: pa.Array) -> pa.ChunkedArray | pa.Array:
+    return pc.is_in(values, value_set=value_set.cast(pa.string()))
+
+
+def verify_run(dataset: Dataset, runs: RunStore, run_id: str, *, examples: int = 5) -> Verification:
+    """Reconcile ``run_id`` (see the module docstring); ``examples`` images listed per kind.
+
+    Raises :class:`InputError` when Redis does not know the run, or when the run has published
+    chunks but no enqueued records (an older producer, or another ``CARNUMBER_OUTPUT``).
+    """
+    summary = runs.get(run_id)
+    if summary is None:
+        raise InputError(f"run {run_id!r}: not found in Redis (key prefix {runs.keys.prefix!r})")
+    records = EnqueuedRecords(dataset)
+    recorded = records.files(run_id)
+    published = [c.decode() for c in runs.r.hkeys(runs.keys.run_chunks(run_id))]
+    unrecorded = sorted(c for c in published if is_first_pass(c) and c not in recorded)
+    if not recorded and unrecorded:
+        raise InputError(
+            f"run {run_id!r}: {len(unrecorded)} chunks were enqueued but {records.run_dir(run_id)} "
+            "holds no record of them: the run was enqueued by a carnumber older than `verify`, or "
+            "with another CARNUMBER_OUTPUT than this one"
+        )
+
+    # What was promised: one row per distinct image (the first chunk that listed it).
+    listed = records.read(run_id)
+    enq = listed.group_by("image_id", use_threads=False).aggregate(
+        [("source", "first"), ("chunk_id", "first")]
+    )
+    enq = enq.rename_columns(["image_id", "source", "chunk_id"])
+
+    # What the output holds: outcomes, repeated rows, winners.
+    files = dataset.parquet_files(dataset.run_dir(run_id))
+    names = [p.rsplit("/", 1)[-1] for p in files]
+    compacted_files = sum(n.startswith("compacted-") for n in names)
+    compaction = "none" if not compacted_files else "partial" if compacted_files < len(files) else "compacted"
+    keys, _ = read_keys(dataset, files, extra=("plate_index", "error_code", "retryable"))
+    rows = keys.group_by(["image_id", "status", "processed_at", "plate_index"]).aggregate([([], "count_all")])
+    repeated = _ids(rows, pc.greater(rows["count_all"], 1))
+    outcomes = keys.group_by(["image_id", "status", "processed_at"]).aggregate(
+        [("file", "max"), ("error_code", "min"), ("retryable", "max")]
+    )
+    outcomes = outcomes.rename_columns(
+        ["image_id", "status", "processed_at", "file", "error_code", "retryable"]
+    )
+    answer = pc.not_equal(outcomes["status"], STATUS_FAILED)
+    per_image = (
+        outcomes.append_column("answer", pc.cast(answer, pa.int64()))
+        .group_by("image_id")
+        .aggregate([([], "count_all"), ("answer", "sum")])
+    )
+    dup_rule = pc.greater(per_image["answer_sum"], 1)
+    if compaction == "compacted":
+        dup_rule = pc.or_(dup_rule, pc.greater(per_image["count_all"], 1))
+    dup_ids = pc.unique(pa.concat_arrays([_ids(per_image, dup_rule), repeated]))
+    superseded_ids = _ids(
+        per_image,
+        pc.and_(pc.greater(per_image["count_all"], 1), pc.invert(_in(per_image["image_id"], dup_ids))),
+    )
+    out_ids = per_image["image_id"].combine_chunks()
+
+    parked = list(parked_chunks(runs, run_id))
+    parked_where = {r.image_id: c.chunk_id for c in parked for r in c.images}
+    parked_ids = pa.array(list(parked_where), pa.string())
+
+    # Classify each enqueued image, first match wins.
+    is_dup = _in(enq["image_id"], dup_ids)
+    is_parked = pc.and_(pc.invert(is_dup), _in(enq["image_id"], parked_ids))
+    has_out = _in(enq["image_id"], out_ids)
+    is_missing = pc.and_(pc.invert(pc.or_(is_dup, is_parked)), pc.invert(has_out))
+    is_one = pc.and_(pc.and_(pc.invert(is_dup), pc.invert(is_parked)), has_out)
+    one_ids = _ids(enq, is_one)
+    unexpected_ids = pc.filter(out_ids, pc.invert(_in(out_ids, enq["image_id"].combine_chunks())))
+
+    winners = best_outcomes(
+        outcomes.select(["image_id", "status", "processed_at", "file", "error_code", "retryable"])
+    )
+    won = winners.filter(_in(winners["image_id"], one_ids))
+    failed = won.filter(pc.equal(won["status"], STATUS_FAILED))
+    by_code = (
+        failed.append_column("retry", pc.fill_null(failed["retryable"], False))
+        .group_by(["error_code", "retry"])
+        .aggregate([([], "count_all")])
+        .sort_by([("count_all", "descending"), ("error_code", "ascending")])
+    )
+
+    kinds = {"missing": is_missing, "parked": is_parked, "duplicated": is_dup}
+    mismatched = pa.concat_tables(
+        [
+            pa.table(
+                {
+                    "kind": [kind] * int(pc.sum(mask).as_py() or 0),
+                    "image_id": enq.filter(mask)["image_id"],
+                    "url": enq.filter(mask)["source"],
+                    "chunk_id": enq.filter(mask)["chunk_id"],
+                },
+                schema=_MISMATCH_SCHEMA,
+            )
+            for kind, mask in kinds.items()
+        ]
+    )
+    found = Verification(
+        run_id=run_id,
+        state=summary.state,
+        stop_code=summary.fields.get("stop_code") or None,
+        compaction=compaction,
+        part_files=len(files) - compacted_files,
+        compacted_files=compacted_files,
+        record_chunks=len(recorded),
+        enqueued=enq.num_rows,
+        listed_twice=listed.num_rows - enq.num_rows,
+        skipped_answered_earlier=int(summary.fields.get("images_skipped", 0)),
+        exactly_one=len(one_ids),
+        answered=won.num_rows - failed.num_rows,
+        failed=failed.num_rows,
+        superseded=int(pc.sum(_in(superseded_ids, one_ids)).as_py() or 0),
+        missing=int(pc.sum(is_missing).as_py() or 0),
+        parked=int(pc.sum(is_parked).as_py() or 0),
+        parked_chunks=len(parked),
+        duplicated=int(pc.sum(is_dup).as_py() or 0),
+        unexpected=len(unexpected_ids),
+        unrecorded_chunks=len(unrecorded),
+        in_flight=summary.outstanding,
+        failed_by_code=[
+            FailedCode(r["error_code"] or "?", bool(r["retry"]), r["count_all"]) for r in by_code.to_pylist()
+        ],
+        mismatched=mismatched,
+    )
+    found.examples = _examples(
+        dataset, files, keys, mismatched, unexpected_ids, unrecorded, parked_where, examples
+    )
+    return found
+
+
+def _examples(
+    dataset: Dataset,
+    files: list[str],
+    keys: pa.Table,
+    mismatched: pa.Table,
+    unexpected_ids: pa.Array,
+    unrecorded: list[str],
+    parked_where: dict[str, str],
+    n: int,
+) -> dict[str, list[Example]]:
+    """Up to ``n`` images per kind found, with where to look: chunk id, or the files holding it."""
+
+    def where(ids: list[str]) -> dict[str, list[str]]:
+        hits = keys.filter(_in(keys["image_id"], pa.array(ids, pa.string()))).select(["image_id", "file"])
+        out: dict[str, list[str]] = {}
+        for row in hits.to_pylist():
+            name = files[row["file"]].rsplit("/", 1)[-1]
+            if name not in out.setdefault(row["image_id"], []):
+                out[row["image_id"]].append(name)
+        return out
+
+    found: dict[str, list[Example]] = {}
+    for kind in ("missing", "parked", "duplicated"):
+        rows = mismatched.filter(pc.equal(mismatched["kind"], kind)).slice(0, n).to_pylist()
+        if not rows:
+            continue
+        in_files = where([r["image_id"] for r in rows]) if kind == "duplicated" else {}
+        found[kind] = [
+            Example(
+                r["image_id"],
+                r["url"],
+                f"in {', '.join(in_files.get(r['image_id'], []))}"
+                if kind == "duplicated"
+                else f"parked chunk {parked_where[r['image_id']]}"
+                if kind == "parked"
+                else f"chunk {r['chunk_id']}",
+            )
+            for r in rows
+        ]
+    if len(unexpected_ids):
+        ids = unexpected_ids.slice(0, n).to_pylist()
+        in_files = where(ids)
+        sources = _sources(dataset, files, keys, ids)
+        found["unexpected"] = [Example(i, sources.get(i), f"in {', '.join(in_files[i])}") for i in ids]
+    if unrecorded:
+        found["unrecorded"] = [Example("", None, f"chunk {c} has no record") for c in unrecorded[:n]]
+    return found
+
+
+def _sources(dataset: Dataset, files: list[str], keys: pa.Table, ids: list[str]) -> dict[str, str]:
+    """The output's source of a few images (one small read of each file that holds one)."""
+    wanted = pa.array(ids, pa.string())
+    hits = keys.filter(_in(keys["image_id"], wanted))
+    out: dict[str, str] = {}
+    for i in sorted(set(hits["file"].to_pylist())):
+        t = pq.read_table(files[i], filesystem=dataset.fs, columns=["image_id", "source"], schema=SCHEMA)
+        for row in t.filter(_in(t["image_id"], wanted)).to_pylist():
+            out.setdefault(row["image_id"], row["source"])
+    return out
+
+
+_PAUSED = ("stopped", "quota_exhausted", "circuit_open", "paused")
+
+
+def republish_missing(
+    v: Verification,
+    dataset: Dataset,
+    runs: RunStore,
+    publish: Callable[[Chunk], None],
+    chunk_size: int,
+) -> list[Chunk]:
+    """Publish ``v``'s missing images again (source and metadata from their records) in chunks
+    ``verify{round}-{k}`` of ``chunk_size``, and set the run running so the worker that finishes
+    the last one marks it done. The run's enqueued counter is not raised: these images were
+    counted when first enqueued. Returns the chunks published (none when nothing is missing).
+    Raises :class:`InputError` while the run is paused (``carnumber resume`` first)."""
+    ids = v.mismatched.filter(pc.equal(v.mismatched["kind"], "missing"))["image_id"].to_pylist()
+    if not ids:
+        return []
+    state = runs.get(v.run_id)
+    if state is not None and state.state in _PAUSED:
+        raise InputError(
+            f"run {v.run_id} is {state.state}: fix the cause and `carnumber resume {v.run_id}` first "
+            "(workers would only park the images again)"
+        )
+    refs = EnqueuedRecords(dataset).refs(v.run_id, ids)
+    round_no = int(runs.r.hincrby(runs.keys.run(v.run_id), "verify_rounds", 1))
+    runs.set_state(v.run_id, "running")
+    chunks = [
+        Chunk(v.run_id, f"verify{round_no}-{k:07d}", tuple(refs[i : i + chunk_size]))
+        for k, i in enumerate(range(0, len(refs), chunk_size))
+    ]
+    for chunk in chunks:
+        publish(chunk)
+    return chunks
