@@ -33,6 +33,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "re-enqueue a run's retryable failures",
     ),
     "compact": ("carnumber.commands.compact", "merge a run's part files into large Parquet files"),
+    "report": ("carnumber.commands.report", "the morning summary of a run (outcomes, failures, calls, cost)"),
     "verify": ("carnumber.commands.verify", "check every enqueued image of a run has one outcome"),
     "metrics": ("carnumber.commands.metrics", "serve Prometheus metrics read from Redis"),
     "demo": ("carnumber.demo", "run the whole pipeline on a generated sample archive"),
