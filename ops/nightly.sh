@@ -6,7 +6,8 @@
 #      window has reset since. Nothing else is resumed automatically (AUTO_RESUME_STATES).
 #      Each is re-enqueued from its recorded source too: the producer stops feeding a paused run;
 #   3. enqueue tonight's images as run RUN_ID, follow it to the end, compact it, retry its
-#      retryable failures once, follow again, compact again;
+#      retryable failures once, follow again, compact again, then `carnumber verify` it: every
+#      image the producer enqueued must have exactly one outcome in the output;
 #   4. the same for each run resumed in step 2 (its chunks were queued first: usually done).
 #
 # Settings come from the environment (systemd EnvironmentFile, or the crontab line):
@@ -25,12 +26,14 @@
 # never prints.
 #
 # Exit codes:
-#   0   the run (and every resumed run) is done and compacted, retry round included
+#   0   the run (and every resumed run) is done, compacted and verified, retry round included
 #   2   configuration error (missing SOURCE, bad setting, Redis unreachable)
 #   3   the run is parked until the quota resets; the next night resumes it
 #   4   the fleet is stopped or the run paused for another reason: an operator must act
 #       (ops/README.md, "Resume after a stop")
 #   5   the run did not finish within FOLLOW_TIMEOUT (workers down or too slow)
+#   6   carnumber verify found images missing, parked, duplicated or unexpected: the log holds
+#       its table; the runbook says what to do with each kind
 #   75  another nightly job still holds the lock
 #   other: the failing carnumber command's own exit code
 set -euo pipefail
@@ -109,6 +112,19 @@ follow() {
   esac
 }
 
+# Reconcile run $1's output with what the producer enqueued (after compaction), logging the
+# table. Returns 6 on a mismatch, verify's own code when it could not check (2: bad input).
+verify() {
+  local run="$1" rc=0
+  log "verifying run $run"
+  cn verify "$run" | while IFS= read -r line; do log "$line"; done || rc=$?
+  case $rc in
+    0) return 0 ;;
+    1) log "run $run: the output does not match what was enqueued (carnumber verify $run)"; return 6 ;;
+    *) log "carnumber verify $run exited $rc"; return "$rc" ;;
+  esac
+}
+
 # Compact finished run $1, retry its retryable failures once, follow and compact again.
 finish() {
   local run="$1" retryable rc=0
@@ -158,16 +174,17 @@ cn enqueue "$SOURCE" --run "$RUN_ID" "${EXTRA[@]}"
 rc=0; follow "$RUN_ID" || rc=$?
 if [[ $rc -ne 0 ]]; then exit "$rc"; fi
 finish "$RUN_ID"
+status=0
+verify "$RUN_ID" || status=$?
 
 # Runs resumed above were published first, so they are usually done by now.
-status=0
 for run in "${resumed[@]}"; do
   rc=0; follow "$run" || rc=$?
   if [[ $rc -eq 0 ]]; then
     finish "$run"
-  elif [[ $status -eq 0 ]]; then
-    status=$rc
+    verify "$run" || rc=$?
   fi
+  if [[ $rc -ne 0 && $status -eq 0 ]]; then status=$rc; fi
 done
 log "done"
 exit "$status"

@@ -4,6 +4,7 @@ commands against real Redis, a real Celery worker and the local API server on lo
 * a quota spent mid-run: exit 3; the next night resumes that run (never lifting a stop) and
   processes its own;
 * retryable failures (injected 503s, one attempt each): one retry round, then compaction;
+* every finished run is verified after compaction; a part lost before verify: exit 6;
 * a stopped fleet: exit 4 and nothing enqueued; a held lock: exit 75; no SOURCE: exit 2.
 """
 
@@ -148,6 +149,8 @@ def test_quota_parks_the_run_and_the_next_night_resumes_it(
     assert f"re-enqueueing the rest of run 2026-11-22 from {archive}" in second.stdout
     assert "compacting run night-2" in second.stdout and "retrying" not in second.stdout
     assert "compacting run 2026-11-22" in second.stdout  # the resumed run is finished too
+    assert "verify run night-2: OK, each of 3 enqueued images has exactly one outcome" in second.stdout
+    assert "verify run 2026-11-22: OK, each of 24 enqueued images" in second.stdout
     assert runs.get("2026-11-22").state == "done"  # type: ignore[union-attr]
     dataset = open_dataset(night2["CARNUMBER_OUTPUT"])
     rows2 = dataset.read_run("night-2").to_pylist()
@@ -170,10 +173,39 @@ def test_retryable_failures_get_one_retry_round(
     assert done.returncode == 0, done.stdout + done.stderr
     assert "images of run r-retry with a retryable failure (one round)" in done.stdout
     assert "compacting run r-retry after the retry round" in done.stdout
+    verified = done.stdout[done.stdout.index("verifying run r-retry") :]
+    assert "verify run r-retry: OK, each of 12 enqueued images has exactly one outcome" in verified
     rows = open_dataset(env["CARNUMBER_OUTPUT"]).read_run("r-retry").to_pylist()
     assert len({r["image_id"] for r in rows}) == 12 == len(rows)  # compacted: one outcome per image
     summary = RunStore(redis_client, Keys(key_prefix)).get("r-retry")
     assert summary is not None and int(summary.fields["retry_rounds"]) == 1
+
+
+def test_a_mismatch_found_by_verify_fails_the_night(
+    server: RunningServer, redis_url: str, key_prefix: str, tmp_path: Path
+) -> None:
+    # Between compaction and verify, the run's (only) compacted file disappears, as if storage lost it.
+    wrapper = tmp_path / "carnumber.sh"
+    wrapper.write_text(
+        "#!/usr/bin/env bash\n"
+        'if [[ "$1" == verify ]]; then rm "$CARNUMBER_OUTPUT/run=$2"/compacted-*.parquet; fi\n'
+        f'exec {sys.executable} -m carnumber.cli "$@"\n'
+    )
+    env = _env(redis_url, key_prefix, tmp_path, server)
+    worker = _worker(env)
+    try:
+        done = _nightly(
+            env,
+            tmp_path,
+            SOURCE=str(_archive(tmp_path / "a", 6)),
+            RUN_ID="r-lost",
+            CARNUMBER=f"bash {wrapper}",
+        )
+    finally:
+        worker.stop()
+    assert done.returncode == 6, done.stdout + done.stderr
+    assert "verify run r-lost: MISMATCH: 6 missing" in done.stdout
+    assert "run r-lost: the output does not match what was enqueued" in done.stdout
 
 
 def test_stopped_fleet_enqueues_nothing(
