@@ -58,9 +58,7 @@ def test_two_keys_of_one_account_share_every_key_only_when_grouped() -> None:
     assert names(ga)[3] == Keys("carnumber").stop(tag)
 
 
-def test_grouped_keys_share_one_limiter_quota_and_stop_in_redis(
-    redis_url: str, key_prefix: str
-) -> None:
+def test_grouped_keys_share_one_limiter_quota_and_stop_in_redis(redis_url: str, key_prefix: str) -> None:
     """Against real Redis: two processes' worth of state for two keys; with the account set,
     the second key's call waits for the first's slot, the quota counts both, and one stop
     halts both."""

@@ -20,6 +20,13 @@ Decisions (edge cases the product page leaves open):
 * Aspect exactly 50: refused (long / short must be < 50; compared in integers, no rounding).
 * Exactly 10 MiB (10 * 1024 * 1024 bytes) is accepted; one byte more is refused.
 
+:func:`check_parts` runs the same rules over the first and last few KB of an object whose full
+size is known (``Url`` mode: a ranged read of the head and of the tail instead of the whole
+picture). It answers exactly what :func:`check_image` would answer for the whole file, or
+``None`` when the parts cannot tell (a header longer than the head read, an EOI or IEND not in
+the tail, a TIFF directory past the head, any WebP: Pillow's WebP reader takes the whole file):
+the caller then reads more, up to the whole file.
+
 Pixel-count "decompression bomb" protection is not needed here: pixels are never decoded, and
 every image Pillow would call a bomb is already wider or taller than 8191 px.
 """
@@ -46,14 +53,17 @@ from workers.errors import ImageRejected
 __all__ = [
     "API_EQUIVALENT",
     "FORMATS",
+    "HEAD_BYTES",
     "MAX_ASPECT",
     "MAX_BYTES",
     "MAX_SIDE_PX",
     "MAX_URL_BYTES",
     "MIN_SIDE_PX",
     "REENCODE_TARGET_BYTES",
+    "TAIL_BYTES",
     "ImageInfo",
     "check_image",
+    "check_parts",
     "check_url",
     "maybe_reencode",
     "sniff_format",
@@ -65,6 +75,10 @@ MAX_SIDE_PX = 8192  # exclusive: a side must be < 8192
 MAX_ASPECT = 50  # exclusive: long / short must be < 50
 MAX_URL_BYTES = 2048  # inclusive, UTF-8 bytes
 REENCODE_TARGET_BYTES = 1_500_000  # the docs advise < 1.5 MB
+# Ranged reads for check_parts: enough for the header of a plain JPEG/PNG/GIF/BMP/WebP and the
+# end-of-file markers; a longer header (big EXIF, ICC profiles) makes the caller read more.
+HEAD_BYTES = 8 * 1024
+TAIL_BYTES = 2 * 1024
 
 FORMATS = ("JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP")
 
@@ -139,39 +153,66 @@ def check_image(data: bytes) -> ImageInfo:
     header does not parse), ``local.truncatedImage``, ``local.imageTooSmall``,
     ``local.imageDimensionTooLarge`` (px) or ``local.aspectRatio``.
     """
-    size = len(data)
+    info = _check(data, data, len(data))
+    assert info is not None  # the whole file always decides
+    return info
+
+
+def check_parts(head: bytes, tail: bytes, size: int) -> ImageInfo | None:
+    """Check an image of ``size`` bytes from its first bytes ``head`` and its last bytes ``tail``
+    (``tail`` ends at byte ``size``; the two may overlap). Same rules, codes and raises as
+    :func:`check_image`; returns ``None`` when these parts cannot decide (read more). With the
+    whole file in ``head`` this *is* :func:`check_image`. ``frames`` is 0 (not counted) unless
+    the whole file was given: counting GIF frames walks the whole file.
+    """
+    if len(head) >= size:
+        return check_image(head[:size])
+    if size < 0 or len(tail) > size:
+        raise ValueError(f"head/tail do not fit an object of {size} bytes")
+    return _check(head, tail, size)
+
+
+def _check(head: bytes, tail: bytes, size: int) -> ImageInfo | None:
+    whole = len(head) >= size
     if size == 0:
         raise ImageRejected("local.emptyImage", "image is 0 bytes")
     if size > MAX_BYTES:
         raise ImageRejected(
             "local.imageTooLarge", f"image is {size} bytes; the API allows at most {MAX_BYTES}"
         )
-    fmt = sniff_format(data)
+    fmt = sniff_format(head)
     if fmt is None:
         raise ImageRejected(
             "local.unsupportedFormat",
-            f"{_describe(data)}; accepted: PNG, JPEG, BMP, GIF, TIFF, WebP",
+            f"{_describe(head)}; accepted: PNG, JPEG, BMP, GIF, TIFF, WebP",
         )
     try:
-        im = _PLUGINS[fmt](io.BytesIO(data))
+        im = _PLUGINS[fmt](io.BytesIO(head))
     except Exception as exc:  # untrusted bytes: any parse failure is a refusal, not a crash
-        short = len(data) < 64 or isinstance(exc, EOFError | struct.error | IndexError)
+        if not whole:
+            return None  # the header may go on past the head read
+        short = size < 64 or isinstance(exc, EOFError | struct.error | IndexError)
         code = "local.truncatedImage" if short else "local.corruptImage"
         raise ImageRejected(code, f"{fmt} header does not parse ({type(exc).__name__})") from None
     try:
         width, height = im.size
         mode = im.mode
-        frames = int(getattr(im, "n_frames", 1) or 1)
-        if _looks_truncated(fmt, data, im):
+        frames = int(getattr(im, "n_frames", 1) or 1) if whole else 0
+        truncated = _truncated(fmt, head, tail, size, im)
+        if truncated:
             raise ImageRejected("local.truncatedImage", f"{fmt} data ends early ({size} bytes)")
     except ImageRejected:
         raise
     except Exception as exc:
+        if not whole:
+            return None
         raise ImageRejected(
             "local.corruptImage", f"{fmt} structure does not parse ({type(exc).__name__})"
         ) from None
     finally:
         im.close()
+    if truncated is None:
+        return None
     _check_dimensions(width, height)
     return ImageInfo(format=fmt, width=width, height=height, frames=frames, mode=mode)
 
@@ -192,28 +233,39 @@ def _check_dimensions(width: int, height: int) -> None:
         )
 
 
-def _looks_truncated(fmt: str, data: bytes, im: ImageFile.ImageFile) -> bool:
-    """A structural end-of-file check per format: O(1) or one backwards scan, no decode."""
+def _truncated(fmt: str, head: bytes, tail: bytes, size: int, im: ImageFile.ImageFile) -> bool | None:
+    """A structural end-of-file check per format from the head (parsed into ``im``), the tail
+    (the last ``len(tail)`` of ``size`` bytes) and the size: O(1) or one backwards scan of the
+    tail, no decode. ``None``: the tail does not reach far enough back to tell."""
+    offset = size - len(tail)  # where the tail starts in the file
     if fmt == "JPEG":
         # Entropy-coded data stuffs every 0xFF with 0x00, so FF D9 after the first scan's start
         # can only be the EOI marker. Trailing padding after EOI is allowed.
         scan_start = im.tile[0][2] if im.tile else 2
-        return data.rfind(b"\xff\xd9") < scan_start
+        found = tail.rfind(b"\xff\xd9")
+        if found >= 0 and offset + found >= scan_start:
+            return False
+        return True if offset <= scan_start else None
     if fmt == "PNG":
-        return data.rfind(b"IEND\xaeB`\x82") < 0
+        if tail.rfind(b"IEND\xaeB`\x82") >= 0:
+            return False
+        return True if offset == 0 else None
     if fmt == "GIF":
         # The last data sub-block ends with a 0x00 terminator, then the 0x3B trailer; a stray
         # ';' at a random cut point (1 in 256) must not pass for the end of the file.
-        return not data.rstrip(b"\x00").endswith(b"\x00;")
+        end = tail.rstrip(b"\x00")
+        if offset > 0 and len(end) < 2:
+            return None
+        return not end.endswith(b"\x00;")
     if fmt == "BMP":
-        declared = struct.unpack_from("<I", data, 2)[0]
-        if declared >= len(data):
-            return declared > len(data)
-        return any(_tile_end(t) > len(data) for t in im.tile)
+        declared = struct.unpack_from("<I", head, 2)[0]
+        if declared >= size:
+            return declared > size
+        return any(_tile_end(t) > size for t in im.tile)
     if fmt == "WEBP":
-        return struct.unpack_from("<I", data, 4)[0] + 8 > len(data)
+        return struct.unpack_from("<I", head, 4)[0] + 8 > size
     if fmt == "TIFF":
-        return _tiff_truncated(data, im)
+        return _tiff_truncated(size, im)
     return False
 
 
@@ -231,7 +283,7 @@ def _tile_end(tile: ImageFile._Tile) -> int:
     return int(tile[2]) + abs(stride) * (y1 - y0)
 
 
-def _tiff_truncated(data: bytes, im: ImageFile.ImageFile) -> bool:
+def _tiff_truncated(size: int, im: ImageFile.ImageFile) -> bool:
     tags = getattr(im, "tag_v2", {})
     offsets = tags.get(273) or tags.get(324)  # StripOffsets / TileOffsets
     counts = tags.get(279) or tags.get(325)  # StripByteCounts / TileByteCounts
@@ -241,7 +293,7 @@ def _tiff_truncated(data: bytes, im: ImageFile.ImageFile) -> bool:
         offsets = (offsets,)
     if isinstance(counts, int):
         counts = (counts,)
-    return any(o + c > len(data) for o, c in zip(offsets, counts, strict=False))
+    return any(o + c > size for o, c in zip(offsets, counts, strict=False))
 
 
 def check_url(url: str) -> None:

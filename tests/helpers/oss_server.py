@@ -16,7 +16,12 @@ Covered, written from OSS's public API reference (not from oss2's code):
   sub-resources) and signed URLs (``OSSAccessKeyId``, ``Expires``, ``Signature``, optional
   ``security-token``), expiry included; an STS token is checked when one is configured.
 
-Not covered: V4 signatures, CRC64 headers, ranges, delimiters/common prefixes, writes.
+* ``Range: bytes=a-b`` / ``a-`` / ``-n`` on GetObject: 206 with ``Content-Range``; an invalid
+  range (start past the end, an empty object) answers 200 with the whole object, as OSS does,
+  or 416 with ``Content-Range: bytes */size`` under ``x-oss-range-behavior: standard``.
+
+Not covered: V4 signatures, CRC64 headers, multiple ranges, delimiters/common prefixes, writes.
+``bytes_sent`` counts object bytes sent in GetObject bodies (to measure ranged reads).
 ``fail_next`` makes the next N requests answer 503 (to test retry/transport translation).
 """
 
@@ -124,6 +129,7 @@ class FakeOss:
         self.buckets: dict[str, dict[str, StoredObject]] = {}
         self.requests: list[tuple[str, str]] = []  # (method, path) without query strings
         self.fail_next = 0
+        self.bytes_sent = 0
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -197,6 +203,24 @@ def _error_xml(code: str, message: str, request_id: str) -> bytes:
         f"<Code>{escape(code)}</Code><Message>{escape(message)}</Message>"
         f"<RequestId>{request_id}</RequestId><HostId>127.0.0.1</HostId></Error>"
     ).encode()
+
+
+def _byte_range(spec: str | None, size: int) -> tuple[int, int] | str | None:
+    """``bytes=a-b``, ``a-`` or ``-n`` → (first, last) inclusive, clipped to the object;
+    ``"invalid"`` when it cannot be satisfied; None without a (parsable) Range header."""
+    if not spec or not spec.startswith("bytes=") or "," in spec:
+        return None
+    first, sep, last = spec[6:].strip().partition("-")
+    if not sep or not (first.isdigit() or last.isdigit()):
+        return None
+    if not first:  # a suffix: the last n bytes
+        n = int(last)
+        return (max(0, size - n), size - 1) if n > 0 and size > 0 else "invalid"
+    start = int(first)
+    end = min(int(last), size - 1) if last.isdigit() else size - 1
+    if start >= size or (last.isdigit() and int(last) < start):
+        return "invalid"
+    return start, end
 
 
 def _iso(ts: float) -> str:
@@ -315,14 +339,26 @@ def _handler_for(oss: FakeOss) -> type[BaseHTTPRequestHandler]:
                 "x-oss-object-type": "Normal",
                 "x-oss-storage-class": "Standard",
             }
-            self.send_response(200)
+            status, body = 200, obj.data
+            wanted = None if head else _byte_range(self.headers.get("Range"), len(obj.data))
+            if wanted == "invalid":
+                if self.headers.get("x-oss-range-behavior", "").lower() == "standard":
+                    self._send(416, b"", {"Content-Range": f"bytes */{len(obj.data)}"})
+                    return
+            elif wanted is not None:
+                start, end = wanted
+                status, body = 206, obj.data[start : end + 1]
+                headers["Content-Range"] = f"bytes {start}-{end}/{len(obj.data)}"
+            self.send_response(status)
             self.send_header("x-oss-request-id", uuid.uuid4().hex.upper()[:24])
             for k, v in headers.items():
                 self.send_header(k, v)
-            self.send_header("Content-Length", str(len(obj.data)))
+            self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             if not head:
-                self.wfile.write(obj.data)
+                with oss._lock:
+                    oss.bytes_sent += len(body)
+                self.wfile.write(body)
 
         def _list(self, bucket: str, objects: dict[str, StoredObject], q: dict[str, str]) -> None:
             v2 = q.get("list-type") == "2"

@@ -14,7 +14,7 @@ from typing import Protocol
 
 from workers.config import Settings
 
-__all__ = ["ObjectInfo", "ObjectStore", "store_for"]
+__all__ = ["ObjectInfo", "ObjectStore", "RangeRead", "store_for"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,6 +24,19 @@ class ObjectInfo:
     key: str
     size: int
     modified: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class RangeRead:
+    """Bytes ``offset .. offset + len(data)`` of an object of ``size`` bytes (the whole object's
+    size, from ``Content-Range``), with what the store says of it: ``content_type`` and
+    ``etag`` (quotes removed; a multipart upload's ETag is not an MD5 of the bytes)."""
+
+    data: bytes
+    offset: int
+    size: int
+    content_type: str | None = None
+    etag: str | None = None
 
 
 class ObjectStore(Protocol):
@@ -36,6 +49,12 @@ class ObjectStore(Protocol):
     def get(self, bucket: str, key: str, max_bytes: int) -> bytes:
         """The object's bytes; :class:`ImageRejected` (``local.imageTooLarge``) when it is
         larger than ``max_bytes`` (checked before reading)."""
+        ...
+
+    def get_range(self, bucket: str, key: str, offset: int, length: int) -> RangeRead:
+        """At most ``length`` bytes from ``offset`` (fewer at the object's end; none for an empty
+        object or an offset at or past its end) and the object's size. :class:`InputError` when
+        the object or bucket is missing, :class:`TransportError` when the store is unreachable."""
         ...
 
     def presign(self, bucket: str, key: str, ttl_s: int) -> str:

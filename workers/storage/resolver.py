@@ -6,8 +6,9 @@ source                      becomes
 ``file:///abs``             bytes, checked with :func:`~workers.imagecheck.check_image`
 ``tar:///abs/x.tar#m``      member bytes (one open per archive per chunk; see ``archives``)
 ``zip:///abs/x.zip#m``      member bytes
-``s3://b/k``                ``s3_mode=url``: HEAD (exists? ≤ 10 MiB?) then a presigned GET URL
-                            valid ``signed_url_ttl_s``; ``bytes``: the object's bytes, checked
+``s3://b/k``                ``s3_mode=url``: the local checks from ranged reads of the head and
+                            the tail (:func:`precheck_object`), then a presigned GET URL valid
+                            ``signed_url_ttl_s``; ``bytes``: the object's bytes, checked
 ``oss://b/k``               the same with ``oss_mode``
 ``http(s)://...``           ``Image(url=)`` after :func:`~workers.imagecheck.check_url`
 ==========================  ==================================================================
@@ -32,13 +33,25 @@ from concurrent.futures import ThreadPoolExecutor
 from workers.api.client import Image
 from workers.config import Settings
 from workers.errors import CarnumberError, ConfigError, ImageRejected, InputError, TransportError
-from workers.imagecheck import MAX_BYTES, check_image, check_url, maybe_reencode
+from workers.imagecheck import (
+    HEAD_BYTES,
+    MAX_BYTES,
+    TAIL_BYTES,
+    check_image,
+    check_parts,
+    check_url,
+    maybe_reencode,
+)
 from workers.message import ImageRef
 from workers.storage.archives import ArchiveReader
-from workers.storage.objects import ObjectStore, store_for
+from workers.storage.objects import ObjectStore, RangeRead, store_for
 from workers.storage.uris import Location, parse_uri
 
-__all__ = ["Resolved", "Resolver"]
+__all__ = ["LONG_HEAD_BYTES", "Resolved", "Resolver", "precheck_object"]
+
+# The second head read when the first did not hold the whole header (a large EXIF block with a
+# thumbnail, ICC profiles): still far less than a camera picture.
+LONG_HEAD_BYTES = 128 * 1024
 
 Resolved = Image | ImageRejected | InputError | TransportError
 
@@ -177,22 +190,72 @@ class Resolver:
         mode = self.settings.s3_mode if loc.kind == "s3" else self.settings.oss_mode
         try:
             if mode == "url":
-                size = store.head(loc.bucket, loc.key)
-                if size > MAX_BYTES:
-                    raise ImageRejected(
-                        "local.imageTooLarge",
-                        f"object is {size} bytes; the API allows at most {MAX_BYTES}",
-                    )
-                if size == 0:
-                    raise ImageRejected("local.emptyImage", "object is 0 bytes")
+                data = precheck_object(store, loc.bucket, loc.key)
                 url = store.presign(loc.bucket, loc.key, self.settings.signed_url_ttl_s)
                 try:
                     check_url(url)
                     return Image(url=url)
                 except ImageRejected:
                     pass  # too long to pass by URL: send the bytes instead
+                if data is not None:
+                    return self._bytes_image(data)
             return self._bytes_image(store.get(loc.bucket, loc.key, MAX_BYTES))
         except ConfigError:
             raise
         except (ImageRejected, InputError, TransportError) as exc:
             return exc
+
+
+def precheck_object(
+    store: ObjectStore,
+    bucket: str,
+    key: str,
+    *,
+    head_bytes: int = HEAD_BYTES,
+    tail_bytes: int = TAIL_BYTES,
+    on_read: Callable[[RangeRead], None] | None = None,
+) -> bytes | None:
+    """The local image checks for an object that is passed to the API by URL, reading only what
+    they need: a ranged read of the first ``head_bytes`` (which also gives the size and content
+    type), of the last ``tail_bytes`` when the object is longer, then a longer head
+    (:data:`LONG_HEAD_BYTES`) and finally the whole object only when the parts cannot decide
+    (see :func:`~workers.imagecheck.check_parts`). A 0-byte or > 10 MiB object is refused from
+    its size alone. Returns the whole object's bytes when they were read anyway, else None.
+
+    Raises :class:`ImageRejected` (the rule it broke; the message names the store's
+    Content-Type for a format refusal), :class:`InputError` (missing object or bucket, access
+    denied), :class:`TransportError` (store unreachable). ``on_read`` sees every ranged read
+    (byte accounting in benchmarks).
+    """
+    first = store.get_range(bucket, key, 0, head_bytes)
+    if on_read is not None:
+        on_read(first)
+    size, head = first.size, first.data
+    try:
+        if size == 0 or size > MAX_BYTES:
+            check_parts(b"", b"", size)  # raises: empty / too large
+        if len(head) >= size:
+            check_image(head[:size])
+            return head[:size]
+        last = store.get_range(bucket, key, max(len(head), size - tail_bytes), tail_bytes)
+        if on_read is not None:
+            on_read(last)
+        if check_parts(head, last.data, size) is not None:
+            return None
+        if size > LONG_HEAD_BYTES > len(head):
+            longer = store.get_range(bucket, key, 0, LONG_HEAD_BYTES)
+            if on_read is not None:
+                on_read(longer)
+            if check_parts(longer.data, last.data, size) is not None:
+                return None
+        data = store.get(bucket, key, MAX_BYTES)
+        if on_read is not None:
+            on_read(RangeRead(data, 0, len(data), first.content_type, first.etag))
+        check_image(data)
+        return data
+    except ImageRejected as exc:
+        if exc.code == "local.unsupportedFormat" and first.content_type:
+            raise ImageRejected(
+                exc.code, f"{exc.message} (the store says Content-Type {first.content_type})"
+            ) from None
+        raise

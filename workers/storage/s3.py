@@ -15,7 +15,7 @@ from typing import Any
 
 from workers.config import Settings
 from workers.errors import CarnumberError, ConfigError, ImageRejected, InputError, TransportError
-from workers.storage.objects import ObjectInfo
+from workers.storage.objects import ObjectInfo, RangeRead
 from workers.storage.optional import require
 
 __all__ = ["S3Store"]
@@ -84,6 +84,31 @@ class S3Store:
             raise TransportError("local.connection", f"{where}: got {len(data)} of {size} bytes")
         return data
 
+    def get_range(self, bucket: str, key: str, offset: int, length: int) -> RangeRead:
+        where = _where(bucket, key)
+        if offset < 0 or length < 1:
+            raise ValueError(f"bad range: offset {offset}, length {length}")
+        try:
+            resp = self.client.get_object(
+                Bucket=bucket, Key=key, Range=f"bytes={offset}-{offset + length - 1}"
+            )
+            body = resp["Body"]
+            content_range = resp.get("ContentRange")
+            if content_range:
+                data: bytes = body.read(length)
+                size = _total_size(content_range, offset + len(data))
+            else:  # a store that ignored the Range header sent the whole object
+                size = int(resp["ContentLength"])
+                data = body.read(offset + length)[offset:]
+            body.close()
+        except Exception as exc:
+            empty = _unsatisfiable(exc)
+            if empty is not None:
+                return RangeRead(b"", offset, empty)  # an empty object, or offset past the end
+            raise _translate(exc, where) from None
+        etag = str(resp.get("ETag") or "").strip('"') or None
+        return RangeRead(data, offset, size, resp.get("ContentType") or None, etag)
+
     def presign(self, bucket: str, key: str, ttl_s: int) -> str:
         try:
             url: str = self.client.generate_presigned_url(
@@ -111,6 +136,30 @@ class S3Store:
 
 def _where(bucket: str, key: str) -> str:
     return f"s3://{bucket}/{key}"
+
+
+def _total_size(content_range: str | None, fallback: int) -> int:
+    """The object's size from ``Content-Range: bytes a-b/size`` (``fallback`` without one: the
+    store sent the whole object)."""
+    if content_range and "/" in content_range:
+        total = content_range.rsplit("/", 1)[1].strip()
+        if total.isdigit():
+            return int(total)
+    return fallback
+
+
+def _unsatisfiable(exc: BaseException) -> int | None:
+    """For a 416 (InvalidRange) answer, the object's size (``ActualObjectSize``, else 0); None
+    for every other error."""
+    response = getattr(exc, "response", None)
+    if not isinstance(response, dict):
+        return None
+    err = response.get("Error", {})
+    status = int(response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+    if err.get("Code") != "InvalidRange" and status != 416:
+        return None
+    actual = str(err.get("ActualObjectSize", "0"))
+    return int(actual) if actual.isdigit() else 0
 
 
 def _translate(exc: BaseException, where: str) -> CarnumberError:
