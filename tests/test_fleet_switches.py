@@ -19,7 +19,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from workers import fleet as fleet_module
-from workers.errors import CircuitOpen, FleetStopped, Paused
+from workers.errors import CircuitOpen, FleetStopped, Paused, RedisUnavailable
 from workers.fleet import CircuitBreaker, FleetControl
 from workers.keys import Keys
 
@@ -313,7 +313,7 @@ def test_an_unreachable_redis_pauses_the_gate_instead_of_leaking_redis_errors() 
             for check in (fleet.check, breaker.check):
                 with pytest.raises(Paused) as caught:
                     await check()
-                assert type(caught.value) is Paused and "Redis unreachable" in str(caught.value)
+                assert type(caught.value) is RedisUnavailable and "Redis unreachable" in str(caught.value)
             await breaker.record(False)  # best effort: no exception
             with pytest.raises(Paused):
                 await fleet.stop("Forbidden.RAM", "denied", None)

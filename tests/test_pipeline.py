@@ -95,17 +95,19 @@ def test_chunk_writes_one_row_per_plate_and_failures(
     assert failed[0]["error_code"].startswith("local.") and failed[0]["attempts"] == 0
     assert {r["meta"][0][1] for r in rows if r["meta"]} == {"cam0", "cam1"}
 
-    # Redelivery of the same message: same part, no duplicate rows, counted once.
-    execute_chunk(chunk, rt)
+    # Redelivery of the same message: its part is already written and counted, so nothing is
+    # called or written again.
+    again = execute_chunk(chunk, rt)
+    assert again.calls == 0 and again.rows == []
     assert len(rt.dataset.read_run("r1")) == len(rows)
     summary = rt.runs.get("r1")
     assert summary is not None and summary.written == 13
-    # Every call was counted for the metrics exporter, with its latency.
+    # Every call was counted for the metrics exporter, with its latency; the redelivery made none.
     from workers.keys import Keys, account_tag
     from workers.metrics import read_call_stats
 
     stats = read_call_stats(rt.redis, Keys(key_prefix), account_tag("testid"))
-    assert stats.by_code == {"ok": 24} and stats.latency_count == 24
+    assert stats.by_code == {"ok": 12} and stats.latency_count == 12
 
 
 def test_retryable_faults_are_retried_and_counted(redis_url: str, key_prefix: str, tmp_path: Path) -> None:

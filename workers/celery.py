@@ -11,21 +11,42 @@ from typing import Any
 from celery import Celery
 
 from workers.config import Settings
+from workers.leases import LeaseKeeper
 
 __all__ = ["app", "celery_config"]
 
-# Longer than any chunk can take: chunk_size / (fleet share of QPS). 200 images at 0.1 call/s
-# each (a 100-process fleet on 10 QPS) is 2,000 s; 12 h leaves room for quota pauses and retries.
+# Kombu's own redelivery of unacknowledged messages stays out of the way: chunk leases
+# (workers/leases.py) hand a silent node's chunks back within about a minute on Redis's clock.
 VISIBILITY_TIMEOUT_S = 12 * 3600
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
-    """Celery settings for a reliable Redis broker: late acks, requeue on a lost worker,
-    one chunk prefetched per process, no result backend (results go to Parquet)."""
+    """Celery settings for a reliable Redis broker: late acks, requeue on a lost worker, leases
+    on held chunks, one chunk prefetched per process, no result backend (results go to Parquet),
+    and connections that notice a dead Redis instead of hanging on it."""
     return {
         "broker_url": settings.broker_url,
         "broker_connection_retry_on_startup": True,
-        "broker_transport_options": {"visibility_timeout": VISIBILITY_TIMEOUT_S},
+        # A Redis restart of up to CARNUMBER_REDIS_OUTAGE_S: reconnect (1 s, 2 s, ... 10 s apart),
+        # then exit non-zero for the supervisor rather than retry forever.
+        "broker_connection_retry": True,
+        "broker_connection_max_retries": max(10, int(settings.redis_outage_s / 10) + 5),
+        "broker_transport_options": {
+            "visibility_timeout": VISIBILITY_TIMEOUT_S,
+            "socket_timeout": 30,
+            "socket_connect_timeout": 5,
+            "socket_keepalive": True,
+            "health_check_interval": 10,
+        },
+        # Producers publishing during a Redis restart wait for it instead of failing.
+        "task_publish_retry": True,
+        "task_publish_retry_policy": {
+            "max_retries": max(10, int(settings.redis_outage_s / 5)),
+            "interval_start": 0.2,
+            "interval_step": 1.0,
+            "interval_max": 5.0,
+        },
+        "carnumber_lease_s": settings.lease_s,
         "result_backend": None,
         "task_ignore_result": True,
         "task_acks_late": True,
@@ -44,3 +65,4 @@ def celery_config(settings: Settings) -> dict[str, Any]:
 
 app = Celery("carnumber", include=["workers.tasks"])
 app.add_defaults(lambda: celery_config(Settings.from_env()))
+app.steps["consumer"].add(LeaseKeeper)

@@ -58,6 +58,9 @@ _ENV: dict[str, str] = {
     "CARNUMBER_SIGNED_URL_TTL_S": "signed_url_ttl_s",
     "CARNUMBER_SOURCE_ROOT": "source_root",
     "CARNUMBER_REENCODE_ABOVE_BYTES": "reencode_above_bytes",
+    "CARNUMBER_LEASE_S": "lease_s",
+    "CARNUMBER_REDIS_OUTAGE_S": "redis_outage_s",
+    "CARNUMBER_JOURNAL_TTL_S": "journal_ttl_s",
 }
 
 _CHOICES: dict[str, tuple[str, ...]] = {
@@ -96,13 +99,13 @@ class Settings:
     concurrency: int = 16
     queue_high_water: int = 200
 
-    qps: float = 10.0
-    burst: int = 1
-    # Pace qps calls per (1 s + guard): a call reaching the API up to the guard late never makes
     # The group that shares one QPS limit, quota, stop flag and breaker: the main account's id or
     # any label. Alibaba Cloud limits the main account, shared by all its RAM users' keys; unset,
     # each AccessKeyId is its own group. See limit_group() and ops/design/rate-limit.md.
     account: str | None = None
+    qps: float = 10.0
+    burst: int = 1
+    # Pace qps calls per (1 s + guard): a call reaching the API up to the guard late never makes
     # qps + 1 in one second (costs guard / (1 + guard) of the rate). See ops/design/rate-limit.md.
     rate_guard_ms: float = 10.0
     quota: int | None = None
@@ -110,11 +113,11 @@ class Settings:
     # Default deadline for `carnumber status` of runs enqueued without `--deadline`: an ISO
     # date-time, or HH:MM (UTC), the first such time after the run was created.
     run_deadline: str | None = None
+    # What 1000 calls cost, in the account's currency (for `carnumber plan`); None = not shown.
+    price_per_1000_calls: float | None = None
 
     retry_base_s: float = 0.5
     retry_cap_s: float = 30.0
-    # What 1000 calls cost, in the account's currency (for `carnumber plan`); None = not shown.
-    price_per_1000_calls: float | None = None
     max_attempts: int = 6
 
     s3_endpoint_url: str | None = None
@@ -129,6 +132,15 @@ class Settings:
     source_root: str | None = None
     reencode_above_bytes: int | None = None
 
+    # A chunk whose worker node stopped renewing its lease this long is handed to another
+    # worker (ops/design/sink.md, "Leases"); live nodes renew every lease_s / 4.
+    lease_s: float = 45.0
+    # How long a worker waits for an unreachable Redis (calls held, nothing parked) before it
+    # exits non-zero for its supervisor to restart it.
+    redis_outage_s: float = 300.0
+    # Answers are kept in the journal until their part is written, at most this long.
+    journal_ttl_s: int = 7 * 86400
+
     def __post_init__(self) -> None:
         if not self.endpoint.startswith(("http://", "https://")):
             raise ConfigError(
@@ -140,6 +152,11 @@ class Settings:
         for name in ("chunk_size", "concurrency", "queue_high_water", "burst", "max_attempts"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{_env_name(name)}: must be >= 1, got {getattr(self, name)}")
+        if self.lease_s < 10:
+            raise ConfigError(f"CARNUMBER_LEASE_S: must be >= 10 (seconds), got {self.lease_s}")
+        for name in ("redis_outage_s", "journal_ttl_s"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{_env_name(name)}: must be > 0, got {getattr(self, name)}")
         if self.qps < 0:
             raise ConfigError(f"CARNUMBER_QPS: must be >= 0 (0 = unlimited), got {self.qps}")
         if not 0 <= self.rate_guard_ms < 1000:
@@ -148,6 +165,12 @@ class Settings:
             )
         if self.quota is not None and self.quota < 0:
             raise ConfigError(f"CARNUMBER_QUOTA: must be >= 0, got {self.quota}")
+        if self.account is not None and not self.account.strip():
+            raise ConfigError("CARNUMBER_ACCOUNT: must not be blank (unset it to group by key)")
+        if self.price_per_1000_calls is not None and self.price_per_1000_calls < 0:
+            raise ConfigError(
+                f"CARNUMBER_PRICE_PER_1000_CALLS: must be >= 0, got {self.price_per_1000_calls}"
+            )
         for name, allowed in _CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(
@@ -165,12 +188,6 @@ class Settings:
         environment, then explicit ``overrides`` (CLI flags); later sources win.
 
         Raises :class:`ConfigError` naming the variable and the rule it broke.
-        if self.account is not None and not self.account.strip():
-            raise ConfigError("CARNUMBER_ACCOUNT: must not be blank (unset it to group by key)")
-        if self.price_per_1000_calls is not None and self.price_per_1000_calls < 0:
-            raise ConfigError(
-                f"CARNUMBER_PRICE_PER_1000_CALLS: must be >= 0, got {self.price_per_1000_calls}"
-            )
         """
         env = os.environ if environ is None else environ
         values: dict[str, Any] = {}
@@ -193,6 +210,21 @@ class Settings:
         """A copy with some fields changed (validated again)."""
         return replace(self, **changes)
 
+    def limit_group(self) -> str:
+        """The name of the group that shares one rate limit, quota, stop flag and breaker:
+        ``CARNUMBER_ACCOUNT`` when set, else the AccessKeyId. Pass it to
+        :func:`workers.keys.account_tag` for Redis keys. Raises :class:`ConfigError` when neither
+        is set (without a key there is nothing to limit; the secret is not needed here).
+        """
+        if self.account:
+            return self.account.strip()
+        if not self.access_key_id:
+            raise ConfigError(
+                "ALIBABA_CLOUD_ACCESS_KEY_ID (or CARNUMBER_ACCOUNT): needed to key the account's "
+                "rate limit, quota and stop flag"
+            )
+        return self.access_key_id
+
     def credentials(self) -> Credentials:
         """The AccessKey pair, or a :class:`ConfigError` naming the missing variables."""
         missing = [
@@ -210,21 +242,6 @@ class Settings:
             )
         assert self.access_key_id and self.access_key_secret
         return Credentials(self.access_key_id, self.access_key_secret, self.security_token)
-    def limit_group(self) -> str:
-        """The name of the group that shares one rate limit, quota, stop flag and breaker:
-        ``CARNUMBER_ACCOUNT`` when set, else the AccessKeyId. Pass it to
-        :func:`workers.keys.account_tag` for Redis keys. Raises :class:`ConfigError` when neither
-        is set (without a key there is nothing to limit; the secret is not needed here).
-        """
-        if self.account:
-            return self.account.strip()
-        if not self.access_key_id:
-            raise ConfigError(
-                "ALIBABA_CLOUD_ACCESS_KEY_ID (or CARNUMBER_ACCOUNT): needed to key the account's "
-                "rate limit, quota and stop flag"
-            )
-        return self.access_key_id
-
 
 
 def _env_name(field_name: str) -> str:

@@ -117,15 +117,18 @@ class Engine:
         if self._ctx is not None:
             return self._ctx
         from workers.fleet import CircuitBreaker, FleetControl
+        from workers.journal import AnswerJournal
         from workers.ratelimit import from_settings as limits_from_settings
         from workers.retry import RetryPolicy
 
         s = self.settings
         creds = s.credentials()
         keys = Keys(s.key_prefix)
-        account = account_tag(creds.access_key_id)
-        # Short timeouts: an unreachable Redis must pause calls quickly, not hang a chunk.
-        ar = aredis.Redis.from_url(s.broker_url, socket_timeout=10, socket_connect_timeout=5)
+        account = account_tag(s.limit_group())
+        # Short timeouts: an unreachable Redis must hold calls quickly, not hang a chunk.
+        ar = aredis.Redis.from_url(
+            s.broker_url, socket_timeout=10, socket_connect_timeout=5, socket_keepalive=True
+        )
         limits = httpx.Limits(
             max_connections=s.concurrency, max_keepalive_connections=s.concurrency
         )
@@ -142,6 +145,8 @@ class Engine:
             breaker=breaker,
             slots=Slots(s.concurrency),
             on_call=self.counter.record if self.counter is not None else None,
+            journal=AnswerJournal(ar, keys, ttl_s=s.journal_ttl_s, claim_ms=_claim_ms(s)),
+            redis_outage_s=s.redis_outage_s,
         )
         self._closers = [http.aclose, ar.aclose]
         if self.counter is not None:
@@ -162,3 +167,8 @@ class Engine:
             with contextlib.suppress(Exception):
                 await close()
         self._ctx, self._closers, self._flusher = None, [], None
+
+
+def _claim_ms(s: Settings) -> int:
+    """A claim outlives one image's longest quiet stretch: a backoff wait, then a whole attempt."""
+    return int((s.retry_cap_s + s.connect_timeout_s + s.read_timeout_s + 15.0) * 1000)

@@ -16,7 +16,9 @@
     └── Paused                     the fleet may not call now; the image stays pending
         ├── FleetStopped           a fatal error stopped the fleet (carries the code)
         ├── CircuitOpen            most recent calls failed: the service looks down
-        └── QuotaExhausted         the call quota for this window is spent
+        ├── QuotaExhausted         the call quota for this window is spent
+        └── RedisUnavailable       the shared state cannot be reached: hold calls and wait for
+                                   it (a restart, a partition); never parked for it alone
 
 Foreign exceptions (httpx, botocore, oss2) are translated where they enter; none leak upward.
 Messages never contain secrets or signed query strings. This module imports nothing of ours.
@@ -38,6 +40,7 @@ __all__ = [
     "InputError",
     "Paused",
     "QuotaExhausted",
+    "RedisUnavailable",
     "RetryableApiError",
     "SlotMissed",
     "TransportError",
@@ -163,3 +166,11 @@ class QuotaExhausted(Paused):
     limit: int | None = None
     window: str | None = None
     resets_at_s: int | None = None
+
+
+class RedisUnavailable(Paused):
+    """Redis (limiter, quota, stop flag, journal) cannot be reached. No call goes out without
+    it; the pipeline waits for it to come back (``CARNUMBER_REDIS_OUTAGE_S`` at most) instead of
+    parking, so a Redis restart never needs an operator."""
+
+    state = "redis_unavailable"

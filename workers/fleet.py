@@ -16,8 +16,8 @@ reaches every worker within about that long.
 State changes are atomic Lua scripts next to this module (``fleet_*.lua``) that read the time
 from Redis itself. Pass ``redis=None`` for a process-local twin with the same behaviour (unit
 tests, a single process): the state then lives in this module, shared by instances with the same
-keys. Redis errors become :class:`Paused` at the gate (no call without coordination). See
-``ops/design/retries.md``.
+keys. Redis errors become :class:`~workers.errors.RedisUnavailable` at the gate (no call without
+coordination; the pipeline waits for Redis). See ``ops/design/retries.md``.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from redis.exceptions import RedisError
 
-from workers.errors import CircuitOpen, FleetStopped, Paused
+from workers.errors import CircuitOpen, FleetStopped, RedisUnavailable
 from workers.keys import Keys, account_tag
 from workers.retry import safe_message
 
@@ -166,8 +166,8 @@ def _backend(redis: Redis | None) -> _RedisBackend | _MemoryBackend:
     return _MemoryBackend() if redis is None else _RedisBackend(redis)
 
 
-def _unreachable(exc: RedisError, doing: str) -> Paused:
-    return Paused(f"Redis unreachable while {doing} ({type(exc).__name__}); not calling")
+def _unreachable(exc: RedisError, doing: str) -> RedisUnavailable:
+    return RedisUnavailable(f"Redis unreachable while {doing} ({type(exc).__name__}); not calling")
 
 
 class FleetControl:
@@ -196,7 +196,7 @@ class FleetControl:
     async def stop(self, code: str, message: str, run_id: str | None) -> None:
         """Stop every worker of the account. Idempotent: the first stop's code and message stay.
 
-        This worker halts at once, even when Redis cannot be reached (then raises ``Paused``).
+        This worker halts at once, even when Redis cannot be reached (then raises ``RedisUnavailable``).
         """
         message = safe_message(message)
         self._remember((code, message))

@@ -72,6 +72,15 @@ class Keys:
         """List of chunk messages set aside while the fleet was paused (quota, stop)."""
         return f"{self.prefix}:run:{run_id}:parked"
 
+    def run_answers(self, run_id: str) -> str:
+        """Hash image id -> journalled answer (``workers/journal.py``): every paid answer from the
+        moment it arrives until its part is written."""
+        return f"{self.prefix}:run:{run_id}:answers"
+
+    def claim(self, run_id: str, image_id: str) -> str:
+        """Who is calling the API for one image right now (a short-lived token)."""
+        return f"{self.prefix}:claim:{run_id}:{image_id}"
+
     def run_events(self, run_id: str) -> str:
         """Stream of notable events (stops, quota, alerts) for operators."""
         return f"{self.prefix}:run:{run_id}:events"

@@ -2,12 +2,14 @@
 
 Plain async functions over plain data; the engine (``workers/engine.py``) builds the
 :class:`ChunkContext` once per process and runs :func:`process_chunk` for each chunk; the runner
-hands the result to the sink. Per image: admit (``Gate``) → call (not sent if held up past the
-slot's ``send_by``: admitted again) → on error ask the :class:`RetryPolicy`; backoff waits hold
-neither a token nor a concurrency slot, and end early if the fleet pauses. One image's
-crash becomes that image's failed row; the others carry on. While the circuit is open, images
-wait for the breaker's probe. When the fleet stops (fatal error) or the quota is spent, images
-not yet answered come back as ``pending``.
+hands the result to the sink. Images already answered in the journal (``workers/journal.py``) are
+written from it without a call. Per other image: claim it in the journal → admit (``Gate``) →
+call (not sent if held up past the slot's ``send_by``: admitted again) → journal the answer; on
+error ask the :class:`RetryPolicy`. Backoff waits hold neither a token nor a concurrency slot,
+and end early if the fleet pauses. One image's crash becomes that image's failed row; the others
+carry on. While the circuit is open, or Redis cannot be reached (a restart, a partition; at most
+``redis_outage_s``), images wait. When the fleet stops (fatal error) or the quota is spent,
+images not yet answered come back as ``pending``.
 """
 
 from __future__ import annotations
@@ -17,11 +19,12 @@ import contextlib
 import logging
 import math
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from workers.admission import Gate
+from workers.admission import Admission, Gate
 from workers.api.client import Image
 from workers.api.response import Recognition
 from workers.errors import (
@@ -33,9 +36,11 @@ from workers.errors import (
     ImageRejected,
     InputError,
     Paused,
+    RedisUnavailable,
     SlotMissed,
     TransportError,
 )
+from workers.journal import Answer, Held
 from workers.message import Chunk, ImageRef
 from workers.ratelimit.limiter import MAX_REBOOKS
 from workers.retry import service_ok
@@ -67,6 +72,13 @@ class Breaker(Protocol):
     async def record(self, ok: bool) -> None: ...
 
 
+class Journal(Protocol):
+    async def answers(self, run_id: str, image_ids: Sequence[str]) -> dict[str, Answer]: ...
+    async def claim(self, run_id: str, image_id: str, token: str) -> Answer | Held | None: ...
+    async def record(self, run_id: str, image_id: str, answer: Answer, token: str) -> bool: ...
+    async def release(self, run_id: str, image_id: str, token: str) -> None: ...
+
+
 @dataclass(slots=True)
 class ChunkContext:
     client: Recognizer
@@ -80,6 +92,8 @@ class ChunkContext:
     slots: Slots = field(default_factory=lambda: Slots(16))
     circuit_wait_s: float = 1.0  # how often a waiting image asks an open circuit again
     on_call: Callable[[str, float], None] | None = None  # metrics: ("ok" or error code, seconds)
+    journal: Journal | None = None  # None: no journal (unit tests); every image is called
+    redis_outage_s: float = 300.0  # how long an image waits for Redis before it is left pending
 
 
 @dataclass(slots=True)
@@ -91,6 +105,7 @@ class ChunkResult:
     answered: int = 0
     failed: int = 0
     plates: int = 0
+    journalled: int = 0  # images written from answers already paid for, without a call
 
 
 @dataclass(slots=True)
@@ -98,37 +113,47 @@ class _Outcome:
     rows: list[dict[str, Any]] | None  # None: pending
     calls: int
     pause: Paused | None = None
+    journalled: bool = False
 
 
 async def process_chunk(chunk: Chunk, ctx: ChunkContext, priority: int = 0) -> ChunkResult:
     """Every image of ``chunk`` ends as rows or as pending; never lost, never twice.
     ``priority``: the chunk's place for call slots (lower first; the engine's start order)."""
+    paused = asyncio.Event()
+    known, pause = await _journalled(chunk, ctx, paused)
+    if pause is not None:
+        return ChunkResult(pending=list(chunk.images), pause=pause)
+    todo = [r for r in chunk.images if r.image_id not in known]
     try:
-        resolved = await asyncio.to_thread(ctx.resolver.resolve_many, list(chunk.images))
+        resolved = await asyncio.to_thread(ctx.resolver.resolve_many, todo)
     except ConfigError as exc:
         # A missing extra, endpoint or storage credential fails every image alike: stop, don't fail.
-        await ctx.fleet.stop("local.config", str(exc), chunk.run_id)
+        with contextlib.suppress(RedisUnavailable):
+            await ctx.fleet.stop("local.config", str(exc), chunk.run_id)
         return ChunkResult(pending=list(chunk.images), pause=FleetStopped("local.config", str(exc)))
-    paused = asyncio.Event()
+    token = uuid.uuid4().hex  # this execution of the chunk, as the journal's claims know it
 
     async def guarded(ref: ImageRef, target: Image | CarnumberError) -> _Outcome:
         try:
-            return await _one(chunk.run_id, ref, target, ctx, paused, priority)
+            return await _one(chunk.run_id, ref, target, ctx, paused, priority, token)
         except Exception as exc:  # a bug must cost one image, not the chunk
             log.exception("image %s crashed", ref.image_id)
             failure = Failure("local.internal", f"{type(exc).__name__}: {exc}", retryable=True)
             return _Outcome(failure_rows(chunk.run_id, ref, failure, 0), 0)
 
-    outcomes = await asyncio.gather(
-        *(guarded(r, t) for r, t in zip(chunk.images, resolved, strict=True))
-    )
+    called = iter(await asyncio.gather(*(guarded(r, t) for r, t in zip(todo, resolved, strict=True))))
     result = ChunkResult()
-    for ref, out in zip(chunk.images, outcomes, strict=True):
+    for ref in chunk.images:
+        answer = known.get(ref.image_id)
+        out = (
+            _Outcome(_answer_rows(chunk.run_id, ref, answer), 0, journalled=True) if answer else next(called)
+        )
         result.calls += out.calls
         if out.rows is None:
             result.pending.append(ref)
             result.pause = result.pause or out.pause
             continue
+        result.journalled += out.journalled
         result.rows.extend(out.rows)
         if out.rows[0]["status"] == "failed":
             result.failed += 1
@@ -136,6 +161,36 @@ async def process_chunk(chunk: Chunk, ctx: ChunkContext, priority: int = 0) -> C
             result.answered += 1
             result.plates += sum(1 for r in out.rows if r["status"] == "ok")
     return result
+
+
+async def _journalled(
+    chunk: Chunk, ctx: ChunkContext, paused: asyncio.Event
+) -> tuple[dict[str, Answer], Paused | None]:
+    """Answers already paid for (a redelivered or resumed chunk), waiting out a Redis outage."""
+    if ctx.journal is None:
+        return {}, None
+    since = time.monotonic()
+    while True:
+        try:
+            return await ctx.journal.answers(chunk.run_id, [r.image_id for r in chunk.images]), None
+        except RedisUnavailable as exc:
+            if time.monotonic() - since > ctx.redis_outage_s:
+                return {}, exc
+            await _sleep_unless_paused(ctx.circuit_wait_s, paused)
+
+
+def _answer_rows(run_id: str, ref: ImageRef, answer: Answer) -> list[dict[str, Any]]:
+    if answer.recognition is not None:
+        return recognition_rows(run_id, ref, answer.recognition, answer.attempts)
+    err = answer.error or {}
+    failure = Failure(
+        str(err.get("code", "local.unknown")),
+        str(err.get("message", "")),
+        bool(err.get("retryable", False)),
+        err.get("status"),
+        err.get("request_id"),
+    )
+    return failure_rows(run_id, ref, failure, answer.attempts)
 
 
 async def _sleep_unless_paused(delay_s: float, paused: asyncio.Event) -> None:
@@ -150,69 +205,136 @@ async def _one(
     ctx: ChunkContext,
     paused: asyncio.Event,
     priority: int,
+    token: str,
 ) -> _Outcome:
     if isinstance(target, ImageRejected):
-        return _Outcome(
-            failure_rows(run_id, ref, Failure(target.code, target.message, False), 0), 0
-        )
+        return _Outcome(failure_rows(run_id, ref, Failure(target.code, target.message, False), 0), 0)
     if isinstance(target, InputError):
         return _Outcome(failure_rows(run_id, ref, Failure("local.input", str(target), False), 0), 0)
     if isinstance(target, CarnumberError):
         code = getattr(target, "code", "local.read")
         return _Outcome(failure_rows(run_id, ref, Failure(code, str(target), True), 0), 0)
+    call = _Call(run_id, ref, ctx, token)
+    try:
+        return await call.run(target, paused, priority)
+    finally:
+        if call.claimed and not call.recorded and ctx.journal is not None:
+            await ctx.journal.release(run_id, ref.image_id, token)
 
-    attempt = 0
-    missed = 0  # slots in a row this attempt's request could not leave by (nothing sent)
-    while True:
-        if paused.is_set():
-            return _Outcome(None, attempt)
-        error: ApiError | TransportError | None = None
-        async with ctx.slots.hold(priority):
-            try:
-                slot = await ctx.gate.admit()
-            except CircuitOpen:
-                pass  # the service looks down: wait for the breaker's probe instead of parking
-            except Paused as pause:
-                paused.set()
-                return _Outcome(None, attempt, pause)
-            else:
-                # Late that often in a row: send anyway, as the limiter does for late wake-ups.
-                send_by = slot.send_by if missed < MAX_REBOOKS else math.inf
-                sent = time.monotonic()
-                try:
-                    rec = await ctx.client.recognize(target, send_by=send_by)
-                except SlotMissed:
-                    # Held up past the slot: sending now could crowd the service's window.
-                    missed += 1
-                    try:
-                        await ctx.gate.abandon(slot)
-                    except Paused as pause:
-                        paused.set()
-                        return _Outcome(None, attempt, pause)
-                    continue
-                except (ApiError, TransportError) as exc:
-                    attempt += 1
-                    missed = 0
-                    error = exc
-                else:
-                    attempt += 1
-                    await ctx.breaker.record(True)
-                    if ctx.on_call:
-                        ctx.on_call("ok", time.monotonic() - sent)
-                    return _Outcome(recognition_rows(run_id, ref, rec, attempt), attempt)
-        if error is None:
-            await _sleep_unless_paused(ctx.circuit_wait_s, paused)
-            continue
-        if ctx.on_call:
-            ctx.on_call(error.code, time.monotonic() - sent)
-        decision = ctx.policy.decide(attempt, error)
-        if decision.action == "stop":
-            await ctx.fleet.stop(error.code, error.message, run_id)
+
+@dataclass(slots=True)
+class _Call:
+    """The attempts for one image, with its claim in the journal."""
+
+    run_id: str
+    ref: ImageRef
+    ctx: ChunkContext
+    token: str
+    attempt: int = 0
+    claimed: bool = False
+    recorded: bool = False
+    outage_since: float | None = None  # monotonic time Redis was first found unreachable
+
+    async def _paid(self, answer: Answer) -> None:
+        if self.ctx.journal is not None:
+            self.recorded = await self.ctx.journal.record(self.run_id, self.ref.image_id, answer, self.token)
+
+    def _outage(self, exc: RedisUnavailable) -> _Outcome | None:
+        """Wait for Redis (None), or give up after ``redis_outage_s`` (the image stays pending)."""
+        now = time.monotonic()
+        self.outage_since = self.outage_since or now
+        if now - self.outage_since > self.ctx.redis_outage_s:
+            return _Outcome(None, self.attempt, exc)
+        return None
+
+    async def _admit(self, paused: asyncio.Event) -> Admission | float | _Outcome:
+        """A slot to call on now; or seconds to wait before asking again (another holder's claim,
+        an open circuit, Redis out of reach); or the image's outcome."""
+        ctx = self.ctx
+        try:
+            if ctx.journal is not None:
+                got = await ctx.journal.claim(self.run_id, self.ref.image_id, self.token)
+                if isinstance(got, Answer):  # another holder of this chunk got it meanwhile
+                    return _Outcome(_answer_rows(self.run_id, self.ref, got), 0, journalled=True)
+                if isinstance(got, Held):
+                    return got.retry_s
+                self.claimed = True
+            slot = await ctx.gate.admit()
+        except CircuitOpen:
+            return ctx.circuit_wait_s  # the service looks down: wait for the breaker's probe
+        except RedisUnavailable as exc:
+            return self._outage(exc) or ctx.circuit_wait_s
+        except Paused as pause:
             paused.set()
-            return _Outcome(None, attempt, FleetStopped(error.code, error.message))
+            return _Outcome(None, self.attempt, pause)
+        self.outage_since = None
+        return slot
+
+    async def run(self, target: Image, paused: asyncio.Event, priority: int) -> _Outcome:
+        ctx, run_id, ref = self.ctx, self.run_id, self.ref
+        missed = 0  # slots in a row this attempt's request could not leave by (nothing sent)
+        while True:
+            if paused.is_set():
+                return _Outcome(None, self.attempt)
+            error: ApiError | TransportError | None = None
+            wait_s = ctx.circuit_wait_s
+            async with ctx.slots.hold(priority):
+                slot = await self._admit(paused)
+                if isinstance(slot, _Outcome):
+                    return slot
+                if isinstance(slot, float):
+                    wait_s, slot = slot, None
+                if slot is not None:
+                    # Late that often in a row: send anyway, as the limiter does for late wake-ups.
+                    send_by = slot.send_by if missed < MAX_REBOOKS else math.inf
+                    sent = time.monotonic()
+                    try:
+                        rec = await ctx.client.recognize(target, send_by=send_by)
+                    except SlotMissed:
+                        # Held up past the slot: sending now could crowd the service's window.
+                        missed += 1
+                        try:
+                            await ctx.gate.abandon(slot)
+                        except RedisUnavailable:
+                            pass  # the token and the reservation are lost: the safe side
+                        except Paused as pause:
+                            paused.set()
+                            return _Outcome(None, self.attempt, pause)
+                        continue
+                    except (ApiError, TransportError) as exc:
+                        self.attempt += 1
+                        missed = 0
+                        error = exc
+                    else:
+                        self.attempt += 1
+                        await self._paid(Answer(self.attempt, recognition=rec))
+                        with contextlib.suppress(RedisUnavailable):
+                            await ctx.breaker.record(True)
+                        if ctx.on_call:
+                            ctx.on_call("ok", time.monotonic() - sent)
+                        return _Outcome(recognition_rows(run_id, ref, rec, self.attempt), self.attempt)
+            if error is None:
+                await _sleep_unless_paused(wait_s, paused)
+                continue
+            if ctx.on_call:
+                ctx.on_call(error.code, time.monotonic() - sent)
+            outcome = await self._after_error(error, paused)
+            if outcome is not None:
+                return outcome
+
+    async def _after_error(self, error: ApiError | TransportError, paused: asyncio.Event) -> _Outcome | None:
+        """Stop, fail or back off after a failed attempt; None: try again."""
+        ctx, run_id, ref = self.ctx, self.run_id, self.ref
+        decision = ctx.policy.decide(self.attempt, error)
+        if decision.action == "stop":
+            with contextlib.suppress(RedisUnavailable):  # this worker has halted either way
+                await ctx.fleet.stop(error.code, error.message, run_id)
+            paused.set()
+            return _Outcome(None, self.attempt, FleetStopped(error.code, error.message))
         ok = service_ok(error)  # throttling and bad input say nothing about the service's health
         if ok is not None:
-            await ctx.breaker.record(ok)
+            with contextlib.suppress(RedisUnavailable):
+                await ctx.breaker.record(ok)
         if decision.action == "fail":
             failure = Failure(
                 decision.code,
@@ -221,7 +343,22 @@ async def _one(
                 getattr(error, "status", None),
                 getattr(error, "request_id", None),
             )
-            return _Outcome(failure_rows(run_id, ref, failure, attempt), attempt)
+            if isinstance(error, ApiError) and not decision.retryable:
+                # The service's own verdict on this picture: paid for, and it will not change.
+                await self._paid(Answer(self.attempt, error=_error_doc(failure)))
+            return _Outcome(failure_rows(run_id, ref, failure, self.attempt), self.attempt)
         if error.code.startswith("Throttling"):
-            await ctx.gate.limiter.on_throttled()
+            with contextlib.suppress(RedisUnavailable):
+                await ctx.gate.limiter.on_throttled()
         await _sleep_unless_paused(decision.delay_s, paused)
+        return None
+
+
+def _error_doc(failure: Failure) -> dict[str, Any]:
+    return {
+        "code": failure.code,
+        "message": failure.message,
+        "retryable": failure.retryable,
+        "status": failure.status,
+        "request_id": failure.request_id,
+    }

@@ -3,9 +3,10 @@
 :class:`Runtime` is built once per worker process (settings, Redis, output dataset, and the
 :class:`~workers.engine.Engine` that runs chunks on one long-lived event loop); :func:`execute_chunk`
 is what the Celery task calls, from any pool thread, and what tests call without Celery.
-Order matters for exactly-once rows: write the part (atomic rename) → count it → park what is
-pending → return (the task acks). A crash anywhere before the ack redelivers the same message,
-which rewrites the same part name and is counted once.
+Order matters for exactly-once rows: write the part (atomic rename) → count it → forget its
+journalled answers → park what is pending → return (the task acks). A crash anywhere before the
+ack redelivers the same message: a part already counted is not written again, and one not yet
+written is rebuilt from the journal without paying for its answers twice.
 """
 
 from __future__ import annotations
@@ -18,10 +19,12 @@ import redis
 from workers.config import Settings
 from workers.engine import Engine
 from workers.errors import FleetStopped
+from workers.journal import forget
 from workers.keys import Keys, account_tag
 from workers.message import Chunk
 from workers.metrics import CallCounter
 from workers.pipeline import ChunkResult
+from workers.redis_client import resilient_redis
 from workers.runs import RunStore
 from workers.sink.dataset import Dataset, open_dataset
 from workers.storage import Resolver
@@ -36,21 +39,24 @@ class Runtime:
     settings: Settings
     redis: redis.Redis
     runs: RunStore
+    keys: Keys
     dataset: Dataset
     engine: Engine
     resolver: Resolver
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Runtime:
-        creds = settings.credentials()  # fail fast, naming the variables
-        client = redis.Redis.from_url(settings.broker_url)
+        settings.credentials()  # fail fast, naming the variables
+        # Bookkeeping rides out a Redis restart (the chunk's answers wait in memory meanwhile).
+        client = resilient_redis(settings.broker_url, settings.redis_outage_s)
         keys = Keys(settings.key_prefix)
-        counter = CallCounter(client, keys, account_tag(creds.access_key_id))
+        counter = CallCounter(client, keys, account_tag(settings.limit_group()))
         resolver = Resolver(settings)
         return cls(
             settings=settings,
             redis=client,
             runs=RunStore(client, keys),
+            keys=keys,
             dataset=open_dataset(settings.output),
             engine=Engine(settings, resolver, counter),
             resolver=resolver,
@@ -72,6 +78,12 @@ class Runtime:
 def execute_chunk(chunk: Chunk, rt: Runtime) -> ChunkResult:
     """Process ``chunk`` and make its outcome durable. Raises only on infrastructure trouble
     (Redis, output store), which the task retries."""
+    if rt.runs.is_written(chunk.run_id, chunk.part_name):
+        # A redelivery of a chunk whose part is already written and counted (its ack was lost:
+        # a worker died right after, or Redis restarted): nothing to call, nothing to write.
+        log.info("run %s chunk %s: already written, skipped", chunk.run_id, chunk.chunk_id)
+        _mark_done_if_finished(rt, chunk.run_id)
+        return ChunkResult()
     result = rt.engine.run(chunk)
     done = len(chunk.images) - len(result.pending)
     if result.rows:
@@ -85,6 +97,7 @@ def execute_chunk(chunk: Chunk, rt: Runtime) -> ChunkResult:
         rt.runs.mark_written(
             chunk.run_id, written.part_name, done, result.failed, result.plates, result.calls
         )
+        forget(rt.redis, rt.keys, chunk.run_id, [r.image_id for r in written.images])
     if result.pending:
         reason = result.pause.state if result.pause is not None else "paused"
         remainder = Chunk(chunk.run_id, chunk.chunk_id, tuple(result.pending))
@@ -99,12 +112,11 @@ def execute_chunk(chunk: Chunk, rt: Runtime) -> ChunkResult:
             result.pause,
         )
     else:
-        summary = rt.runs.get(chunk.run_id)
-        if (
-            summary
-            and summary.state == "running"
-            and summary.outstanding == 0
-            and summary.parked == 0
-        ):
-            rt.runs.set_state(chunk.run_id, "done")
+        _mark_done_if_finished(rt, chunk.run_id)
     return result
+
+
+def _mark_done_if_finished(rt: Runtime, run_id: str) -> None:
+    summary = rt.runs.get(run_id)
+    if summary and summary.state == "running" and summary.outstanding == 0 and summary.parked == 0:
+        rt.runs.set_state(run_id, "done")

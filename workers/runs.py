@@ -127,6 +127,10 @@ class RunStore:
             )
         )
 
+    def is_written(self, run_id: str, part_name: str) -> bool:
+        """Whether ``part_name`` was written and counted for the run."""
+        return bool(self.r.sismember(self.keys.run_done(run_id), part_name))
+
     def park(self, chunk: Chunk, reason: str) -> None:
         """Set aside images the fleet could not call now; ``resume`` publishes them again."""
         pipe = self.r.pipeline()

@@ -20,14 +20,19 @@ def settings_from(args: argparse.Namespace, **overrides: Any) -> Settings:
 
 
 def connect_redis(settings: Settings) -> redis.Redis:
-    """A checked connection; an unreachable Redis is a ConfigError naming REDIS_URL."""
-    client = redis.Redis.from_url(settings.broker_url, socket_connect_timeout=3)
+    """A checked connection; an unreachable Redis is a ConfigError naming REDIS_URL. Once
+    connected, commands ride out a Redis restart of up to ``CARNUMBER_REDIS_OUTAGE_S``."""
+    from workers.redis_client import resilient_redis
+
+    probe = redis.Redis.from_url(settings.broker_url, socket_connect_timeout=3)
     try:
-        client.ping()
+        probe.ping()
     except (redis.RedisError, OSError) as exc:
         where = "REDIS_URL" if settings.redis_url else f"REDIS_URL (unset, so {settings.broker_url})"
         raise ConfigError(f"cannot reach Redis at {where}: {exc}") from None
-    return client
+    finally:
+        probe.close()
+    return resilient_redis(settings.broker_url, settings.redis_outage_s)
 
 
 def run_store(settings: Settings, client: redis.Redis) -> RunStore:

@@ -51,6 +51,22 @@ class Recognition:
         ]
         return out
 
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> Recognition:
+        """The inverse of :meth:`to_json` (``raw`` is not kept)."""
+        plates = tuple(
+            Plate(
+                text=p["text"],
+                prob=p.get("prob"),
+                plate_type=p.get("plate_type"),
+                type_prob=p.get("type_prob"),
+                polygon=tuple(tuple(pt) for pt in p["polygon"]) if p.get("polygon") else None,  # type: ignore[arg-type]
+            )
+            for p in doc.get("plates", ())
+        )
+        fields_ = ("request_id", "width", "height", "org_width", "org_height", "score")
+        return cls(plates=plates, **{k: doc.get(k) for k in fields_})
+
 
 def parse_envelope(body: bytes | str | dict[str, Any]) -> Recognition:
     """Parse a success body (``RequestId`` + ``Data``) into a :class:`Recognition`."""

@@ -4,8 +4,8 @@ Each script reads the time with ``TIME`` on the Redis server, so the hosts' cloc
 Scripts are registered once per client and run with EVALSHA; after ``SCRIPT FLUSH`` or a Redis
 restart the server answers NOSCRIPT and redis-py loads the script again and retries. Connection
 trouble (a restart, a failover) is retried for up to ``unreachable_s``; after that, and on any
-other Redis error, the step raises :class:`~workers.errors.Paused`: no call goes out without
-coordination, and the image stays pending.
+other Redis error, the step raises :class:`~workers.errors.RedisUnavailable`: no call goes out
+without coordination, and the pipeline waits for Redis to come back.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from workers.errors import Paused
+from workers.errors import RedisUnavailable
 from workers.ratelimit.backend import QuotaState, RateState
 from workers.ratelimit.gcra import Grant, Rate
 
@@ -128,5 +128,5 @@ class RedisBackend:
         return bool(int(done))
 
 
-def _unreachable(exc: RedisError, doing: str) -> Paused:
-    return Paused(f"Redis failed while {doing} ({type(exc).__name__}); not calling")
+def _unreachable(exc: RedisError, doing: str) -> RedisUnavailable:
+    return RedisUnavailable(f"Redis failed while {doing} ({type(exc).__name__}); not calling")

@@ -1,0 +1,192 @@
+"""The answer journal: every paid answer is durable in Redis the moment it arrives.
+
+Design note: ``ops/design/sink.md`` ("No second payment"). In short:
+
+* **Look up before every paid call.** A chunk first reads the answers already journalled for its
+  images (one ``HMGET``) and writes those without calling; the rest are called.
+* **Claim, then call.** Right before an image's call is admitted, :meth:`AnswerJournal.claim`
+  either returns its answer (someone else got it meanwhile), grants this caller a short claim
+  (``claim_ms``, renewed on every attempt), or says another caller holds it: then this one waits
+  and asks again. Two holders of one chunk (a lease that expired under a paused process, a
+  partition that healed) therefore never pay twice for one image; a dead holder's claim simply
+  runs out.
+* **Write on every answer.** A recognition, or a terminal error the service gave for the image
+  (it was billed and will not change), goes into the run's answers hash with the claim released
+  in the same script. Retryable errors are not answers: they are tried again.
+* **Forget once durable.** After the part holding an answer is written and counted, the runner
+  deletes it (:func:`forget`): Redis holds only answers not yet in the output, so its memory stays
+  flat however long the run. The hash also expires ``ttl_s`` after its last write.
+
+Bound: a crash costs at most the calls in flight at that instant (sent, answer not yet back).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from redis.exceptions import RedisError
+
+from workers.api.response import Recognition
+from workers.errors import RedisUnavailable
+from workers.keys import Keys
+
+if TYPE_CHECKING:
+    import redis
+    from redis.asyncio import Redis
+
+__all__ = ["Answer", "AnswerJournal", "Held", "MemoryJournal", "forget"]
+
+log = logging.getLogger(__name__)
+_HERE = Path(__file__).resolve().parent
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """One paid answer: a recognition, or the service's terminal error for this image."""
+
+    attempts: int
+    recognition: Recognition | None = None
+    error: dict[str, Any] | None = None  # code, message, retryable, status, request_id
+
+    def to_json(self) -> str:
+        doc: dict[str, Any] = {"a": self.attempts}
+        if self.recognition is not None:
+            doc["rec"] = self.recognition.to_json()
+        else:
+            doc["err"] = self.error
+        return json.dumps(doc, ensure_ascii=False, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> Answer:
+        doc = json.loads(text)
+        rec = doc.get("rec")
+        return cls(
+            attempts=int(doc["a"]),
+            recognition=Recognition.from_json(rec) if rec is not None else None,
+            error=doc.get("err"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Held:
+    """Another caller is calling for this image; ask again in ``retry_s`` at the latest."""
+
+    retry_s: float
+
+
+def _unreachable(exc: RedisError, doing: str) -> RedisUnavailable:
+    return RedisUnavailable(f"Redis unreachable while {doing} ({type(exc).__name__}); not calling")
+
+
+class AnswerJournal:
+    """The journal over ``redis.asyncio``. ``ttl_s``: lifetime of a run's answers after their last
+    write; ``claim_ms``: how long a claim lasts unless renewed (longer than one attempt)."""
+
+    def __init__(self, client: Redis, keys: Keys, *, ttl_s: int, claim_ms: int = 60_000) -> None:
+        self.client = client
+        self.keys = keys
+        self.ttl_s = ttl_s
+        self.claim_ms = claim_ms
+        self._claim = client.register_script((_HERE / "journal_claim.lua").read_text())
+        self._record = client.register_script((_HERE / "journal_record.lua").read_text())
+        self._release = client.register_script((_HERE / "journal_release.lua").read_text())
+
+    async def answers(self, run_id: str, image_ids: Sequence[str]) -> dict[str, Answer]:
+        """The journalled answers among ``image_ids``. Raises :class:`RedisUnavailable`."""
+        if not image_ids:
+            return {}
+        try:
+            raw = await self.client.hmget(self.keys.run_answers(run_id), list(image_ids))
+        except RedisError as exc:
+            raise _unreachable(exc, "reading the answer journal") from None
+        return {i: Answer.from_json(v) for i, v in zip(image_ids, raw, strict=True) if v is not None}
+
+    async def claim(self, run_id: str, image_id: str, token: str) -> Answer | Held | None:
+        """``None``: the caller may call now. Raises :class:`RedisUnavailable`."""
+        try:
+            reply = await self._claim(
+                keys=[self.keys.run_answers(run_id), self.keys.claim(run_id, image_id)],
+                args=[image_id, token, self.claim_ms],
+            )
+        except RedisError as exc:
+            raise _unreachable(exc, "claiming an image") from None
+        kind = reply[0].decode() if isinstance(reply[0], bytes) else reply[0]
+        if kind == "answer":
+            return Answer.from_json(reply[1])
+        if kind == "held":
+            left_ms = int(reply[1])
+            return Held(min(1.0, max(0.05, left_ms / 1000)))
+        return None
+
+    async def record(self, run_id: str, image_id: str, answer: Answer, token: str) -> bool:
+        """Journal ``answer`` and release the claim. Retries for a few seconds; returns False
+        (logged) if Redis stays unreachable: the answer still reaches the part, but a crash
+        before then would pay for it again."""
+        delay_s = 0.05
+        deadline = time.monotonic() + 5.0
+        while True:
+            try:
+                await self._record(
+                    keys=[self.keys.run_answers(run_id), self.keys.claim(run_id, image_id)],
+                    args=[image_id, answer.to_json(), self.ttl_s, token],
+                )
+                return True
+            except RedisError as exc:
+                if time.monotonic() + delay_s > deadline:
+                    log.warning("image %s: answer not journalled (%s)", image_id, type(exc).__name__)
+                    return False
+                await asyncio.sleep(delay_s)
+                delay_s = min(delay_s * 2, 1.0)
+
+    async def release(self, run_id: str, image_id: str, token: str) -> None:
+        """Give up a claim without an answer; best effort (an unreleased claim runs out)."""
+        with contextlib.suppress(RedisError):
+            await self._release(keys=[self.keys.claim(run_id, image_id)], args=[token])
+
+
+class MemoryJournal:
+    """The same behaviour in one process's memory, for tests without Redis."""
+
+    def __init__(self, claim_s: float = 60.0) -> None:
+        self.claim_s = claim_s
+        self.entries: dict[tuple[str, str], Answer] = {}
+        self.claims: dict[tuple[str, str], tuple[str, float]] = {}
+
+    async def answers(self, run_id: str, image_ids: Sequence[str]) -> dict[str, Answer]:
+        return {i: self.entries[(run_id, i)] for i in image_ids if (run_id, i) in self.entries}
+
+    async def claim(self, run_id: str, image_id: str, token: str) -> Answer | Held | None:
+        key = (run_id, image_id)
+        if key in self.entries:
+            return self.entries[key]
+        now = time.monotonic()
+        holder = self.claims.get(key)
+        if holder is not None and holder[0] != token and holder[1] > now:
+            return Held(min(1.0, holder[1] - now))
+        self.claims[key] = (token, now + self.claim_s)
+        return None
+
+    async def record(self, run_id: str, image_id: str, answer: Answer, token: str) -> bool:
+        self.entries.setdefault((run_id, image_id), answer)
+        if self.claims.get((run_id, image_id), ("",))[0] == token:
+            del self.claims[(run_id, image_id)]
+        return True
+
+    async def release(self, run_id: str, image_id: str, token: str) -> None:
+        if self.claims.get((run_id, image_id), ("",))[0] == token:
+            del self.claims[(run_id, image_id)]
+
+
+def forget(client: redis.Redis, keys: Keys, run_id: str, image_ids: Sequence[str]) -> None:
+    """Drop answers whose part is written and counted (sync; the runner calls it). Raises
+    ``RedisError``; a failure only leaves answers to expire with the hash."""
+    if image_ids:
+        client.hdel(keys.run_answers(run_id), *image_ids)
