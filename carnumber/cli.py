@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "recognize": ("carnumber.commands.recognize", "call the API once for one image and print JSON"),
     "serve": ("ocrserver.cli", "run the local RecognizeCarNumber-compatible server"),
     "enqueue": ("carnumber.commands.enqueue", "read a source and enqueue its images for a run"),
+    "plan": ("carnumber.commands.plan", "count the calls, time, quota and cost a source needs"),
     "worker": (
         "carnumber.commands.worker",
         "start a Celery worker (same as celery -A workers worker)",

@@ -25,10 +25,17 @@ from producers.sources.filters import Filter, inside
 from workers.errors import InputError
 from workers.message import ImageRef
 from workers.storage.archives import compression_of
-from workers.storage.objects import ObjectStore
+from workers.storage.objects import ObjectInfo, ObjectStore
 from workers.storage.uris import archive_uri, file_uri, object_uri
 
-__all__ = ["ARCHIVE_SUFFIXES", "archive_kind", "iter_archive", "iter_folder", "iter_objects"]
+__all__ = [
+    "ARCHIVE_SUFFIXES",
+    "archive_kind",
+    "iter_archive",
+    "iter_folder",
+    "iter_listed_objects",
+    "iter_objects",
+]
 
 ARCHIVE_SUFFIXES = {
     ".tar": "tar",
@@ -125,8 +132,17 @@ def _zip_members(path: str, flt: Filter) -> Iterator[ImageRef]:
 
 
 def iter_objects(store: ObjectStore, bucket: str, prefix: str, flt: Filter) -> Iterator[ImageRef]:
+    for ref, _ in iter_listed_objects(store, bucket, prefix, flt):
+        yield ref
+
+
+def iter_listed_objects(
+    store: ObjectStore, bucket: str, prefix: str, flt: Filter
+) -> Iterator[tuple[ImageRef, ObjectInfo]]:
+    """:func:`iter_objects` with what the listing said of each object (size, ETag), for callers
+    that check objects without reading them (``carnumber plan``)."""
     base = prefix if prefix.endswith("/") or not prefix else prefix.rsplit("/", 1)[0] + "/"
     for obj in store.iter_objects(bucket, prefix):
         relative = obj.key[len(base) :] if obj.key.startswith(base) else obj.key
         if flt.name_ok(relative) and flt.time_ok(obj.key, obj.modified):
-            yield ImageRef(object_uri(store.scheme, bucket, obj.key))
+            yield ImageRef(object_uri(store.scheme, bucket, obj.key)), obj

@@ -19,11 +19,13 @@ __all__ = ["ObjectInfo", "ObjectStore", "RangeRead", "store_for"]
 
 @dataclass(frozen=True, slots=True)
 class ObjectInfo:
-    """One listed object: ``key``, ``size`` in bytes, ``modified`` (UTC)."""
+    """One listed object: ``key``, ``size`` in bytes, ``modified`` (UTC), and the ``etag`` the
+    listing gives (quotes removed; None when it gives none)."""
 
     key: str
     size: int
     modified: datetime
+    etag: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -159,7 +159,8 @@ class OssStore:
                 if obj.key.endswith("/") or obj.is_prefix():
                     continue
                 modified = datetime.fromtimestamp(int(obj.last_modified), UTC)
-                yield ObjectInfo(obj.key, int(obj.size), modified)
+                etag = str(obj.etag or "").strip('"') or None
+                yield ObjectInfo(obj.key, int(obj.size), modified, etag)
         except Exception as exc:
             raise _translate(self.oss2, exc, f"oss://{bucket}/{prefix}") from None
 

@@ -129,7 +129,8 @@ class S3Store:
                 for obj in page.get("Contents", ()):
                     if obj["Key"].endswith("/"):
                         continue  # a "folder" marker, not an object
-                    yield ObjectInfo(obj["Key"], int(obj["Size"]), obj["LastModified"])
+                    etag = str(obj.get("ETag") or "").strip('"') or None
+                    yield ObjectInfo(obj["Key"], int(obj["Size"]), obj["LastModified"], etag)
         except Exception as exc:
             raise _translate(exc, where) from None
 
