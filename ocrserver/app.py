@@ -4,7 +4,8 @@ Per API call (``POST /`` or ``GET /``), in the real service's order:
 
 1. read the body (a hard cap of 3 x 10 MiB; beyond it ``exceededImageContent`` at once);
 2. added latency (``latency_ms``), then the gateway: signature, timestamp, nonce
-   (:class:`~ocrserver.auth.Verifier`) and the per-key QPS limit (``Throttling.User``);
+   (:class:`~ocrserver.auth.Verifier`) and the QPS limit per account (``Throttling.User``; each
+   key is its own account unless ``accounts`` groups keys);
 3. the image: ``Url`` xor body, fetched and checked (:mod:`ocrserver.intake`);
 4. injected faults (:mod:`ocrserver.faults`), only for calls that got this far;
 5. recognition and the success envelope (:mod:`ocrserver.envelope`).
@@ -71,6 +72,7 @@ class OcrApp:
         self.clock = clock
         self.verifier = Verifier(config.access_keys(), clock=clock)
         self.limiter = SecondWindowLimiter(int(config.qps))
+        self.account_of = config.account_of()
         self.faults = FaultPlan(config.faults, config.seed)
         self.stats = Stats()
         self.recognizer = recognizer or get_recognizer(
@@ -160,7 +162,8 @@ class OcrApp:
             )
             key = self.verifier.verify(scope["method"], params, headers, body)
             now = self.clock()
-            if not self.limiter.try_acquire(key.access_key_id, now):
+            account = self.account_of.get(key.access_key_id, key.access_key_id)
+            if not self.limiter.try_acquire(account, now):
                 self.stats.throttled += 1
                 extra = {}
                 if self.config.throttle_retry_after:

@@ -57,7 +57,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     srv.add_argument(
         "--qps", type=float, default=0,
-        help="calls per whole second per AccessKey (a whole number); 0 = no limit",
+        help="calls per whole second per account (a whole number); 0 = no limit",
+    )
+    srv.add_argument(
+        "--accounts",
+        default=None,
+        help="ID=ACCOUNT[,...]: keys of one main account share one --qps limit, as RAM users' "
+        "keys do (also CARNUMBER_SERVER_ACCOUNTS; default: every key is its own account)",
     )
     srv.add_argument(
         "--throttle-retry-after",
@@ -140,6 +146,7 @@ def build_config(args: argparse.Namespace, environ: dict[str, str] | None = None
         port=args.port,
         keys=keys,
         qps=args.qps,
+        accounts=args.accounts or env.get("CARNUMBER_SERVER_ACCOUNTS") or "",
         recognizer=args.recognizer,
         truth_path=args.truth,
         model_dir=args.model_dir,

@@ -23,7 +23,9 @@ class ServerConfig:
     """Settings of one local server.
 
     ``keys`` is ``ID:SECRET[:STS_TOKEN][,...]``; ``port=0`` picks a free port; ``qps=0`` means no
-    limit; ``allowed_url_hosts`` are the only hosts a ``Url`` image may be fetched from;
+    limit; ``accounts`` (``ID=ACCOUNT[,...]``) names the main account of some keys: keys of one
+    account share one ``qps`` limit, as RAM users' keys do on the real service (a key not named
+    is its own account); ``allowed_url_hosts`` are the only hosts a ``Url`` image may be fetched from;
     ``throttle_retry_after`` adds ``x-acs-retry-after`` (ms) to QPS refusals; ``expand_refs``
     writes the first ``structure_list`` entry in full instead of ``{"$ref": "$.data"}``.
     """
@@ -32,6 +34,7 @@ class ServerConfig:
     port: int = 0
     keys: str = field(default=DEFAULT_KEYS, repr=False)
     qps: float = 0
+    accounts: str = ""
     recognizer: str = "replay"
     truth_path: str | None = None
     model_dir: str | None = None
@@ -60,9 +63,24 @@ class ServerConfig:
         if self.max_batch < 1 or self.max_wait_ms < 0:
             raise ConfigError("max_batch must be >= 1 and max_wait_ms >= 0")
         self.access_keys()  # validate now, not on the first request
+        self.account_of()
         object.__setattr__(
             self, "allowed_url_hosts", frozenset(h.lower() for h in self.allowed_url_hosts)
         )
+
+    def account_of(self) -> dict[str, str]:
+        """AccessKeyId -> the account whose QPS limit it shares, from ``accounts``. Raises
+        :class:`ConfigError` for a malformed entry or a key not in ``keys``."""
+        out: dict[str, str] = {}
+        known = self.access_keys()
+        for item in filter(None, (p.strip() for p in self.accounts.split(","))):
+            key_id, sep, account = item.partition("=")
+            if not sep or not key_id.strip() or not account.strip():
+                raise ConfigError(f"--accounts: {item!r} is not ID=ACCOUNT")
+            if key_id.strip() not in known:
+                raise ConfigError(f"--accounts: {key_id.strip()!r} is not one of --keys")
+            out[key_id.strip()] = account.strip()
+        return out
 
     def access_keys(self) -> dict[str, AccessKey]:
         try:

@@ -1,4 +1,5 @@
-"""The server's QPS limit: at most ``qps`` accepted calls per whole wall-clock second, per key.
+"""The server's QPS limit: at most ``qps`` accepted calls per whole wall-clock second, per key
+(the app passes the account of the key: keys grouped by ``--accounts`` share one counter).
 
 The real service limits calls per account (10 QPS for this action). Here a "second" is
 ``int(time.time())``: the counter for a key resets when the second changes, so the limit is exact

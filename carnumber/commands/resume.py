@@ -29,7 +29,7 @@ def main(args: argparse.Namespace) -> int:
     from workers.tasks import publish_chunk
 
     settings = settings_from(args)
-    creds = settings.credentials()
+    settings.credentials()  # fail fast, naming the variables
     client = connect_redis(settings)
     runs = run_store(settings, client)
     if runs.get(args.run_id) is None:
