@@ -39,6 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--wait", action="store_true", help="then follow the run until it is finished"
     )
+    parser.add_argument(
+        "--deadline", help="when the run should be done, for carnumber status (ISO time or HH:MM UTC)"
+    )
 
 
 def _paused(runs, run_id: str) -> str | None:  # type: ignore[no-untyped-def]
@@ -48,6 +51,7 @@ def _paused(runs, run_id: str) -> str | None:  # type: ignore[no-untyped-def]
 
 
 def main(args: argparse.Namespace) -> int:
+    from carnumber.progress import enqueue_progress
     from producers.enqueue import enqueue_to_broker
     from producers.enqueued import recorder
     from producers.ledger import Ledger
@@ -75,8 +79,9 @@ def main(args: argparse.Namespace) -> int:
         raise InputError(
             f"run {args.run_id} is {reason}: fix the cause, `carnumber resume {args.run_id}`, then enqueue"
         )
-    runs.set_state(args.run_id, "enqueuing")
+    runs.set_state(args.run_id, "enqueuing", **({"deadline": args.deadline} if args.deadline else {}))
     started = time.monotonic()
+    progress, on_progress = enqueue_progress(args.run_id)  # a bar on a terminal, else log lines
     report = enqueue_to_broker(
         refs,
         args.run_id,
@@ -86,10 +91,10 @@ def main(args: argparse.Namespace) -> int:
         ledger=ledger,
         paused_reason=lambda: _paused(runs, args.run_id),
         record=recorder(settings.output),  # what `carnumber verify` reconciles the output against
-        on_progress=lambda r: log.info(
-            "enqueued %d images in %d chunks", r.images_enqueued, r.chunks_published
-        ),
+        on_progress=on_progress,
     )
+    on_progress(report)
+    progress.close()
     if report.stopped_by is None:  # a paused run keeps its state (resume sets it running)
         runs.set_state(
             args.run_id, "running", enqueue_finished_at=time.time(), lines_skipped=len(skipped)
