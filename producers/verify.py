@@ -188,11 +188,55 @@ def _in(values: pa.ChunkedArray | pa.Array, value_set: pa.Array) -> pa.ChunkedAr
     return pc.is_in(values, value_set=value_set.cast(pa.string()))
 
 
+def _promised(listed: pa.Table) -> pa.Table:
+    """One row per distinct image of the records (the first chunk that listed it): an image the
+    source lists twice is enqueued twice, and both are one promise."""
+    if pc.count_distinct(listed["image_id"]).as_py() == listed.num_rows:
+        return listed
+    enq = listed.group_by("image_id", use_threads=False).aggregate(
+        [("source", "first"), ("chunk_id", "first")]
+    )
+    return enq.rename_columns(["image_id", "source", "chunk_id"])
+
+
+def _outcomes(keys: pa.Table, compacted: bool) -> tuple[pa.Table, pa.Table, pa.Array]:
+    """From the output's rows: the outcomes (image, status, time; with the last file holding
+    it, its code and flag), per image the count of outcomes and of answers, and the duplicated
+    image ids. A row repeated within an outcome (same plate index twice) is a copied file."""
+    outcomes = keys.group_by(["image_id", "status", "processed_at"]).aggregate(
+        [
+            ("file", "max"),
+            ("error_code", "min"),
+            ("retryable", "max"),
+            ("plate_index", "count_distinct", pc.CountOptions(mode="all")),
+            ([], "count_all"),
+        ]
+    )
+    repeated = _ids(outcomes, pc.greater(outcomes["count_all"], outcomes["plate_index_count_distinct"]))
+    outcomes = outcomes.select(
+        ["image_id", "status", "processed_at", "file_max", "error_code_min", "retryable_max"]
+    )
+    outcomes = outcomes.rename_columns(
+        ["image_id", "status", "processed_at", "file", "error_code", "retryable"]
+    )
+    answer = pc.cast(pc.not_equal(outcomes["status"], STATUS_FAILED), pa.int64())
+    per_image = (
+        outcomes.append_column("answer", answer)
+        .group_by("image_id")
+        .aggregate([([], "count_all"), ("answer", "sum")])
+    )
+    dup_rule = pc.greater(per_image["answer_sum"], 1)
+    if compacted:  # compaction kept one outcome per image: any second one came later
+        dup_rule = pc.or_(dup_rule, pc.greater(per_image["count_all"], 1))
+    return outcomes, per_image, pc.unique(pa.concat_arrays([_ids(per_image, dup_rule), repeated]))
+
+
 def verify_run(dataset: Dataset, runs: RunStore, run_id: str, *, examples: int = 5) -> Verification:
     """Reconcile ``run_id`` (see the module docstring); ``examples`` images listed per kind.
 
-    Raises :class:`InputError` when Redis does not know the run, or when the run has published
-    chunks but no enqueued records (an older producer, or another ``CARNUMBER_OUTPUT``).
+    Raises :class:`InputError` when Redis does not know the run, when the run has published
+    chunks but no enqueued records (an older producer, or another ``CARNUMBER_OUTPUT``), or when
+    a record or output file cannot be read. Redis errors pass through as ``redis.RedisError``.
     """
     summary = runs.get(run_id)
     if summary is None:
@@ -208,41 +252,21 @@ def verify_run(dataset: Dataset, runs: RunStore, run_id: str, *, examples: int =
             "with another CARNUMBER_OUTPUT than this one"
         )
 
-    # What was promised: one row per distinct image (the first chunk that listed it).
-    listed = records.read(run_id)
-    enq = listed.group_by("image_id", use_threads=False).aggregate(
-        [("source", "first"), ("chunk_id", "first")]
-    )
-    enq = enq.rename_columns(["image_id", "source", "chunk_id"])
-
-    # What the output holds: outcomes, repeated rows, winners.
-    files = dataset.parquet_files(dataset.run_dir(run_id))
-    names = [p.rsplit("/", 1)[-1] for p in files]
-    compacted_files = sum(n.startswith("compacted-") for n in names)
+    try:
+        listed = records.read(run_id)
+        files = dataset.parquet_files(dataset.run_dir(run_id))
+        keys, _ = read_keys(dataset, files, extra=("plate_index", "error_code", "retryable"))
+    except (OSError, pa.ArrowException) as exc:
+        raise InputError(
+            f"run {run_id!r}: cannot read its records or output under {dataset.root} ({exc}); "
+            "if a compaction was running, verify again when it is done"
+        ) from None
+    enq = _promised(listed)
+    compacted_files = sum(p.rsplit("/", 1)[-1].startswith("compacted-") for p in files)
     compaction = "none" if not compacted_files else "partial" if compacted_files < len(files) else "compacted"
-    keys, _ = read_keys(dataset, files, extra=("plate_index", "error_code", "retryable"))
-    rows = keys.group_by(["image_id", "status", "processed_at", "plate_index"]).aggregate([([], "count_all")])
-    repeated = _ids(rows, pc.greater(rows["count_all"], 1))
-    outcomes = keys.group_by(["image_id", "status", "processed_at"]).aggregate(
-        [("file", "max"), ("error_code", "min"), ("retryable", "max")]
-    )
-    outcomes = outcomes.rename_columns(
-        ["image_id", "status", "processed_at", "file", "error_code", "retryable"]
-    )
-    answer = pc.not_equal(outcomes["status"], STATUS_FAILED)
-    per_image = (
-        outcomes.append_column("answer", pc.cast(answer, pa.int64()))
-        .group_by("image_id")
-        .aggregate([([], "count_all"), ("answer", "sum")])
-    )
-    dup_rule = pc.greater(per_image["answer_sum"], 1)
-    if compaction == "compacted":
-        dup_rule = pc.or_(dup_rule, pc.greater(per_image["count_all"], 1))
-    dup_ids = pc.unique(pa.concat_arrays([_ids(per_image, dup_rule), repeated]))
-    superseded_ids = _ids(
-        per_image,
-        pc.and_(pc.greater(per_image["count_all"], 1), pc.invert(_in(per_image["image_id"], dup_ids))),
-    )
+    outcomes, per_image, dup_ids = _outcomes(keys, compacted=compaction == "compacted")
+    multi = pc.greater(per_image["count_all"], 1)
+    superseded_ids = _ids(per_image, pc.and_(multi, pc.invert(_in(per_image["image_id"], dup_ids))))
     out_ids = per_image["image_id"].combine_chunks()
 
     parked = list(parked_chunks(runs, run_id))
@@ -258,9 +282,9 @@ def verify_run(dataset: Dataset, runs: RunStore, run_id: str, *, examples: int =
     one_ids = _ids(enq, is_one)
     unexpected_ids = pc.filter(out_ids, pc.invert(_in(out_ids, enq["image_id"].combine_chunks())))
 
-    winners = best_outcomes(
-        outcomes.select(["image_id", "status", "processed_at", "file", "error_code", "retryable"])
-    )
+    # The winner of an image with one outcome is that outcome; only the few others need ranking.
+    several = _in(outcomes["image_id"], _ids(per_image, multi))
+    winners = pa.concat_tables([outcomes.filter(pc.invert(several)), best_outcomes(outcomes.filter(several))])
     won = winners.filter(_in(winners["image_id"], one_ids))
     failed = won.filter(pc.equal(won["status"], STATUS_FAILED))
     by_code = (

@@ -342,3 +342,9 @@ def test_bad_input_exits_2(
     assert _cli(env, monkeypatch, "old") == 2
     err = capsys.readouterr().err
     assert "no record" in err and "older" in err and "CARNUMBER_OUTPUT" in err
+
+    # A record that is not Parquet (a truncated copy): a clear error, no traceback.
+    _enqueue(rt, _archive(tmp_path / "b", 2), run_id="torn")
+    (Path(env["CARNUMBER_OUTPUT"]) / "_enqueued" / "run=torn" / "chunk-0000000.parquet").write_bytes(b"PAR1")
+    assert _cli(env, monkeypatch, "torn") == 2
+    assert "cannot read its records or output" in capsys.readouterr().err
