@@ -244,6 +244,7 @@ class Bench:
         """Publish every image of the archive for ``run_id``; returns images enqueued."""
         from carnumber.commands.common import configure_celery
         from producers.enqueue import enqueue
+        from producers.enqueued import recorder
         from producers.sources import open_source
         from workers.tasks import publish_chunk
 
@@ -258,6 +259,7 @@ class Bench:
             queue_depth=lambda: int(self.redis.llen(s.queue)),
             chunk_size=s.chunk_size,
             queue_high_water=max(s.queue_high_water, self.args.images // s.chunk_size + 1),
+            record=recorder(s.output),  # so `carnumber verify` can check the bench's runs too
         )
         self.runs.set_state(run_id, "running")
         return report.images_enqueued
