@@ -156,8 +156,12 @@ class Verification:
             "answered": self.answered,
             "failed": self.failed,
             "superseded": self.superseded,
-            **self.counts(),
+            "missing": self.missing,
+            "parked": self.parked,
             "parked_chunks": self.parked_chunks,
+            "duplicated": self.duplicated,
+            "unexpected": self.unexpected,
+            "unrecorded_chunks": self.unrecorded_chunks,
             "in_flight": self.in_flight,
             "failed_by_code": [
                 {"code": f.code, "retryable": f.retryable, "images": f.images} for f in self.failed_by_code
