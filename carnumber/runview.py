@@ -9,7 +9,8 @@ rates a single reading cannot give (calls in the last 10 s, images per second no
 Rates and estimates, and what they rest on:
 
 * calls per second, last minute: the per-minute counters of the current and the previous UTC
-  minute, the previous one weighted by the part of it inside the last 60 s; last 10 s: the
+  minute, the previous one weighted by the part of it inside the last 60 s (or the run's age,
+  when the run is younger); last 10 s: the
   difference of the all-time counter over the watcher's own readings (``None`` on a single
   reading). Counters are account-wide: every run of the account shares the limit.
 * estimated finish: images outstanding / images per second, where images per second is the
@@ -99,7 +100,8 @@ def celery_workers(run_id: str | None, timeout_s: float = 0.5) -> WorkerInfo | N
     from workers.celery import app
 
     try:
-        replies = app.control.inspect(timeout=timeout_s).active() or {}
+        # safe: the workers answer with each task's short argsrepr, never the chunk's sources
+        replies = app.control.inspect(timeout=timeout_s).active(safe=True) or {}
     except (OSError, redis.RedisError, ConnectionError):
         return None
     chunks = images = 0
@@ -261,12 +263,12 @@ class RunView:
         f = run.fields
         accounts = self._accounts(snap)
         total_calls = sum(a.calls.calls for a in accounts)
-        cps_1m, throttled = self._last_minute(accounts, now)
+        created = _float(f, "created_at") or now
+        cps_1m, throttled = self._last_minute(accounts, now, span_s=min(60.0, max(1.0, now - created)))
         sampler = self.samplers.setdefault(run.run_id, Sampler())
         sampler.add(self.monotonic(), total_calls, run.written)
         cps_10s = sampler.rate(10.0, 1, min_span_s=3.0)
 
-        created = _float(f, "created_at") or now
         calls = _int(f, "calls")
         per_image = calls / run.written if run.written and calls else 1.0
         images_per_s, basis = sampler.rate(60.0, 2, min_span_s=10.0), "watch"
@@ -349,20 +351,28 @@ class RunView:
     def _accounts(self, snap: Snapshot) -> list[AccountSnapshot]:
         return list(snap.accounts)
 
-    def _last_minute(self, accounts: list[AccountSnapshot], now: float) -> tuple[float, int]:
-        """Calls per second and throttled answers over the last 60 s, from the current and the
-        previous minute's counters (the previous one weighted by its share of the window)."""
-        into = (now % 60) / 60
+    def _last_minute(
+        self, accounts: list[AccountSnapshot], now: float, span_s: float = 60.0
+    ) -> tuple[float, int]:
+        """Calls per second and throttled answers over the last ``span_s`` (at most 60 s; less
+        for a run younger than a minute), from the current and the previous minute's counters,
+        the previous one weighted by the share of it inside the span."""
+        weight = max(0.0, span_s - now % 60) / 60
         calls = throttled = 0.0
         for a in accounts:
             current = read_call_stats(self.r, self.keys, a.account, last_minutes=1, now_s=now)
             previous = read_call_stats(self.r, self.keys, a.account, last_minutes=1, now_s=now - 60)
-            calls += current.calls + previous.calls * (1 - into)
-            throttled += _throttled(current) + _throttled(previous) * (1 - into)
-        return calls / 60, round(throttled)
+            calls += current.calls + previous.calls * weight
+            throttled += _throttled(current) + _throttled(previous) * weight
+        return calls / span_s, round(throttled)
 
     def _deadline(self, fields: Mapping[str, str], created: float) -> float | None:
-        text = fields.get("deadline") or self.settings.run_deadline
+        if fields.get("deadline"):
+            try:
+                return parse_deadline(fields["deadline"], created)
+            except ConfigError:
+                pass  # an unreadable --deadline of the run: fall back on the setting
+        text = self.settings.run_deadline
         return parse_deadline(text, created) if text else None
 
     def _workers(self, run_id: str) -> WorkerInfo | None:

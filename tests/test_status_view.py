@@ -57,6 +57,7 @@ def store(redis_client: redis.Redis, key_prefix: str) -> RunStore:
 
 def _seed(store: RunStore, redis_client: redis.Redis, key_prefix: str) -> None:
     store.create("r1", "/data/cams")
+    redis_client.hset(Keys(key_prefix).run("r1"), "created_at", time.time() - 120)  # older than a minute
     store.mark_enqueued("r1", "c0", "d0", 200)
     store.mark_enqueued("r1", "c1", "d1", 100)
     store.mark_written("r1", "p0", 100, 4, 90, 120)  # 1.2 calls per image
@@ -266,3 +267,20 @@ def test_rich_panel_renders(
         assert want in text, want
     assert "finished" in summary(f, 5.0) or "running" in summary(f, 5.0)
     assert duration(3725) == "1h02m" and duration(None) == "-"
+
+
+def test_rate_of_a_run_younger_than_a_minute(
+    env: dict[str, str], store: RunStore, redis_client: redis.Redis, key_prefix: str
+) -> None:
+    minute = (time.time() // 60) * 60
+    now = minute + 30  # 30 s into a minute; the run began 10 s ago and made 50 calls since
+    store.create("young", "/data/y")
+    redis_client.hset(Keys(key_prefix).run("young"), "created_at", now - 10)
+    counter = CallCounter(redis_client, Keys(key_prefix), ACCOUNT, clock=lambda: now - 5)
+    for _ in range(50):
+        counter.record("ok", 0.1)
+    counter.flush()
+    summary_ = store.get("young")
+    assert summary_ is not None
+    f = _view(env, redis_client, clock=lambda: now).figures(summary_)
+    assert f.calls_per_s_1m == pytest.approx(5.0)  # 50 calls over its 10 s, not over 60 s
