@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
 
 from carnumber.cli import main as cli
 from ocrserver.config import ServerConfig
@@ -348,3 +349,36 @@ def test_bad_input_exits_2(
     (Path(env["CARNUMBER_OUTPUT"]) / "_enqueued" / "run=torn" / "chunk-0000000.parquet").write_bytes(b"PAR1")
     assert _cli(env, monkeypatch, "torn") == 2
     assert "cannot read its records or output" in capsys.readouterr().err
+
+
+def test_records_and_verify_on_an_s3_output(redis_client: redis.Redis, key_prefix: str) -> None:
+    """The same records and checks through pyarrow's S3 filesystem (moto's server on loopback)."""
+    from helpers.s3_server import moto_s3, s3_client
+
+    from workers.api.response import Recognition
+    from workers.keys import Keys
+    from workers.runs import RunStore
+    from workers.sink.dataset import open_dataset
+
+    refs = [ImageRef(f"s3://cams/2026-11-30/{i:03d}.jpg?X-Amz-Signature=abc") for i in range(5)]
+    runs = RunStore(redis_client, Keys(key_prefix))
+    with moto_s3() as endpoint:
+        s3_client(endpoint).create_bucket(Bucket="verify-out")
+        host = endpoint.removeprefix("http://")
+        output = f"s3://verify-out/plates?endpoint_override={host}&scheme=http&region=us-east-1"
+        published: list[Chunk] = []
+        runs.create(RUN, "s3")
+        record = recorder(output)
+        kwargs = dict(runs=runs, queue_depth=lambda: 0, chunk_size=2, queue_high_water=9, record=record)
+        enqueue(refs, RUN, publish=published.append, **kwargs)  # type: ignore[arg-type]
+        dataset = open_dataset(output)
+        rec = Recognition("req", ())
+        for chunk in published:
+            rows = [row for ref in chunk.images for row in recognition_rows(RUN, ref, rec, attempts=1)]
+            dataset.write_part(RUN, chunk.part_name, rows)
+        v = verify_run(dataset, runs, RUN)
+        assert v.ok and (v.enqueued, v.record_chunks, v.part_files) == (5, 3, 3)
+        dataset.fs.delete_file(dataset.parquet_files(dataset.run_dir(RUN))[0])
+        v = verify_run(dataset, runs, RUN)
+        assert v.missing == 2 and not v.ok
+        assert all("Signature" not in e.source for e in v.examples["missing"])  # type: ignore[operator]
