@@ -155,6 +155,7 @@ class LeaseRenewer:
         renew_every_s = self.lease_s / 4
         next_renew = next_sweep = time.monotonic()
         failing_since: float | None = None
+        last_warning = 0.0
         while not self._stopped.is_set():
             now = time.monotonic()
             try:
@@ -164,11 +165,15 @@ class LeaseRenewer:
                 if now >= next_sweep:
                     self.sweep_once()
                     next_sweep = now + SWEEP_INTERVAL_S
+                if failing_since is not None:
+                    log.warning("leases: Redis reachable again after %.0f s", now - failing_since)
                 failing_since = None
             except Exception as exc:  # Redis or kombu away: try again, never let the thread die
                 failing_since = failing_since or now
-                log.warning("leases: %s for %.0f s: %s", type(exc).__name__, now - failing_since, exc)
-                next_renew = min(next_renew, now + 1.0)
+                if now - last_warning >= 10:
+                    log.warning("leases: %s for %.0f s: %s", type(exc).__name__, now - failing_since, exc)
+                    last_warning = now
+                next_renew = next_sweep = now + 1.0
             self._stopped.wait(max(0.05, min(next_renew, next_sweep) - time.monotonic()))
 
 

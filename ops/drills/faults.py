@@ -30,7 +30,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -77,9 +76,7 @@ def kill_node(d: Drill, kills: int = 3, nodes: int = 3, timeout_s: float = 900.0
     started = time.monotonic()
     for _ in range(nodes):
         d.start_node()
-    producer = subprocess.Popen(
-        d.enqueue_cmd(), env=d.env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-    )
+    producer = d.start_producer()
     recoveries: list[float] = []
     for k in range(kills):
         target = (k + 1) * d.images // (kills + 1)
@@ -108,9 +105,7 @@ def redis_restart(d: Drill, down_s: float = 30.0, timeout_s: float = 900.0) -> R
     started = time.monotonic()
     for _ in range(2):
         d.start_node()
-    producer = subprocess.Popen(
-        d.enqueue_cmd(), env=d.env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-    )
+    producer = d.start_producer()
     d.wait_for("a third written", lambda s: s.written >= d.images // 3, timeout_s)
     d.redis.stop()
     print(f"  redis stopped; down for {down_s:.0f} s", flush=True)
@@ -129,9 +124,7 @@ def redis_restart(d: Drill, down_s: float = 30.0, timeout_s: float = 900.0) -> R
     notes = {
         "producer_rc": rc,
         "nodes_exited": restarts,
-        "producer_stderr": (producer.stderr.read() or b"")[-400:].decode(errors="replace")
-        if producer.stderr
-        else "",
+        "producer_log": d.producer_log()[-400:],
     }
     # Calls in flight when Redis went away may be answered but not journalled, on every node.
     return Result("redis-restart", audit(d), 2 * _in_flight(d), [flowing], total, notes)
@@ -141,9 +134,7 @@ def producer_kill(d: Drill, timeout_s: float = 900.0) -> Result:
     started = time.monotonic()
     for _ in range(2):
         d.start_node()
-    producer = subprocess.Popen(
-        d.enqueue_cmd(), env=d.env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
+    producer = d.start_producer()
     d.wait_for("half enqueued", lambda s: s.enqueued >= d.images // 2, timeout_s)
     producer.send_signal(signal.SIGKILL)
     producer.wait(30)

@@ -68,10 +68,13 @@ class DrillRedis:
     """A redis-server of the drill's own, AOF on (``appendfsync everysec``), on a fixed port and
     data directory so that :meth:`stop` then :meth:`start` is a real restart."""
 
-    def __init__(self, workdir: Path, host: str = "127.0.0.1", port: int | None = None) -> None:
+    def __init__(
+        self, workdir: Path, host: str = "127.0.0.1", port: int | None = None, also_bind: Sequence[str] = ()
+    ) -> None:
         self.dir = workdir / "redis"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.host = host
+        self.also_bind = list(also_bind)
         self.port = port or _free_port()
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -83,7 +86,7 @@ class DrillRedis:
         self.proc = subprocess.Popen(
             [
                 redis_server_binary(),
-                "--bind", self.host, "--port", str(self.port), "--dir", str(self.dir),
+                "--bind", self.host, *self.also_bind, "--port", str(self.port), "--dir", str(self.dir),
                 "--appendonly", "yes", "--appendfsync", "everysec", "--save", "",
                 "--maxmemory-policy", "noeviction", "--protected-mode", "no",
             ],
@@ -162,6 +165,7 @@ class Drill:
     latency_ms: int = 30
     server_args: Sequence[str] = ()
     redis_host: str = "127.0.0.1"
+    also_bind: Sequence[str] = ()  # more addresses for Redis and the server (test hosts' links)
     extra_env: dict[str, str] = field(default_factory=dict)
     prefix: str = field(default_factory=lambda: f"drill-{uuid.uuid4().hex[:8]}")
     nodes: list[Node] = field(default_factory=list)
@@ -169,9 +173,10 @@ class Drill:
 
     def __post_init__(self) -> None:
         self.work.mkdir(parents=True, exist_ok=True)
-        self.redis = DrillRedis(self.work, host=self.redis_host)
+        self.redis = DrillRedis(self.work, host=self.redis_host, also_bind=self.also_bind)
         self.redis.start()
-        host = "0.0.0.0" if self.redis_host != "127.0.0.1" else "127.0.0.1"
+        # Test hosts in network namespaces reach the server over their own links.
+        host = "0.0.0.0" if self.also_bind else "127.0.0.1"
         self.server: ServerProcess = spawn_server(
             ["--host", host, "--latency-ms", str(self.latency_ms), *self.server_args],
             env={**os.environ, "CARNUMBER_SERVER_KEYS": f"{KEY_ID}:{SECRET}"},
@@ -206,7 +211,7 @@ class Drill:
         return RunStore(self.client, Keys(self.prefix))
 
     # -- processes ---------------------------------------------------------------------------
-    def start_node(self, prefix_cmd: Sequence[str] = (), **env: str) -> Node:
+    def start_node(self, prefix_cmd: Sequence[str] = (), env: dict[str, str] | None = None) -> Node:
         name = f"node{len(self.nodes) + 1}"
         log = self.work / f"{name}.log"
         argv = [
@@ -215,7 +220,7 @@ class Drill:
         ]  # fmt: skip
         with log.open("w") as out:
             proc = subprocess.Popen(
-                argv, stdout=out, stderr=subprocess.STDOUT, text=True, env={**self.env(), **env},
+                argv, stdout=out, stderr=subprocess.STDOUT, text=True, env={**self.env(), **(env or {})},
                 start_new_session=True,
             )  # fmt: skip
         node = Node(name, proc, log)
@@ -224,6 +229,16 @@ class Drill:
 
     def enqueue_cmd(self) -> list[str]:
         return [sys.executable, "-m", "carnumber.cli", "enqueue", str(self.archive), "--run", self.run_id]
+
+    def start_producer(self) -> subprocess.Popen[bytes]:
+        """``carnumber enqueue`` in the background, its output in ``producer.log``."""
+        with (self.work / "producer.log").open("ab") as out:
+            return subprocess.Popen(self.enqueue_cmd(), env=self.env(), stdout=out, stderr=subprocess.STDOUT)
+
+    def producer_log(self) -> str:
+        with contextlib.suppress(OSError):
+            return (self.work / "producer.log").read_text(errors="replace")[-2000:]
+        return ""
 
     def enqueue(self, timeout_s: float = 600.0) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
