@@ -393,3 +393,32 @@ def test_from_settings_keys_the_limit_by_account(
             from_settings(settings.with_(access_key_id=None), redis)
 
     run_backend(body)
+
+
+def test_a_counter_that_lost_its_last_writes_is_raised_to_what_a_worker_saw(
+    run_backend: BackendRunner, key_prefix: str
+) -> None:
+    """Redis crashed and its AOF lost the last second of increments: the next reservation of a
+    worker that counted them restores the count first, so the quota is never overrun."""
+
+    async def body(backend: Backend) -> tuple[int, int, bool]:
+        seen_it = CallQuota(backend, f"{key_prefix}:quota", 8, "total")
+        for _ in range(6):
+            await seen_it.reserve()
+        key = f"{key_prefix}:quota:total"
+        if isinstance(backend, MemoryBackend):
+            backend._counts[key] = 2
+        else:
+            await backend.client.set(key, 2)
+        await seen_it.reserve()  # 6 seen, so 7 now, not 3
+        other = CallQuota(backend, f"{key_prefix}:quota", 8, "total")
+        await other.reserve()  # 8
+        try:
+            await other.reserve()
+        except QuotaExhausted:
+            exhausted = True
+        else:
+            exhausted = False
+        return await seen_it.used(), await other.used(), exhausted
+
+    assert run_backend(body) == (8, 8, True)

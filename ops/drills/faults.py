@@ -54,7 +54,7 @@ class Result:
 
     @property
     def ok(self) -> bool:
-        return self.audit.ok(self.bound_extra_calls)
+        return self.audit.ok(self.bound_extra_calls) and self.notes.get("flat", True) is not False
 
     def line(self) -> str:
         a = self.audit

@@ -54,9 +54,11 @@ class Backend(Protocol):
         ...
 
     async def quota_reserve(
-        self, prefix: str, window: str, limit: int, utc_offset_s: int
+        self, prefix: str, window: str, limit: int, utc_offset_s: int, seen: tuple[str, int] | None = None
     ) -> QuotaState:
-        """Count one call in the current window unless ``limit`` calls are counted already."""
+        """Count one call in the current window unless ``limit`` calls are counted already.
+        ``seen``: the caller's highest count of a window key; a counter found below it (Redis lost
+        its last writes in a crash) is raised to it first, so the quota is never overrun."""
         ...
 
     async def quota_peek(self, prefix: str, window: str, utc_offset_s: int) -> QuotaState:

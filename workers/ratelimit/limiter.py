@@ -128,9 +128,7 @@ class RateLimiter:
         self.late_s = default_late_s(self.rate.guard_s) if late_s is None else late_s
         if not (math.isfinite(self.late_s) and self.late_s >= 0):
             raise ConfigError(f"late_s must be >= 0 (0 = off), got {late_s}")
-        self.send_late_s = (
-            default_send_late_s(self.rate.guard_s) if send_late_s is None else send_late_s
-        )
+        self.send_late_s = default_send_late_s(self.rate.guard_s) if send_late_s is None else send_late_s
         if math.isnan(self.send_late_s) or self.send_late_s < 0:
             raise ConfigError(f"send_late_s must be >= 0 (inf = no deadline), got {send_late_s}")
         self.late_rebooks = 0  # slots this limiter's waiters woke too late for and did not use
@@ -180,7 +178,10 @@ class RateLimiter:
                 if rebooks == MAX_REBOOKS:
                     log.warning(
                         "rate limit %s: woke %.1f ms after the slot %d times in a row (event "
-                        "loop overloaded?); sending anyway", self.key, lateness_s * 1000, rebooks + 1,
+                        "loop overloaded?); sending anyway",
+                        self.key,
+                        lateness_s * 1000,
+                        rebooks + 1,
                     )
                     return Slot(math.inf, grant)
                 # The moment has passed: the slot is not used (slower, never faster). Given back
@@ -189,8 +190,10 @@ class RateLimiter:
                 self.late_rebooks += 1
                 returned = await self._return_late(grant)
                 log.debug(
-                    "rate limit %s: woke %.1f ms late, slot %s, booking again", self.key,
-                    lateness_s * 1000, "given back" if returned else "lost",
+                    "rate limit %s: woke %.1f ms late, slot %s, booking again",
+                    self.key,
+                    lateness_s * 1000,
+                    "given back" if returned else "lost",
                 )
         raise AssertionError("unreachable: the last pass returns")
 

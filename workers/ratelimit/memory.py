@@ -69,10 +69,12 @@ class MemoryBackend:
         return RateState(int(factor), max(0, self._tat.get(key, now) - now))
 
     async def quota_reserve(
-        self, prefix: str, window: str, limit: int, utc_offset_s: int
+        self, prefix: str, window: str, limit: int, utc_offset_s: int, seen: tuple[str, int] | None = None
     ) -> QuotaState:
         win = window_key(prefix, window, self._wall_clock(), utc_offset_s)
         used = self._counts.get(win.key, 0)
+        if seen is not None and seen[0] == win.key and used < seen[1]:
+            used = self._counts[win.key] = seen[1]
         if used >= limit:
             return QuotaState(False, used, win.key, win.resets_at_s)
         self._counts[win.key] = used + 1

@@ -6,6 +6,10 @@ is atomic in the backend, so however many workers race, the window never counts 
 :class:`~workers.errors.Paused`: the image stays pending, the pipeline parks it and a later run
 resumes it). A reservation whose call was never sent is handed back with :meth:`release`.
 Windows: ``day`` (calendar day, UTC by default, from the backend's clock) or ``total``.
+Each reservation carries the highest count this worker has seen in the window, so a counter that
+went back (Redis crashed and its AOF lost the last second of increments) is raised to it before
+anything is granted: the first reservation of any worker that counted in the lost second
+restores its count, and the quota is never overrun by calls that worker knew of.
 See ``ops/design/rate-limit.md``.
 """
 
@@ -46,6 +50,7 @@ class CallQuota:
         self.window = window
         self.utc_offset_s = utc_offset_s
         self._last_key: str | None = None
+        self._seen: tuple[str, int] | None = None  # the highest count seen: (window key, used)
 
     def __repr__(self) -> str:
         return f"CallQuota(key_prefix={self.key_prefix!r}, limit={self.limit}, window={self.window!r})"
@@ -57,8 +62,10 @@ class CallQuota:
         if self.limit is None:
             return
         state = await self.backend.quota_reserve(
-            self.key_prefix, self.window, self.limit, self.utc_offset_s
+            self.key_prefix, self.window, self.limit, self.utc_offset_s, self._seen
         )
+        if self._seen is None or self._seen[0] != state.window_key or state.used > self._seen[1]:
+            self._seen = (state.window_key, state.used)
         if not state.granted:
             raise self._exhausted(state, self.limit)
         self._last_key = state.window_key
@@ -72,7 +79,8 @@ class CallQuota:
         key = self._last_key
         if key is None:
             key = (await self._peek()).window_key
-        await self.backend.quota_release(key)
+        if await self.backend.quota_release(key) and self._seen is not None and self._seen[0] == key:
+            self._seen = (key, self._seen[1] - 1)
 
     async def remaining(self) -> int | None:
         """Calls left in the current window; ``None`` when there is no quota."""
@@ -97,9 +105,7 @@ class CallQuota:
             resets = dt.datetime.fromtimestamp(state.resets_at_s, dt.UTC)
             where = f"on {date} ({zone} day)"
             when = f"it resets at {resets:%Y-%m-%dT%H:%M:%SZ}"
-        exc = QuotaExhausted(
-            f"call quota spent: {state.used} of {limit} calls used {where}; {when}"
-        )
+        exc = QuotaExhausted(f"call quota spent: {state.used} of {limit} calls used {where}; {when}")
         exc.limit = limit
         exc.window = self.window
         exc.resets_at_s = state.resets_at_s

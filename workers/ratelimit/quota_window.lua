@@ -7,6 +7,8 @@
 -- ARGV[3]  limit: calls allowed in the window (integer >= 0; ignored by 'peek')
 -- ARGV[4]  utc_offset_s: the day runs midnight to midnight at this offset from UTC (0 = UTC day)
 -- ARGV[5]  mode: 'reserve' (count one call if any is left) or 'peek' (change nothing)
+-- ARGV[6]  (optional) a window key the caller has seen counted up to ARGV[7]: when this window's
+-- ARGV[7]  counter is lower (a Redis crash lost its last writes), it is raised to that first
 -- Returns {granted (1|0), used (calls counted now), window key, resets_at_s (-1 = never)}.
 if redis.replicate_commands then redis.replicate_commands() end
 
@@ -37,6 +39,11 @@ if ARGV[2] == 'day' then
 end
 
 local used = tonumber(redis.call('GET', key) or 0)
+if ARGV[5] == 'reserve' and ARGV[6] == key and used < tonumber(ARGV[7]) then
+  used = tonumber(ARGV[7])
+  redis.call('SET', key, used)
+  if expire_at then redis.call('EXPIREAT', key, expire_at) end
+end
 if ARGV[5] ~= 'reserve' or used >= tonumber(ARGV[3]) then
   return {0, used, key, resets}
 end

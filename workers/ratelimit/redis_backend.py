@@ -104,21 +104,28 @@ class RedisBackend:
         return RateState(int(factor), int(ahead))
 
     async def _quota(
-        self, prefix: str, window: str, limit: int, utc_offset_s: int, mode: str
+        self,
+        prefix: str,
+        window: str,
+        limit: int,
+        utc_offset_s: int,
+        mode: str,
+        seen: tuple[str, int] | None = None,
     ) -> QuotaState:
+        seen_key, seen_used = seen if seen is not None else ("", 0)
         granted, used, key, resets = await self._run(
             "quota_window",
             [],
-            [prefix, window, limit, utc_offset_s, mode],
+            [prefix, window, limit, utc_offset_s, mode, seen_key, seen_used],
             "reserving quota" if mode == "reserve" else "reading the quota",
         )
         resets_at = int(resets)
         return QuotaState(bool(int(granted)), int(used), _text(key), None if resets_at < 0 else resets_at)
 
     async def quota_reserve(
-        self, prefix: str, window: str, limit: int, utc_offset_s: int
+        self, prefix: str, window: str, limit: int, utc_offset_s: int, seen: tuple[str, int] | None = None
     ) -> QuotaState:
-        return await self._quota(prefix, window, limit, utc_offset_s, "reserve")
+        return await self._quota(prefix, window, limit, utc_offset_s, "reserve", seen)
 
     async def quota_peek(self, prefix: str, window: str, utc_offset_s: int) -> QuotaState:
         return await self._quota(prefix, window, 0, utc_offset_s, "peek")
