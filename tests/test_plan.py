@@ -260,3 +260,22 @@ def test_cli_json_and_exit_status_follow_the_quota(
     assert cli(["plan", str(folder)]) == 1
     out = capsys.readouterr().out
     assert "does NOT fit: 5 calls needed, 4 left" in out.splitlines()[-1]
+
+
+def test_progress_prints_plain_lines_without_a_terminal_and_render_names_every_figure() -> None:
+    from carnumber.commands.plan import _Progress, render
+
+    buf = io.StringIO()
+    progress = _Progress(buf, every_s=0.0)
+    report = PlanReport(source="s3://b/p", listed=400, calls=390, rejected=10, scan_s=2.0)
+    progress(report)
+    progress(report)
+    progress.done()
+    lines = buf.getvalue().splitlines()
+    assert len(lines) == 2 and "400 listed" in lines[0] and "200 images/s" in lines[0]
+    report.rejected_by_rule = {"local.aspectRatio": 10}
+    report.examples = {"local.aspectRatio": ["s3://b/p/x.png"]}
+    text = render(bill(report, Settings(quota=100, price_per_1000_calls=2), QuotaView(100, "day", 0, 100)))
+    for needle in ("images listed", "local.aspectRatio", "s3://b/p/x.png", "calls needed", "390"):
+        assert needle in text
+    assert text.splitlines()[-1].startswith("does NOT fit: 390 calls needed, 100 left")
