@@ -251,7 +251,8 @@ def test_cli_json_and_exit_status_follow_the_quota(
 
     async def spend(n: int) -> None:  # another team of the same account used some quota
         ar = aredis.Redis.from_url(redis_url)
-        _, quota = from_settings(Settings.from_env(env), ar)
+        other_team = {**env, "ALIBABA_CLOUD_ACCESS_KEY_ID": "plan-cli-other-ram-user"}
+        _, quota = from_settings(Settings.from_env(other_team), ar)
         for _ in range(n):
             await quota.reserve()
         await ar.aclose()
