@@ -60,7 +60,9 @@ def text(r: RunReport) -> str:
     types = ", ".join(f"{t} {n}" for t, n in r.plates_by_type.items()) or "-"
     lines.append(f"  plates     {r.plates}: {types}")
     per = f"{r.calls_per_image:.2f}" if r.calls_per_image is not None else "-"
-    throttled = "not counted (older than a day)" if r.throttled is None else f"{r.throttled}"
+    throttled = (
+        "- (not counted: no span, or older than the counters' day)" if r.throttled is None else r.throttled
+    )
     lines.append(f"  calls      {r.calls} ({per} per image); throttled answers: {throttled}")
     if r.calls_per_s is not None:
         limit = "no limit" if r.qps_limit <= 0 else f"the limit {r.qps_limit:g}"
