@@ -285,7 +285,7 @@ class RunView:
         deadline = self._deadline(f, created)
         on_time = None if deadline is None or finish is None else finish <= deadline
 
-        price = getattr(self.settings, "price_per_1000_calls", None)
+        price = self.settings.price_per_1000_calls
         cost = projected = None
         if price is not None:
             cost = calls * price / 1000

@@ -128,7 +128,7 @@ def main(args: argparse.Namespace) -> int:
             args.run_id,
             fields,
             qps_limit=settings.qps,
-            price_per_1000_calls=getattr(settings, "price_per_1000_calls", None),
+            price_per_1000_calls=settings.price_per_1000_calls,
             throttled_between=throttled,
         )
     except (redis.RedisError, OSError) as exc:
