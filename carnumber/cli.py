@@ -28,7 +28,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "start a Celery worker (same as celery -A workers worker)",
     ),
     "status": ("carnumber.commands.status", "show a run's progress and state"),
-    "resume": ("carnumber.commands.resume", "clear a stop and re-publish a run's parked images"),
+    "pause": ("carnumber.commands.pause", "stop one run's calls on every host (resume continues it)"),
+    "cancel": ("carnumber.commands.cancel", "stop a run for good and take its chunks off the queue"),
+    "resume": ("carnumber.commands.resume", "clear a stop or pause and re-publish a run's parked images"),
     "retry-failures": (
         "carnumber.commands.retry_failures",
         "re-enqueue a run's retryable failures",

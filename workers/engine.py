@@ -53,9 +53,7 @@ class Engine:
     thread otherwise dies with the process).
     """
 
-    def __init__(
-        self, settings: Settings, resolver: Resolver, counter: CallCounter | None = None
-    ) -> None:
+    def __init__(self, settings: Settings, resolver: Resolver, counter: CallCounter | None = None) -> None:
         self.settings = settings
         self.resolver = resolver
         self.counter = counter
@@ -96,9 +94,7 @@ class Engine:
         with self._lock:
             if self._loop is None:
                 loop = asyncio.new_event_loop()
-                thread = threading.Thread(
-                    target=loop.run_forever, name="carnumber-engine", daemon=True
-                )
+                thread = threading.Thread(target=loop.run_forever, name="carnumber-engine", daemon=True)
                 thread.start()
                 self._loop, self._thread = loop, thread
             return self._loop
@@ -120,6 +116,7 @@ class Engine:
         from workers.journal import AnswerJournal
         from workers.ratelimit import from_settings as limits_from_settings
         from workers.retry import RetryPolicy
+        from workers.runswitch import RunSwitch
 
         s = self.settings
         creds = s.credentials()
@@ -129,9 +126,7 @@ class Engine:
         ar = aredis.Redis.from_url(
             s.broker_url, socket_timeout=10, socket_connect_timeout=5, socket_keepalive=True
         )
-        limits = httpx.Limits(
-            max_connections=s.concurrency, max_keepalive_connections=s.concurrency
-        )
+        limits = httpx.Limits(max_connections=s.concurrency, max_keepalive_connections=s.concurrency)
         http = httpx.AsyncClient(timeout=http_timeout(s), limits=limits)
         limiter, quota = limits_from_settings(s, ar)
         fleet = FleetControl(ar, keys, account)
@@ -139,7 +134,7 @@ class Engine:
         self._ctx = ChunkContext(
             client=AsyncClient(s.endpoint, creds, http),
             resolver=self.resolver,
-            gate=Gate(fleet=fleet, breaker=breaker, limiter=limiter, quota=quota),
+            gate=Gate(fleet=fleet, breaker=breaker, limiter=limiter, quota=quota, runs=RunSwitch(ar, keys)),
             policy=RetryPolicy.from_settings(s),
             fleet=fleet,
             breaker=breaker,

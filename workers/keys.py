@@ -81,6 +81,10 @@ class Keys:
         """Who is calling the API for one image right now (a short-lived token)."""
         return f"{self.prefix}:claim:{run_id}:{image_id}"
 
+    def run_control(self, run_id: str) -> str:
+        """``paused`` or ``cancelled`` while an operator holds the run (``workers/runswitch.py``)."""
+        return f"{self.prefix}:run:{run_id}:control"
+
     def run_events(self, run_id: str) -> str:
         """Stream of notable events (stops, quota, alerts) for operators."""
         return f"{self.prefix}:run:{run_id}:events"

@@ -259,7 +259,7 @@ class _Call:
                 if isinstance(got, Held):
                     return got.retry_s
                 self.claimed = True
-            slot = await ctx.gate.admit()
+            slot = await ctx.gate.admit(self.run_id)
         except CircuitOpen:
             return ctx.circuit_wait_s  # the service looks down: wait for the breaker's probe
         except RedisUnavailable as exc:

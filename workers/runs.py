@@ -20,7 +20,17 @@ from workers.message import Chunk
 
 __all__ = ["RunStore", "RunSummary"]
 
-STATES = ("enqueuing", "running", "paused", "stopped", "quota_exhausted", "circuit_open", "done")
+STATES = (
+    "enqueuing",
+    "running",
+    "paused",
+    "cancelled",
+    "stopped",
+    "quota_exhausted",
+    "circuit_open",
+    "redis_unavailable",
+    "done",
+)
 
 # Counter bump guarded by set membership: KEYS[1]=set KEYS[2]=hash ARGV[1]=member ARGV[2..]=field,n
 _ADD_ONCE = """
@@ -86,9 +96,7 @@ class RunStore:
         raw = self.r.hget(self.keys.run_chunks(run_id), chunk_id)
         return raw.decode() if raw is not None else None
 
-    def mark_enqueued(
-        self, run_id: str, chunk_id: str, digest: str, images: int, skipped: int = 0
-    ) -> bool:
+    def mark_enqueued(self, run_id: str, chunk_id: str, digest: str, images: int, skipped: int = 0) -> bool:
         """Count a published chunk once. Returns False if it was already counted."""
         return bool(
             self._set_once(
@@ -148,17 +156,13 @@ class RunStore:
         raw, _ = pipe.execute()
         chunks = [Chunk.from_wire(json.loads(item)) for item in raw]
         if chunks:
-            self.r.hincrby(
-                self.keys.run(run_id), "images_parked", -sum(len(c.images) for c in chunks)
-            )
+            self.r.hincrby(self.keys.run(run_id), "images_parked", -sum(len(c.images) for c in chunks))
         return chunks
 
     def set_state(self, run_id: str, state: str, **extra: Any) -> None:
         if state not in STATES:
             raise ValueError(f"unknown run state {state!r}")
-        self.r.hset(
-            self.keys.run(run_id), mapping={"state": state, "updated_at": time.time(), **extra}
-        )
+        self.r.hset(self.keys.run(run_id), mapping={"state": state, "updated_at": time.time(), **extra})
 
     def clear_stop(self, run_id: str) -> None:
         """Forget the fatal code that stopped the run (the operator fixed it and resumed)."""
