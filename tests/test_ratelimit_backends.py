@@ -410,6 +410,7 @@ def test_a_counter_that_lost_its_last_writes_is_raised_to_what_a_worker_saw(
             backend._counts[key] = 2
         else:
             await backend.client.set(key, 2)
+        backend.outages += 1  # what the crash looked like from here: a connection error
         await seen_it.reserve()  # 6 seen, so 7 now, not 3
         other = CallQuota(backend, f"{key_prefix}:quota", 8, "total")
         await other.reserve()  # 8

@@ -32,6 +32,7 @@ class MemoryBackend:
         self._tat: dict[str, int] = {}
         self._adapt: dict[str, Adapt] = {}
         self._counts: dict[str, int] = {}
+        self.outages = 0  # the Redis backend's count of connection errors; tests set it here
 
     def _now_us(self) -> int:
         return round(self._clock() * PPM)

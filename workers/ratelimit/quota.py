@@ -6,10 +6,11 @@ is atomic in the backend, so however many workers race, the window never counts 
 :class:`~workers.errors.Paused`: the image stays pending, the pipeline parks it and a later run
 resumes it). A reservation whose call was never sent is handed back with :meth:`release`.
 Windows: ``day`` (calendar day, UTC by default, from the backend's clock) or ``total``.
-Each reservation carries the highest count this worker has seen in the window, so a counter that
-went back (Redis crashed and its AOF lost the last second of increments) is raised to it before
-anything is granted: the first reservation of any worker that counted in the lost second
-restores its count, and the quota is never overrun by calls that worker knew of.
+After a connection error, the next reservation carries the highest count this worker has seen
+in the window, so a counter that went back (Redis crashed and its AOF lost the last second of
+increments) is raised to it before anything is granted: the first reservation of any worker that
+counted in the lost second restores its count, and the quota is never overrun by calls that
+worker knew of.
 See ``ops/design/rate-limit.md``.
 """
 
@@ -51,6 +52,7 @@ class CallQuota:
         self.utc_offset_s = utc_offset_s
         self._last_key: str | None = None
         self._seen: tuple[str, int] | None = None  # the highest count seen: (window key, used)
+        self._outages = 0  # the backend's outage count when _seen was last handed to it
 
     def __repr__(self) -> str:
         return f"CallQuota(key_prefix={self.key_prefix!r}, limit={self.limit}, window={self.window!r})"
@@ -61,9 +63,14 @@ class CallQuota:
         unreachable."""
         if self.limit is None:
             return
+        # Only after a connection error (Redis may have restarted and lost writes): in normal
+        # running our own releases lower the counter, and a floor would count them twice.
+        outages = getattr(self.backend, "outages", 0)
+        seen = self._seen if outages != self._outages else None
         state = await self.backend.quota_reserve(
-            self.key_prefix, self.window, self.limit, self.utc_offset_s, self._seen
+            self.key_prefix, self.window, self.limit, self.utc_offset_s, seen
         )
+        self._outages = outages
         if self._seen is None or self._seen[0] != state.window_key or state.used > self._seen[1]:
             self._seen = (state.window_key, state.used)
         if not state.granted:
@@ -79,8 +86,7 @@ class CallQuota:
         key = self._last_key
         if key is None:
             key = (await self._peek()).window_key
-        if await self.backend.quota_release(key) and self._seen is not None and self._seen[0] == key:
-            self._seen = (key, self._seen[1] - 1)
+        await self.backend.quota_release(key)
 
     async def remaining(self) -> int | None:
         """Calls left in the current window; ``None`` when there is no quota."""

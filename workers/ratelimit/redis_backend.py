@@ -51,6 +51,9 @@ class RedisBackend:
     def __init__(self, client: Redis, *, unreachable_s: float = 5.0) -> None:
         self.client = client
         self.unreachable_s = unreachable_s
+        # Connection errors seen so far: after one, Redis may have restarted and lost writes,
+        # so the quota's next reservation carries what this process had counted.
+        self.outages = 0
         self._scripts = {
             name: client.register_script((_HERE / f"{name}.lua").read_text(encoding="utf-8"))
             for name in SCRIPTS
@@ -64,6 +67,7 @@ class RedisBackend:
             try:
                 return await self._scripts[name](keys=keys, args=args)
             except (RedisConnectionError, RedisTimeoutError) as exc:
+                self.outages += 1
                 # A timed-out script may still have run: a lost slot or a leaked quota
                 # reservation, both on the safe side.
                 if loop.time() + delay_s > deadline:
