@@ -96,9 +96,7 @@ def partition_drill(args: argparse.Namespace, cut_s: float = 60.0, timeout_s: fl
                 )
             )
         started = time.monotonic()
-        result = d.enqueue(timeout_s)
-        if result.returncode != 0:
-            raise RuntimeError(f"enqueue failed: {result.stderr[-2000:]}")
+        producer = d.start_producer()
         d.wait_for("a third written", lambda s: s.written >= args.images // 3, timeout_s)
         t_cut = d.redis_time()
         cut_at = time.monotonic()
@@ -114,6 +112,8 @@ def partition_drill(args: argparse.Namespace, cut_s: float = 60.0, timeout_s: fl
         hosts.heal(0)
         print(f"  link back; {len(stranded)} chunk(s) were stranded, running on the other node after "
               f"{recovery if recovery is not None else float('nan'):.1f} s", flush=True)  # fmt: skip
+        if producer.wait(timeout_s) != 0:
+            raise RuntimeError(f"enqueue failed: {d.producer_log()}")
         d.wait_for("run finished", d.finished, timeout_s)
         total = time.monotonic() - started
         notes = {"stranded_chunks": len(stranded), "cut_node_alive": nodes[0].alive()}
