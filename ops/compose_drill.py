@@ -212,9 +212,10 @@ def build_images(env: dict[str, str], *, python: str) -> dict[str, float]:
     # gained a dependency. Without an index an existing wheelhouse is used as it is.
     log("filling ops/wheelhouse (pip wheel on the host)")
     filled = sh(["sh", "ops/images/wheelhouse.sh"], env={**env, "PYTHON": python}, timeout_s=900,
-                check=not any((ROOT / "ops" / "wheelhouse").glob("*.whl")))
+                check=not any((ROOT / "ops" / "wheelhouse").glob("*.whl")), quiet=True)
     if filled.returncode != 0:
-        log("wheelhouse.sh failed: building from the wheelhouse as it is")
+        log(f"wheelhouse.sh failed ({filled.stderr.strip().splitlines()[-1:]}): building from the "
+            "wheelhouse as it is")
     took["wheelhouse"] = time.monotonic() - t
     t = time.monotonic()
     sh(["docker", "build", "-q", "--network", "none", "--build-arg", f"BASE_IMAGE={BASE_IMAGE}",
@@ -482,6 +483,9 @@ def drill(args: argparse.Namespace) -> int:
             run_id, f"/data/input/{archive.name}", timeout_s=300, quiet=True, job=True).stdout
         counted = json.loads(counted_out.strip().splitlines()[-1])
         calls = http_json(f"{api}/__carnumber/stats")
+        final = stack.app("status", run_id, timeout_s=120).stdout.strip()
+        log(f"carnumber status (producer container): {final}")
+        figures["run_calls"] = (stack.status(run_id) or {}).get("calls", "-")
         figures.update(
             images=counted["images"], archive=counted["archive"], missing=counted["missing"],
             duplicates=counted["duplicates"], unexpected=counted["unexpected"],
@@ -520,6 +524,7 @@ def report(f: dict[str, Any], tl: Timeline) -> None:
         ("unexpected", f.get("unexpected", "-")),
         ("carnumber verify", {True: "OK", False: "MISMATCH"}.get(f.get("verify_ok"), "-")),  # type: ignore[call-overload]
         ("calls (local API, accepted)", f"{f.get('calls', '-')} ({f.get('requests', '-')} requests)"),
+        ("calls (the run's counter)", f.get("run_calls", "-")),
         ("run (enqueue to done)", s(f.get("run_s"))),
         ("recovery: kill to run done", s(tl.since("kill", "done"))),
         ("recovery: longest stall after kill",
