@@ -51,7 +51,7 @@ __all__ = [
 ]
 
 # States in which a run makes no more calls until an operator (or the nightly job) acts.
-PAUSED_STATES = ("stopped", "quota_exhausted", "circuit_open", "paused", "cancelled")
+PAUSED_STATES = ("stopped", "quota_exhausted", "circuit_open", "redis_unavailable", "paused", "cancelled")
 ENDED_STATES = ("done", *PAUSED_STATES)
 _HHMM = re.compile(r"(\d{1,2}):(\d{2})")
 _IMAGES = re.compile(r"\bimages=(\d+)")

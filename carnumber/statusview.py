@@ -26,6 +26,7 @@ _STYLE = {
     "enqueuing": "cyan",
     "quota_exhausted": "yellow",
     "circuit_open": "yellow",
+    "redis_unavailable": "yellow",
     "paused": "yellow",
     "cancelled": "magenta",
 }
@@ -166,6 +167,7 @@ def summary(f: RunFigures, watched_s: float) -> str:
         "stopped": f"stopped by {f.stop_code or 'a fatal answer'} (fix it, then carnumber resume {f.run_id})",
         "circuit_open": f"paused: the service kept failing (carnumber resume {f.run_id} once it answers)",
         "paused": f"paused (carnumber resume {f.run_id})",
+        "redis_unavailable": f"paused: Redis was out of reach too long (carnumber resume {f.run_id})",
         "cancelled": "cancelled",
     }.get(f.state, f.state)
     lines = [

@@ -231,6 +231,9 @@ def test_follow_exits_with_how_the_run_ended(
     store.set_state("q", "quota_exhausted")
     assert status_cmd.main(_args("q", "--follow", "--no-workers")) == 3
     assert "call quota spent" in capsys.readouterr().out
+    store.set_state("q", "redis_unavailable")
+    assert status_cmd.main(_args("q", "--follow", "--no-workers")) == 3
+    assert "Redis was out of reach" in capsys.readouterr().out
 
     store.create("slow", "/data/s")
     store.mark_enqueued("slow", "c0", "d0", 10)

@@ -8,7 +8,8 @@ leaves it); ``--once`` draws it once. Without a terminal: one plain line, or one
 
 ====  =====================================================================================
  0    done
- 3    paused or stopped (quota_exhausted, stopped, circuit_open, paused, cancelled): the state
+ 3    paused or stopped (quota_exhausted, stopped, circuit_open, redis_unavailable, paused,
+      cancelled): the state
       says which (``carnumber status RUN --json``)
  4    still running after ``--timeout-s``
 ====  =====================================================================================
@@ -37,7 +38,15 @@ if TYPE_CHECKING:
 
 __all__ = ["FINAL_STATES", "add_arguments", "exit_code", "follow", "line", "main", "make_view"]
 
-FINAL_STATES = ("done", "stopped", "quota_exhausted", "circuit_open", "paused", "cancelled")
+FINAL_STATES = (
+    "done",
+    "stopped",
+    "quota_exhausted",
+    "circuit_open",
+    "redis_unavailable",
+    "paused",
+    "cancelled",
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
