@@ -7,7 +7,8 @@
 #      Each is re-enqueued from its recorded source too: the producer stops feeding a paused run;
 #   3. enqueue tonight's images as run RUN_ID, follow it to the end, compact it, retry its
 #      retryable failures once, follow again, compact again, then `carnumber verify` it: every
-#      image the producer enqueued must have exactly one outcome in the output;
+#      image the producer enqueued must have exactly one outcome in the output; then print its
+#      morning report (`carnumber report`);
 #   4. the same for each run resumed in step 2 (its chunks were queued first: usually done).
 #
 # Settings come from the environment (systemd EnvironmentFile, or the crontab line):
@@ -125,6 +126,13 @@ verify() {
   esac
 }
 
+# The morning summary of run $1 in the log; a failing report never changes the job's exit code.
+report() {
+  local run="$1"
+  cn report "$run" | while IFS= read -r line; do log "$line"; done \
+    || log "carnumber report $run failed (the run itself is done)"
+}
+
 # Compact finished run $1, retry its retryable failures once, follow and compact again.
 finish() {
   local run="$1" retryable rc=0
@@ -176,6 +184,7 @@ if [[ $rc -ne 0 ]]; then exit "$rc"; fi
 finish "$RUN_ID"
 status=0
 verify "$RUN_ID" || status=$?
+report "$RUN_ID"
 
 # Runs resumed above were published first, so they are usually done by now.
 for run in "${resumed[@]}"; do
@@ -183,6 +192,7 @@ for run in "${resumed[@]}"; do
   if [[ $rc -eq 0 ]]; then
     finish "$run"
     verify "$run" || rc=$?
+    report "$run"
   fi
   if [[ $rc -ne 0 && $status -eq 0 ]]; then status=$rc; fi
 done

@@ -151,6 +151,7 @@ def test_quota_parks_the_run_and_the_next_night_resumes_it(
     assert "compacting run 2026-11-22" in second.stdout  # the resumed run is finished too
     assert "verify run night-2: OK, each of 3 enqueued images has exactly one outcome" in second.stdout
     assert "verify run 2026-11-22: OK, each of 24 enqueued images" in second.stdout
+    assert "carnumber report night-2 (done" in second.stdout  # the morning summary, in the log
     assert runs.get("2026-11-22").state == "done"  # type: ignore[union-attr]
     dataset = open_dataset(night2["CARNUMBER_OUTPUT"])
     rows2 = dataset.read_run("night-2").to_pylist()
