@@ -17,8 +17,10 @@
         ├── FleetStopped           a fatal error stopped the fleet (carries the code)
         ├── CircuitOpen            most recent calls failed: the service looks down
         ├── QuotaExhausted         the call quota for this window is spent
-        └── RedisUnavailable       the shared state cannot be reached: hold calls and wait for
-                                   it (a restart, a partition); never parked for it alone
+        ├── RedisUnavailable       the shared state cannot be reached: hold calls and wait for
+        │                          it (a restart, a partition); never parked for it alone
+        └── ChunkSuperseded        another holder of this chunk (its lease ran out here) wrote
+                                   its part: this execution writes and parks nothing
 
 Foreign exceptions (httpx, botocore, oss2) are translated where they enter; none leak upward.
 Messages never contain secrets or signed query strings. This module imports nothing of ours.
@@ -32,6 +34,7 @@ __all__ = [
     "ApiError",
     "BadImageError",
     "CarnumberError",
+    "ChunkSuperseded",
     "CircuitOpen",
     "ConfigError",
     "FatalApiError",
@@ -174,3 +177,11 @@ class RedisUnavailable(Paused):
     parking, so a Redis restart never needs an operator."""
 
     state = "redis_unavailable"
+
+
+class ChunkSuperseded(Paused):
+    """The chunk's lease ran out under this execution (a paused process, a healed partition) and
+    another holder has written its whole part since: calling on would pay twice, writing would
+    only repeat that part. The runner writes, parks and counts nothing."""
+
+    state = "superseded"

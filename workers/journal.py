@@ -42,7 +42,7 @@ if TYPE_CHECKING:
     import redis
     from redis.asyncio import Redis
 
-__all__ = ["Answer", "AnswerJournal", "Held", "MemoryJournal", "forget"]
+__all__ = ["Answer", "AnswerJournal", "Held", "MemoryJournal", "Written", "forget"]
 
 log = logging.getLogger(__name__)
 _HERE = Path(__file__).resolve().parent
@@ -73,6 +73,11 @@ class Answer:
             recognition=Recognition.from_json(rec) if rec is not None else None,
             error=doc.get("err"),
         )
+
+
+@dataclass(frozen=True, slots=True)
+class Written:
+    """Another holder of the chunk wrote its whole part already: stop, call and write nothing."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,16 +114,25 @@ class AnswerJournal:
             raise _unreachable(exc, "reading the answer journal") from None
         return {i: Answer.from_json(v) for i, v in zip(image_ids, raw, strict=True) if v is not None}
 
-    async def claim(self, run_id: str, image_id: str, token: str) -> Answer | Held | None:
-        """``None``: the caller may call now. Raises :class:`RedisUnavailable`."""
+    async def claim(
+        self, run_id: str, image_id: str, token: str, part: str = ""
+    ) -> Answer | Held | Written | None:
+        """``None``: the caller may call now. ``part``: the caller's chunk's part name (then
+        :class:`Written` when another holder wrote it). Raises :class:`RedisUnavailable`."""
         try:
             reply = await self._claim(
-                keys=[self.keys.run_answers(run_id), self.keys.claim(run_id, image_id)],
-                args=[image_id, token, self.claim_ms],
+                keys=[
+                    self.keys.run_answers(run_id),
+                    self.keys.claim(run_id, image_id),
+                    self.keys.run_done(run_id),
+                ],
+                args=[image_id, token, self.claim_ms, part],
             )
         except RedisError as exc:
             raise _unreachable(exc, "claiming an image") from None
         kind = reply[0].decode() if isinstance(reply[0], bytes) else reply[0]
+        if kind == "written":
+            return Written()
         if kind == "answer":
             return Answer.from_json(reply[1])
         if kind == "held":
@@ -159,11 +173,16 @@ class MemoryJournal:
         self.claim_s = claim_s
         self.entries: dict[tuple[str, str], Answer] = {}
         self.claims: dict[tuple[str, str], tuple[str, float]] = {}
+        self.written: set[tuple[str, str]] = set()  # (run, part name), as the runner records them
 
     async def answers(self, run_id: str, image_ids: Sequence[str]) -> dict[str, Answer]:
         return {i: self.entries[(run_id, i)] for i in image_ids if (run_id, i) in self.entries}
 
-    async def claim(self, run_id: str, image_id: str, token: str) -> Answer | Held | None:
+    async def claim(
+        self, run_id: str, image_id: str, token: str, part: str = ""
+    ) -> Answer | Held | Written | None:
+        if part and (run_id, part) in self.written:
+            return Written()
         key = (run_id, image_id)
         if key in self.entries:
             return self.entries[key]

@@ -30,6 +30,7 @@ from workers.api.response import Recognition
 from workers.errors import (
     ApiError,
     CarnumberError,
+    ChunkSuperseded,
     CircuitOpen,
     ConfigError,
     FleetStopped,
@@ -40,7 +41,7 @@ from workers.errors import (
     SlotMissed,
     TransportError,
 )
-from workers.journal import Answer, Held
+from workers.journal import Answer, Held, Written
 from workers.message import Chunk, ImageRef
 from workers.ratelimit.limiter import MAX_REBOOKS
 from workers.retry import service_ok
@@ -74,7 +75,9 @@ class Breaker(Protocol):
 
 class Journal(Protocol):
     async def answers(self, run_id: str, image_ids: Sequence[str]) -> dict[str, Answer]: ...
-    async def claim(self, run_id: str, image_id: str, token: str) -> Answer | Held | None: ...
+    async def claim(
+        self, run_id: str, image_id: str, token: str, part: str = ""
+    ) -> Answer | Held | Written | None: ...
     async def record(self, run_id: str, image_id: str, answer: Answer, token: str) -> bool: ...
     async def release(self, run_id: str, image_id: str, token: str) -> None: ...
 
@@ -135,7 +138,7 @@ async def process_chunk(chunk: Chunk, ctx: ChunkContext, priority: int = 0) -> C
 
     async def guarded(ref: ImageRef, target: Image | CarnumberError) -> _Outcome:
         try:
-            return await _one(chunk.run_id, ref, target, ctx, paused, priority, token)
+            return await _one(chunk.run_id, ref, target, ctx, paused, priority, token, chunk.part_name)
         except Exception as exc:  # a bug must cost one image, not the chunk
             log.exception("image %s crashed", ref.image_id)
             failure = Failure("local.internal", f"{type(exc).__name__}: {exc}", retryable=True)
@@ -206,6 +209,7 @@ async def _one(
     paused: asyncio.Event,
     priority: int,
     token: str,
+    part: str,
 ) -> _Outcome:
     if isinstance(target, ImageRejected):
         return _Outcome(failure_rows(run_id, ref, Failure(target.code, target.message, False), 0), 0)
@@ -214,7 +218,7 @@ async def _one(
     if isinstance(target, CarnumberError):
         code = getattr(target, "code", "local.read")
         return _Outcome(failure_rows(run_id, ref, Failure(code, str(target), True), 0), 0)
-    call = _Call(run_id, ref, ctx, token)
+    call = _Call(run_id, ref, ctx, token, part)
     try:
         return await call.run(target, paused, priority)
     finally:
@@ -230,6 +234,7 @@ class _Call:
     ref: ImageRef
     ctx: ChunkContext
     token: str
+    part: str  # the whole chunk's part name: written by another holder means stop
     attempt: int = 0
     claimed: bool = False
     recorded: bool = False
@@ -253,7 +258,12 @@ class _Call:
         ctx = self.ctx
         try:
             if ctx.journal is not None:
-                got = await ctx.journal.claim(self.run_id, self.ref.image_id, self.token)
+                got = await ctx.journal.claim(self.run_id, self.ref.image_id, self.token, self.part)
+                if isinstance(got, Written):
+                    paused.set()
+                    return _Outcome(
+                        None, self.attempt, ChunkSuperseded(f"part {self.part} written by another holder")
+                    )
                 if isinstance(got, Answer):  # another holder of this chunk got it meanwhile
                     return _Outcome(_answer_rows(self.run_id, self.ref, got), 0, journalled=True)
                 if isinstance(got, Held):
