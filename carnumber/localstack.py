@@ -66,15 +66,18 @@ def start_server(
 
 def start_worker(
     env: Mapping[str, str],
-    concurrency: int = 2,
+    concurrency: int | None = 2,
     hostname: str = "worker@%h",
     extra: Sequence[str] = (),
     via_cli: bool = False,
 ) -> Child:
     """A Celery worker child on the queue named in ``env`` (``CARNUMBER_QUEUE``), started as
-    ``celery -A workers worker`` or, with ``via_cli``, as ``carnumber worker``."""
+    ``celery -A workers worker`` or, with ``via_cli``, as ``carnumber worker`` (``concurrency``
+    None: no ``--concurrency`` flag, the command's default)."""
     queue = env.get("CARNUMBER_QUEUE", "carnumber")
-    common = ["--loglevel=WARNING", f"--concurrency={concurrency}", f"--hostname={hostname}"]
+    common = ["--loglevel=WARNING", f"--hostname={hostname}"]
+    if concurrency is not None:  # None: the worker's own default
+        common.append(f"--concurrency={concurrency}")
     if via_cli:
         argv = [sys.executable, "-m", "carnumber.cli", "worker", *common, *extra]
     else:

@@ -33,7 +33,7 @@ from ocrserver.config import ServerConfig  # noqa: E402
 from ocrserver.server import start_server  # noqa: E402
 from ocrserver.truth import make_test_image  # noqa: E402
 from workers.api.client import AsyncClient, Image  # noqa: E402
-from workers.config import Credentials  # noqa: E402
+from workers.config import Credentials, Settings  # noqa: E402
 from workers.errors import RetryableApiError  # noqa: E402
 
 
@@ -89,7 +89,7 @@ def test_default_invocation_builds_the_issue_cases() -> None:
     cases = rate_limit.build_cases(rate_limit.parse_args([]))
     assert [(c.name, c.qps) for c in cases] == [
         ("limiter", 10), ("celery rate_limit", 10), ("limiter", 50), ("celery rate_limit", 50),
-        ("limiter, 500 ms latency, 1 node, threads pool", 50),
+        ("limiter, 500 ms latency, 1 node, default pool", 50),
     ]
     fleet = cases[0].nodes
     assert [n for n, _ in fleet] == list(rate_limit.FLEET) and len({n.split("@")[1] for n, _ in fleet}) == 2
@@ -97,8 +97,9 @@ def test_default_invocation_builds_the_issue_cases() -> None:
     assert cases[1].chunk_size == 1  # Celery's rate_limit counts messages
     latency = cases[-1]
     assert len(latency.nodes) == 1 and latency.latency_ms == 500
-    # One process whose pool threads share its call slots: they alone must carry Q.
-    assert latency.pool == "threads" and latency.concurrency >= 50 * 0.5 * 1.5
+    # `carnumber worker` as it comes: its default pool and call slots alone must carry Q.
+    assert latency.pool == "default"
+    assert Settings().concurrency >= 50 * 0.5  # Little's law: Q x latency in flight
 
 
 @pytest.mark.timeout(60)

@@ -96,7 +96,9 @@ class Settings:
     output: str = "carnumber-output"
 
     chunk_size: int = 200
-    concurrency: int = 16
+    # Calls in flight per worker process: enough for Q = 50 at 500 ms per call on one host
+    # (Little's law: 25 in flight, plus room for retries and the chunk boundary).
+    concurrency: int = 32
     queue_high_water: int = 200
 
     # The group that shares one QPS limit, quota, stop flag and breaker: the main account's id or

@@ -14,19 +14,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "-c",
         "--concurrency",
         type=int,
-        help="chunks run at once: pool processes (prefork; default: CPU count) or pool threads "
-        "of one process (threads)",
+        help="chunks run at once: pool threads of one process (threads; default 2) or pool "
+        "processes (prefork; default: CPU count)",
     )
     parser.add_argument("-n", "--hostname", help="node name, e.g. worker1@%%h")
     parser.add_argument("-l", "--loglevel", default="INFO")
     parser.add_argument(
         "--pool",
-        default="prefork",
+        default="threads",
         choices=["prefork", "solo", "threads"],
-        help="prefork (default): one chunk at a time per process, a crashed process is replaced "
-        "and its chunk requeued at once. threads: the chunks of one process share its "
-        "CARNUMBER_CONCURRENCY call slots, so the next chunk's calls go out while the last "
-        "ones of the previous chunk are in flight; best for a slow API (see ops/README.md)",
+        help="threads (default): the chunks of one process share its CARNUMBER_CONCURRENCY call "
+        "slots, so the next chunk's calls go out while the last ones of the previous chunk are in "
+        "flight (full rate at a slow API); a crashed process is a dead node, whose chunks the "
+        "other nodes take over when its lease runs out. prefork: one chunk at a time per process, "
+        "a crashed pool process is replaced and its chunk requeued at once; more cores for heavy "
+        "local work (see ops/README.md)",
     )
     parser.add_argument("--max-tasks-per-child", type=int, help="recycle a process after N chunks")
 
@@ -46,8 +48,9 @@ def main(args: argparse.Namespace) -> int:
         f"--pool={args.pool}",
         f"--queues={settings.queue}",
     ]
-    if args.concurrency:
-        argv.append(f"--concurrency={args.concurrency}")
+    concurrency = args.concurrency or (2 if args.pool == "threads" else None)
+    if concurrency:
+        argv.append(f"--concurrency={concurrency}")
     if args.hostname:
         argv.append(f"--hostname={args.hostname}")
     if args.max_tasks_per_child:

@@ -122,8 +122,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--chunk-size", type=int, default=0, help="limiter mode; default Q")
     p.add_argument("--latency-qps", type=int, default=50)
     p.add_argument("--latency-ms", type=float, default=500.0)
-    p.add_argument("--latency-pool", default="threads", choices=["threads", "prefork"],
-                   help="the latency node's Celery pool (default threads: one process)")
+    p.add_argument("--latency-pool", default="default", choices=["default", "threads", "prefork"],
+                   help="the latency node's pool (default: `carnumber worker` with no flags and the "
+                        "product's default settings; threads/prefork: that pool, sized by the options below)")
     p.add_argument("--latency-processes", type=int, default=2,
                    help="the latency node's --concurrency: pool threads (or processes)")
     p.add_argument("--latency-concurrency", type=int, default=0,

@@ -65,7 +65,7 @@ class Case:
     latency_ms: float = 0.0
     label: str = ""
     guard_ms: float | None = None
-    pool: str = "prefork"  # Celery's pool for every node: prefork (processes) or threads
+    pool: str = "prefork"  # every node's pool: prefork, threads, or default (`carnumber worker` as is)
 
     @property
     def name(self) -> str:
@@ -249,6 +249,13 @@ def run_case(
         configure_celery(settings)
         names = [name for name, _ in case.nodes]
         for name, processes in case.nodes:
+            if case.pool == "default":
+                # `carnumber worker` exactly as an operator starts it: no pool, -c or concurrency.
+                defaults = {k: v for k, v in env.items() if k != "CARNUMBER_CONCURRENCY"}
+                running.workers.append(
+                    start_worker(defaults, concurrency=None, hostname=name, via_cli=True, extra=extra)
+                )
+                continue
             running.workers.append(
                 start_worker(env, concurrency=processes, hostname=name,
                              extra=[*extra, f"--pool={case.pool}"])
