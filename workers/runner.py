@@ -18,7 +18,7 @@ import redis
 
 from workers.config import Settings
 from workers.engine import Engine
-from workers.errors import ChunkSuperseded, FleetStopped
+from workers.errors import ChunkSuperseded, FleetStopped, RedisUnavailable
 from workers.journal import forget
 from workers.keys import Keys, account_tag
 from workers.message import Chunk
@@ -85,6 +85,10 @@ def execute_chunk(chunk: Chunk, rt: Runtime) -> ChunkResult:
         _mark_done_if_finished(rt, chunk.run_id)
         return ChunkResult()
     result = rt.engine.run(chunk)
+    if isinstance(result.pause, RedisUnavailable):
+        # Redis stayed away past CARNUMBER_REDIS_OUTAGE_S: nothing to park it with. The task
+        # retries the chunk later; its answers so far wait in the journal.
+        raise redis.ConnectionError(str(result.pause))
     if isinstance(result.pause, ChunkSuperseded) or rt.runs.is_written(chunk.run_id, chunk.part_name):
         # Our lease ran out while we worked (a pause, a partition) and another holder wrote the
         # whole part meanwhile: it is complete, ours adds nothing.
