@@ -420,6 +420,8 @@ def drill(args: argparse.Namespace) -> int:
             log(f"using the daemon at DOCKER_HOST={env['DOCKER_HOST']}")
         for step, took in build_images(env, python=args.python).items():
             log(f"built {step} in {took:.0f} s")
+        if daemon.pid is not None:  # the drill's own data root: drop the rebuilt images' old layers
+            sh(["docker", "image", "prune", "-f"], env=env, timeout_s=300, quiet=True)
         archive = make_archive(home, args.images, env)
         total = sum(1 for p in archive.iterdir() if p.suffix == ".jpg")
         log(f"archive {archive}: {total} images")
