@@ -32,6 +32,7 @@ from ocrserver.recognizers.base import PLATE_TYPES, DetectedPlate
 __all__ = [
     "TRUTH_KEY",
     "PlateLike",
+    "distinct_copy",
     "embed_truth",
     "make_test_image",
     "plate_from_json",
@@ -169,6 +170,20 @@ def embed_truth(image_bytes: bytes, plates: Iterable[PlateLike]) -> bytes:
                 break
         return b"\xff\xd8" + b"\xff\xfe" + struct.pack(">H", len(body) + 2) + body + rest
     raise ValueError("embed_truth supports PNG and JPEG only")
+
+
+def distinct_copy(image_bytes: bytes, n: int) -> bytes:
+    """The same picture (same pixels, same truth) with different bytes: a PNG gets a private
+    ancillary ``cnId`` chunk before ``IEND``, a JPEG a comment after ``SOI``, holding ``n``.
+    Benchmarks and drills use it to make many distinct pictures cheaply (copies of one picture
+    would be called once: the pipeline deduplicates by content)."""
+    tag = f"copy {n}".encode("ascii")
+    if image_bytes.startswith(_PNG_SIG):
+        end = image_bytes.rindex(b"IEND") - 4  # the IEND chunk's length field
+        return image_bytes[:end] + _png_chunk(b"cnId", tag) + image_bytes[end:]
+    if image_bytes.startswith(b"\xff\xd8"):
+        return image_bytes[:2] + b"\xff\xfe" + struct.pack(">H", len(tag) + 2) + tag + image_bytes[2:]
+    raise ValueError("distinct_copy: not a PNG or JPEG")
 
 
 def read_truth(image_bytes: bytes) -> list[DetectedPlate] | None:

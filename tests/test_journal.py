@@ -14,7 +14,7 @@ import pytest
 
 from ocrserver.config import ServerConfig
 from ocrserver.server import RunningServer, start_server
-from ocrserver.truth import make_test_image
+from ocrserver.truth import distinct_copy, make_test_image
 from workers.config import Settings
 from workers.errors import ChunkSuperseded
 from workers.journal import Answer, MemoryJournal
@@ -41,7 +41,7 @@ def _chunk(folder: Path, n: int = 24) -> Chunk:
     refs = []
     for i in range(n):
         path = folder / f"img-{i:03d}.png"
-        path.write_bytes(make_test_image([{"text": f"苏A{i:05d}"}] if i % 4 else []))
+        path.write_bytes(distinct_copy(make_test_image([{"text": f"苏A{i:05d}"}] if i % 4 else []), i))
         refs.append(ImageRef(path.as_uri()))
     return Chunk("j1", "0000000", tuple(refs))
 

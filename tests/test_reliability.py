@@ -29,7 +29,7 @@ from carnumber.localstack import start_worker
 from ocrserver.config import ServerConfig
 from ocrserver.faults import FaultConfig
 from ocrserver.server import RunningServer, start_server
-from ocrserver.truth import make_test_image
+from ocrserver.truth import distinct_copy, make_test_image
 from producers.enqueue import enqueue
 from workers.config import Settings
 from workers.message import Chunk, ImageRef
@@ -58,9 +58,11 @@ def _stats(server: RunningServer) -> dict[str, Any]:
 
 
 def _archive(folder: Path) -> list[ImageRef]:
-    """300 files over 30 pictures: one plate, two plates (every 10th) or none (every 15th)."""
+    """300 files over 30 pictures: one plate, two plates (every 10th) or none (every 15th); each
+    file has bytes of its own, so each is called (copies of one picture would be called once)."""
     folder.mkdir()
     refs = []
+    pool: list[bytes] = []
     for i in range(IMAGES):
         k = i % 30
         if k % 15 == 14:
@@ -69,11 +71,10 @@ def _archive(folder: Path) -> list[ImageRef]:
             plates = [{"text": f"苏E{k:05d}"}, {"text": f"浙A{k:05d}"}]
         else:
             plates = [{"text": f"苏E{k:05d}"}]
-        pool = folder / f"pool-{k:02d}.png"
         if i < 30:
-            pool.write_bytes(make_test_image(plates))
+            pool.append(make_test_image(plates))
         path = folder / f"img-{i:04d}.png"
-        path.hardlink_to(pool)
+        path.write_bytes(distinct_copy(pool[k], i))
         refs.append(ImageRef(path.as_uri()))
     return refs
 

@@ -1,21 +1,25 @@
-"""The answer journal: every paid answer is durable in Redis the moment it arrives.
+"""The answer journal: every paid answer is durable in Redis the moment it arrives, keyed by
+the picture it answers, and every copy of that picture in the run reuses it.
 
 Design note: ``ops/design/sink.md`` ("No second payment"). In short:
 
+* **Keyed by the picture.** A journal entry's field is the image's content key
+  (``workers/content.py``: SHA-256 of the bytes, or an object's ETag and size), or ``id:<image
+  id>`` when no content key is known. Byte-identical images anywhere in a run share one entry.
 * **Look up before every paid call.** A chunk first reads the answers already journalled for its
-  images (one ``HMGET``) and writes those without calling; the rest are called.
+  pictures (one ``HMGET``) and writes those without calling; only the rest are called.
 * **Claim, then call.** Right before an image's call is admitted, :meth:`AnswerJournal.claim`
-  either returns its answer (someone else got it meanwhile), grants this caller a short claim
-  (``claim_ms``, renewed on every attempt), or says another caller holds it: then this one waits
-  and asks again. Two holders of one chunk (a lease that expired under a paused process, a
-  partition that healed) therefore never pay twice for one image; a dead holder's claim simply
-  runs out.
-* **Write on every answer.** A recognition, or a terminal error the service gave for the image
-  (it was billed and will not change), goes into the run's answers hash with the claim released
-  in the same script. Retryable errors are not answers: they are tried again.
-* **Forget once durable.** After the part holding an answer is written and counted, the runner
-  deletes it (:func:`forget`): Redis holds only answers not yet in the output, so its memory stays
-  flat however long the run. The hash also expires ``ttl_s`` after its last write.
+  either returns its picture's answer (another image got it meanwhile), grants this caller a
+  short claim (``claim_ms``, renewed on every attempt), or says another caller holds it: then
+  this one waits and asks again. So copies of one picture racing on many workers make one call,
+  and two holders of one chunk (a lease that ran out under a paused process, a partition that
+  healed) never pay twice; a dead holder's claim simply runs out.
+* **Write on every answer.** A recognition, or a terminal error the service gave for the picture
+  (billed, and it will not change), goes into the run's answers hash with the claim released in
+  the same script. Retryable errors are not answers: they are tried again.
+* **Kept for the run.** The hash lives while the run does: one compact answer per distinct
+  picture (a few hundred bytes). The runner deletes it when the run is done (:func:`drop_run`);
+  it also expires ``ttl_s`` after its last write.
 
 Bound: a crash costs at most the calls in flight at that instant (sent, answer not yet back).
 """
@@ -42,7 +46,7 @@ if TYPE_CHECKING:
     import redis
     from redis.asyncio import Redis
 
-__all__ = ["Answer", "AnswerJournal", "Held", "MemoryJournal", "Written", "forget"]
+__all__ = ["Answer", "AnswerJournal", "Held", "MemoryJournal", "Written", "drop_run"]
 
 log = logging.getLogger(__name__)
 _HERE = Path(__file__).resolve().parent
@@ -55,9 +59,10 @@ class Answer:
     attempts: int
     recognition: Recognition | None = None
     error: dict[str, Any] | None = None  # code, message, retryable, status, request_id
+    by: str = ""  # the image id whose call produced it (copies of the picture reuse it)
 
     def to_json(self) -> str:
-        doc: dict[str, Any] = {"a": self.attempts}
+        doc: dict[str, Any] = {"a": self.attempts, "by": self.by}
         if self.recognition is not None:
             doc["rec"] = self.recognition.to_json()
         else:
@@ -72,6 +77,7 @@ class Answer:
             attempts=int(doc["a"]),
             recognition=Recognition.from_json(rec) if rec is not None else None,
             error=doc.get("err"),
+            by=str(doc.get("by", "")),
         )
 
 
@@ -104,18 +110,18 @@ class AnswerJournal:
         self._record = client.register_script((_HERE / "journal_record.lua").read_text())
         self._release = client.register_script((_HERE / "journal_release.lua").read_text())
 
-    async def answers(self, run_id: str, image_ids: Sequence[str]) -> dict[str, Answer]:
-        """The journalled answers among ``image_ids``. Raises :class:`RedisUnavailable`."""
-        if not image_ids:
+    async def answers(self, run_id: str, pictures: Sequence[str]) -> dict[str, Answer]:
+        """The journalled answers among ``pictures``. Raises :class:`RedisUnavailable`."""
+        if not pictures:
             return {}
         try:
-            raw = await self.client.hmget(self.keys.run_answers(run_id), list(image_ids))
+            raw = await self.client.hmget(self.keys.run_answers(run_id), list(pictures))
         except RedisError as exc:
             raise _unreachable(exc, "reading the answer journal") from None
-        return {i: Answer.from_json(v) for i, v in zip(image_ids, raw, strict=True) if v is not None}
+        return {i: Answer.from_json(v) for i, v in zip(pictures, raw, strict=True) if v is not None}
 
     async def claim(
-        self, run_id: str, image_id: str, token: str, part: str = ""
+        self, run_id: str, picture: str, token: str, part: str = ""
     ) -> Answer | Held | Written | None:
         """``None``: the caller may call now. ``part``: the caller's chunk's part name (then
         :class:`Written` when another holder wrote it). Raises :class:`RedisUnavailable`."""
@@ -123,10 +129,10 @@ class AnswerJournal:
             reply = await self._claim(
                 keys=[
                     self.keys.run_answers(run_id),
-                    self.keys.claim(run_id, image_id),
+                    self.keys.claim(run_id, picture),
                     self.keys.run_done(run_id),
                 ],
-                args=[image_id, token, self.claim_ms, part],
+                args=[picture, token, self.claim_ms, part],
             )
         except RedisError as exc:
             raise _unreachable(exc, "claiming an image") from None
@@ -140,7 +146,7 @@ class AnswerJournal:
             return Held(min(1.0, max(0.05, left_ms / 1000)))
         return None
 
-    async def record(self, run_id: str, image_id: str, answer: Answer, token: str) -> bool:
+    async def record(self, run_id: str, picture: str, answer: Answer, token: str) -> bool:
         """Journal ``answer`` and release the claim. Retries for a few seconds; returns False
         (logged) if Redis stays unreachable: the answer still reaches the part, but a crash
         before then would pay for it again."""
@@ -149,21 +155,21 @@ class AnswerJournal:
         while True:
             try:
                 await self._record(
-                    keys=[self.keys.run_answers(run_id), self.keys.claim(run_id, image_id)],
-                    args=[image_id, answer.to_json(), self.ttl_s, token],
+                    keys=[self.keys.run_answers(run_id), self.keys.claim(run_id, picture)],
+                    args=[picture, answer.to_json(), self.ttl_s, token],
                 )
                 return True
             except RedisError as exc:
                 if time.monotonic() + delay_s > deadline:
-                    log.warning("image %s: answer not journalled (%s)", image_id, type(exc).__name__)
+                    log.warning("image %s: answer not journalled (%s)", picture, type(exc).__name__)
                     return False
                 await asyncio.sleep(delay_s)
                 delay_s = min(delay_s * 2, 1.0)
 
-    async def release(self, run_id: str, image_id: str, token: str) -> None:
+    async def release(self, run_id: str, picture: str, token: str) -> None:
         """Give up a claim without an answer; best effort (an unreleased claim runs out)."""
         with contextlib.suppress(RedisError):
-            await self._release(keys=[self.keys.claim(run_id, image_id)], args=[token])
+            await self._release(keys=[self.keys.claim(run_id, picture)], args=[token])
 
 
 class MemoryJournal:
@@ -175,37 +181,36 @@ class MemoryJournal:
         self.claims: dict[tuple[str, str], tuple[str, float]] = {}
         self.written: set[tuple[str, str]] = set()  # (run, part name), as the runner records them
 
-    async def answers(self, run_id: str, image_ids: Sequence[str]) -> dict[str, Answer]:
-        return {i: self.entries[(run_id, i)] for i in image_ids if (run_id, i) in self.entries}
+    async def answers(self, run_id: str, pictures: Sequence[str]) -> dict[str, Answer]:
+        return {i: self.entries[(run_id, i)] for i in pictures if (run_id, i) in self.entries}
 
     async def claim(
-        self, run_id: str, image_id: str, token: str, part: str = ""
+        self, run_id: str, picture: str, token: str, part: str = ""
     ) -> Answer | Held | Written | None:
         if part and (run_id, part) in self.written:
             return Written()
-        key = (run_id, image_id)
-        if key in self.entries:
-            return self.entries[key]
+        slot = (run_id, picture)
+        if slot in self.entries:
+            return self.entries[slot]
         now = time.monotonic()
-        holder = self.claims.get(key)
+        holder = self.claims.get(slot)
         if holder is not None and holder[0] != token and holder[1] > now:
             return Held(min(1.0, holder[1] - now))
-        self.claims[key] = (token, now + self.claim_s)
+        self.claims[slot] = (token, now + self.claim_s)
         return None
 
-    async def record(self, run_id: str, image_id: str, answer: Answer, token: str) -> bool:
-        self.entries.setdefault((run_id, image_id), answer)
-        if self.claims.get((run_id, image_id), ("",))[0] == token:
-            del self.claims[(run_id, image_id)]
+    async def record(self, run_id: str, picture: str, answer: Answer, token: str) -> bool:
+        self.entries.setdefault((run_id, picture), answer)
+        if self.claims.get((run_id, picture), ("",))[0] == token:
+            del self.claims[(run_id, picture)]
         return True
 
-    async def release(self, run_id: str, image_id: str, token: str) -> None:
-        if self.claims.get((run_id, image_id), ("",))[0] == token:
-            del self.claims[(run_id, image_id)]
+    async def release(self, run_id: str, picture: str, token: str) -> None:
+        if self.claims.get((run_id, picture), ("",))[0] == token:
+            del self.claims[(run_id, picture)]
 
 
-def forget(client: redis.Redis, keys: Keys, run_id: str, image_ids: Sequence[str]) -> None:
-    """Drop answers whose part is written and counted (sync; the runner calls it). Raises
-    ``RedisError``; a failure only leaves answers to expire with the hash."""
-    if image_ids:
-        client.hdel(keys.run_answers(run_id), *image_ids)
+def drop_run(client: redis.Redis, keys: Keys, run_id: str) -> None:
+    """Drop a finished run's answers (sync; the runner calls it when the run is done). Raises
+    ``RedisError``; a failure only leaves them to expire with the hash."""
+    client.delete(keys.run_answers(run_id))

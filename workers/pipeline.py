@@ -74,12 +74,12 @@ class Breaker(Protocol):
 
 
 class Journal(Protocol):
-    async def answers(self, run_id: str, image_ids: Sequence[str]) -> dict[str, Answer]: ...
+    async def answers(self, run_id: str, pictures: Sequence[str]) -> dict[str, Answer]: ...
     async def claim(
-        self, run_id: str, image_id: str, token: str, part: str = ""
+        self, run_id: str, picture: str, token: str, part: str = ""
     ) -> Answer | Held | Written | None: ...
-    async def record(self, run_id: str, image_id: str, answer: Answer, token: str) -> bool: ...
-    async def release(self, run_id: str, image_id: str, token: str) -> None: ...
+    async def record(self, run_id: str, picture: str, answer: Answer, token: str) -> bool: ...
+    async def release(self, run_id: str, picture: str, token: str) -> None: ...
 
 
 @dataclass(slots=True)
@@ -123,34 +123,41 @@ async def process_chunk(chunk: Chunk, ctx: ChunkContext, priority: int = 0) -> C
     """Every image of ``chunk`` ends as rows or as pending; never lost, never twice.
     ``priority``: the chunk's place for call slots (lower first; the engine's start order)."""
     paused = asyncio.Event()
-    known, pause = await _journalled(chunk, ctx, paused)
-    if pause is not None:
-        return ChunkResult(pending=list(chunk.images), pause=pause)
-    todo = [r for r in chunk.images if r.image_id not in known]
     try:
-        resolved = await asyncio.to_thread(ctx.resolver.resolve_many, todo)
+        resolved = await asyncio.to_thread(ctx.resolver.resolve_many, list(chunk.images))
     except ConfigError as exc:
         # A missing extra, endpoint or storage credential fails every image alike: stop, don't fail.
         with contextlib.suppress(RedisUnavailable):
             await ctx.fleet.stop("local.config", str(exc), chunk.run_id)
         return ChunkResult(pending=list(chunk.images), pause=FleetStopped("local.config", str(exc)))
+    pictures = [_picture(ref, target) for ref, target in zip(chunk.images, resolved, strict=True)]
+    known, pause = await _journalled(chunk.run_id, [p for p in pictures if p], ctx, paused)
+    if pause is not None:
+        return ChunkResult(pending=list(chunk.images), pause=pause)
     token = uuid.uuid4().hex  # this execution of the chunk, as the journal's claims know it
 
-    async def guarded(ref: ImageRef, target: Image | CarnumberError) -> _Outcome:
+    async def guarded(ref: ImageRef, target: Image | CarnumberError, picture: str | None) -> _Outcome:
         try:
-            return await _one(chunk.run_id, ref, target, ctx, paused, priority, token, chunk.part_name)
+            call = _Call(chunk.run_id, ref, ctx, f"{token}:{ref.image_id}", chunk.part_name, picture)
+            return await _one(call, target, paused, priority)
         except Exception as exc:  # a bug must cost one image, not the chunk
             log.exception("image %s crashed", ref.image_id)
             failure = Failure("local.internal", f"{type(exc).__name__}: {exc}", retryable=True)
             return _Outcome(failure_rows(chunk.run_id, ref, failure, 0), 0)
 
-    called = iter(await asyncio.gather(*(guarded(r, t) for r, t in zip(todo, resolved, strict=True))))
+    todo = [
+        (ref, target, picture)
+        for ref, target, picture in zip(chunk.images, resolved, pictures, strict=True)
+        if picture not in known
+    ]
+    called = iter(await asyncio.gather(*(guarded(*job) for job in todo)))
     result = ChunkResult()
-    for ref in chunk.images:
-        answer = known.get(ref.image_id)
-        out = (
-            _Outcome(_answer_rows(chunk.run_id, ref, answer), 0, journalled=True) if answer else next(called)
-        )
+    for ref, picture in zip(chunk.images, pictures, strict=True):
+        answer = known.get(picture) if picture else None
+        if answer is not None:
+            out = _Outcome(_answer_rows(chunk.run_id, ref, answer, picture), 0, journalled=True)
+        else:
+            out = next(called)
         result.calls += out.calls
         if out.rows is None:
             result.pending.append(ref)
@@ -166,25 +173,37 @@ async def process_chunk(chunk: Chunk, ctx: ChunkContext, priority: int = 0) -> C
     return result
 
 
+def _picture(ref: ImageRef, target: Image | CarnumberError) -> str | None:
+    """The journal's key for what ``ref`` shows: its content key, else its image id; None for an
+    image that will not be called (refused locally, unreadable)."""
+    if not isinstance(target, Image):
+        return None
+    return target.content_key or f"id:{ref.image_id}"
+
+
 async def _journalled(
-    chunk: Chunk, ctx: ChunkContext, paused: asyncio.Event
+    run_id: str, pictures: list[str], ctx: ChunkContext, paused: asyncio.Event
 ) -> tuple[dict[str, Answer], Paused | None]:
-    """Answers already paid for (a redelivered or resumed chunk), waiting out a Redis outage."""
-    if ctx.journal is None:
+    """Answers already paid for (a redelivered chunk, an earlier copy of a picture), waiting
+    out a Redis outage."""
+    if ctx.journal is None or not pictures:
         return {}, None
     since = time.monotonic()
     while True:
         try:
-            return await ctx.journal.answers(chunk.run_id, [r.image_id for r in chunk.images]), None
+            return await ctx.journal.answers(run_id, pictures), None
         except RedisUnavailable as exc:
             if time.monotonic() - since > ctx.redis_outage_s:
                 return {}, exc
             await _sleep_unless_paused(ctx.circuit_wait_s, paused)
 
 
-def _answer_rows(run_id: str, ref: ImageRef, answer: Answer) -> list[dict[str, Any]]:
+def _answer_rows(run_id: str, ref: ImageRef, answer: Answer, picture: str | None) -> list[dict[str, Any]]:
+    key, by = _content_key(picture), answer.by or ref.image_id
     if answer.recognition is not None:
-        return recognition_rows(run_id, ref, answer.recognition, answer.attempts)
+        return recognition_rows(
+            run_id, ref, answer.recognition, answer.attempts, content_key=key, answered_by=by
+        )
     err = answer.error or {}
     failure = Failure(
         str(err.get("code", "local.unknown")),
@@ -193,7 +212,11 @@ def _answer_rows(run_id: str, ref: ImageRef, answer: Answer) -> list[dict[str, A
         err.get("status"),
         err.get("request_id"),
     )
-    return failure_rows(run_id, ref, failure, answer.attempts)
+    return failure_rows(run_id, ref, failure, answer.attempts, content_key=key, answered_by=by)
+
+
+def _content_key(picture: str | None) -> str | None:
+    return picture if picture and not picture.startswith("id:") else None
 
 
 async def _sleep_unless_paused(delay_s: float, paused: asyncio.Event) -> None:
@@ -201,16 +224,8 @@ async def _sleep_unless_paused(delay_s: float, paused: asyncio.Event) -> None:
         await asyncio.wait_for(paused.wait(), timeout=delay_s)
 
 
-async def _one(
-    run_id: str,
-    ref: ImageRef,
-    target: Image | CarnumberError,
-    ctx: ChunkContext,
-    paused: asyncio.Event,
-    priority: int,
-    token: str,
-    part: str,
-) -> _Outcome:
+async def _one(call: _Call, target: Image | CarnumberError, paused: asyncio.Event, priority: int) -> _Outcome:
+    run_id, ref = call.run_id, call.ref
     if isinstance(target, ImageRejected):
         return _Outcome(failure_rows(run_id, ref, Failure(target.code, target.message, False), 0), 0)
     if isinstance(target, InputError):
@@ -218,31 +233,31 @@ async def _one(
     if isinstance(target, CarnumberError):
         code = getattr(target, "code", "local.read")
         return _Outcome(failure_rows(run_id, ref, Failure(code, str(target), True), 0), 0)
-    call = _Call(run_id, ref, ctx, token, part)
     try:
         return await call.run(target, paused, priority)
     finally:
-        if call.claimed and not call.recorded and ctx.journal is not None:
-            await ctx.journal.release(run_id, ref.image_id, token)
+        if call.claimed and not call.recorded and call.ctx.journal is not None and call.picture:
+            await call.ctx.journal.release(run_id, call.picture, call.token)
 
 
 @dataclass(slots=True)
 class _Call:
-    """The attempts for one image, with its claim in the journal."""
+    """The attempts for one image, with its picture's claim in the journal."""
 
     run_id: str
     ref: ImageRef
     ctx: ChunkContext
-    token: str
+    token: str  # this image in this execution of the chunk
     part: str  # the whole chunk's part name: written by another holder means stop
+    picture: str | None  # the journal's key (``_picture``)
     attempt: int = 0
     claimed: bool = False
     recorded: bool = False
     outage_since: float | None = None  # monotonic time Redis was first found unreachable
 
     async def _paid(self, answer: Answer) -> None:
-        if self.ctx.journal is not None:
-            self.recorded = await self.ctx.journal.record(self.run_id, self.ref.image_id, answer, self.token)
+        if self.ctx.journal is not None and self.picture:
+            self.recorded = await self.ctx.journal.record(self.run_id, self.picture, answer, self.token)
 
     def _outage(self, exc: RedisUnavailable) -> _Outcome | None:
         """Wait for Redis (None), or give up after ``redis_outage_s`` (the image stays pending)."""
@@ -257,15 +272,17 @@ class _Call:
         an open circuit, Redis out of reach); or the image's outcome."""
         ctx = self.ctx
         try:
-            if ctx.journal is not None:
-                got = await ctx.journal.claim(self.run_id, self.ref.image_id, self.token, self.part)
+            if ctx.journal is not None and self.picture:
+                got = await ctx.journal.claim(self.run_id, self.picture, self.token, self.part)
                 if isinstance(got, Written):
                     paused.set()
                     return _Outcome(
                         None, self.attempt, ChunkSuperseded(f"part {self.part} written by another holder")
                     )
                 if isinstance(got, Answer):  # another holder of this chunk got it meanwhile
-                    return _Outcome(_answer_rows(self.run_id, self.ref, got), 0, journalled=True)
+                    return _Outcome(
+                        _answer_rows(self.run_id, self.ref, got, self.picture), 0, journalled=True
+                    )
                 if isinstance(got, Held):
                     return got.retry_s
                 self.claimed = True
@@ -317,12 +334,15 @@ class _Call:
                         error = exc
                     else:
                         self.attempt += 1
-                        await self._paid(Answer(self.attempt, recognition=rec))
+                        await self._paid(Answer(self.attempt, recognition=rec, by=ref.image_id))
                         with contextlib.suppress(RedisUnavailable):
                             await ctx.breaker.record(True)
                         if ctx.on_call:
                             ctx.on_call("ok", time.monotonic() - sent)
-                        return _Outcome(recognition_rows(run_id, ref, rec, self.attempt), self.attempt)
+                        rows = recognition_rows(
+                            run_id, ref, rec, self.attempt, content_key=_content_key(self.picture)
+                        )
+                        return _Outcome(rows, self.attempt)
             if error is None:
                 await _sleep_unless_paused(wait_s, paused)
                 continue
@@ -353,10 +373,15 @@ class _Call:
                 getattr(error, "status", None),
                 getattr(error, "request_id", None),
             )
+            by: str | None = None
             if isinstance(error, ApiError) and not decision.retryable:
                 # The service's own verdict on this picture: paid for, and it will not change.
-                await self._paid(Answer(self.attempt, error=_error_doc(failure)))
-            return _Outcome(failure_rows(run_id, ref, failure, self.attempt), self.attempt)
+                await self._paid(Answer(self.attempt, error=_error_doc(failure), by=ref.image_id))
+                by = ref.image_id
+            rows = failure_rows(
+                run_id, ref, failure, self.attempt, content_key=_content_key(self.picture), answered_by=by
+            )
+            return _Outcome(rows, self.attempt)
         if error.code.startswith("Throttling"):
             with contextlib.suppress(RedisUnavailable):
                 await ctx.gate.limiter.on_throttled()

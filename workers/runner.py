@@ -3,10 +3,10 @@
 :class:`Runtime` is built once per worker process (settings, Redis, output dataset, and the
 :class:`~workers.engine.Engine` that runs chunks on one long-lived event loop); :func:`execute_chunk`
 is what the Celery task calls, from any pool thread, and what tests call without Celery.
-Order matters for exactly-once rows: write the part (atomic rename) → count it → forget its
-journalled answers → park what is pending → return (the task acks). A crash anywhere before the
-ack redelivers the same message: a part already counted is not written again, and one not yet
-written is rebuilt from the journal without paying for its answers twice.
+Order matters for exactly-once rows: write the part (atomic rename) → count it → park what is
+pending → return (the task acks). A crash anywhere before the ack redelivers the same message: a
+part already counted is not written again, and one not yet written is rebuilt from the journal
+without paying for its answers twice. When the run is done its journal is dropped.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import redis
 from workers.config import Settings
 from workers.engine import Engine
 from workers.errors import ChunkSuperseded, FleetStopped, RedisUnavailable
-from workers.journal import forget
+from workers.journal import drop_run
 from workers.keys import Keys, account_tag
 from workers.message import Chunk
 from workers.metrics import CallCounter
@@ -106,7 +106,6 @@ def execute_chunk(chunk: Chunk, rt: Runtime) -> ChunkResult:
         rt.runs.mark_written(
             chunk.run_id, written.part_name, done, result.failed, result.plates, result.calls
         )
-        forget(rt.redis, rt.keys, chunk.run_id, [r.image_id for r in written.images])
     if result.pending:
         reason = result.pause.state if result.pause is not None else "paused"
         remainder = Chunk(chunk.run_id, chunk.chunk_id, tuple(result.pending))
@@ -129,3 +128,4 @@ def _mark_done_if_finished(rt: Runtime, run_id: str) -> None:
     summary = rt.runs.get(run_id)
     if summary and summary.state == "running" and summary.outstanding == 0 and summary.parked == 0:
         rt.runs.set_state(run_id, "done")
+        drop_run(rt.redis, rt.keys, run_id)  # every answer is in the output now

@@ -24,7 +24,7 @@ import httpx
 from carnumber.commands.common import configure_celery, connect_redis, run_store
 from carnumber.embedded_redis import EmbeddedRedis
 from carnumber.localstack import start_server, start_worker
-from ocrserver.truth import make_test_image
+from ocrserver.truth import distinct_copy, make_test_image
 from workers.api.client import AsyncClient, Image
 from workers.config import Credentials, Settings
 
@@ -32,7 +32,8 @@ KEY_ID, SECRET = "benchid", "benchsecret"
 
 
 def make_archive(folder: Path, n: int, distinct: int = 200) -> list[bytes]:
-    """``n`` image files (hard links over ``distinct`` different images, each with a plate)."""
+    """``n`` image files over ``distinct`` pictures, each with a plate and bytes of its own
+    (``distinct_copy``: copies of one picture would be called once)."""
     folder.mkdir(parents=True)
     pool = []
     for i in range(distinct):
@@ -41,7 +42,7 @@ def make_archive(folder: Path, n: int, distinct: int = 200) -> list[bytes]:
         path.write_bytes(data)
         pool.append(data)
     for i in range(n - distinct):
-        os.link(folder / f"pool-{i % distinct:04d}.png", folder / f"img-{i:07d}.png")
+        (folder / f"img-{i:07d}.png").write_bytes(distinct_copy(pool[i % distinct], i))
     return pool
 
 

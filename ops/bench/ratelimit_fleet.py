@@ -35,7 +35,7 @@ from carnumber.commands.common import configure_celery, run_store
 from carnumber.localstack import Child, start_worker
 from ocrserver.config import ServerConfig
 from ocrserver.server import RunningServer, start_server
-from ocrserver.truth import make_test_image
+from ocrserver.truth import distinct_copy, make_test_image
 from workers.config import Settings
 
 __all__ = ["KEY_ID", "Case", "make_archive", "run_case"]
@@ -80,13 +80,14 @@ class _Running:
 
 
 def make_archive(folder: Path, n: int, distinct: int = 100) -> None:
-    """``n`` PNG files with one plate each: ``distinct`` real images and hard links to them."""
+    """``n`` PNG files with one plate each over ``distinct`` pictures, each file with bytes of its
+    own (``distinct_copy``: copies of one picture would be called once)."""
     folder.mkdir(parents=True)
-    for i in range(min(n, distinct)):
-        data = make_test_image([{"text": f"苏E{i:05d}", "type": "小型汽车"}])
+    pool = [make_test_image([{"text": f"苏E{i:05d}", "type": "小型汽车"}]) for i in range(min(n, distinct))]
+    for i, data in enumerate(pool):
         (folder / f"pool-{i:04d}.png").write_bytes(data)
     for i in range(max(0, n - distinct)):
-        os.link(folder / f"pool-{i % distinct:04d}.png", folder / f"img-{i:07d}.png")
+        (folder / f"img-{i:07d}.png").write_bytes(distinct_copy(pool[i % len(pool)], i))
 
 
 def _settings(case: Case, server_url: str, redis_url: str, work: Path) -> tuple[Settings, dict[str, str]]:

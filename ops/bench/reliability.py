@@ -49,7 +49,7 @@ import redis
 from carnumber.embedded_redis import EmbeddedRedis
 from carnumber.localstack import Child, start_server, start_worker
 from ocrserver.server import ServerProcess
-from ocrserver.truth import make_test_image
+from ocrserver.truth import distinct_copy, make_test_image
 from workers.config import Settings
 from workers.keys import Keys
 from workers.runs import RunStore, RunSummary
@@ -63,10 +63,12 @@ WRONG_SECRET = "not-the-secret-9876543210"
 
 # --- inputs ------------------------------------------------------------------------------------
 def make_archive(folder: Path, n: int, distinct: int = 200) -> None:
-    """``n`` image files, hard links over ``distinct`` pictures: most with one plate, every 10th
-    with two (so ``plate_index`` matters for duplicates), every 25th with none."""
+    """``n`` image files over ``distinct`` pictures: most with one plate, every 10th with two (so
+    ``plate_index`` matters for duplicates), every 25th with none. Each file has bytes of its own
+    (``distinct_copy``): copies of one picture would be called once."""
     folder.mkdir(parents=True)
     distinct = max(1, min(distinct, n))
+    pool: list[bytes] = []
     for i in range(distinct):
         if i % 25 == 24:
             plates: list[dict[str, str]] = []
@@ -74,9 +76,10 @@ def make_archive(folder: Path, n: int, distinct: int = 200) -> None:
             plates = [{"text": f"苏E{i:05d}"}, {"text": f"浙A{i:05d}"}]
         else:
             plates = [{"text": f"苏E{i:05d}", "type": "小型汽车"}]
-        (folder / f"pool-{i:04d}.png").write_bytes(make_test_image(plates))
+        pool.append(make_test_image(plates))
+        (folder / f"pool-{i:04d}.png").write_bytes(pool[-1])
     for i in range(n - distinct):
-        os.link(folder / f"pool-{i % distinct:04d}.png", folder / f"img-{i:07d}.png")
+        (folder / f"img-{i:07d}.png").write_bytes(distinct_copy(pool[i % distinct], i))
 
 
 # --- checks over the output --------------------------------------------------------------------

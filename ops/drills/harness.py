@@ -29,7 +29,7 @@ import redis
 
 from carnumber.embedded_redis import redis_server_binary
 from ocrserver.server import ServerProcess, spawn_server
-from ocrserver.truth import make_test_image
+from ocrserver.truth import distinct_copy, make_test_image
 from workers.keys import Keys
 from workers.runs import RunStore, RunSummary
 from workers.sink.compact import compact_run
@@ -48,10 +48,12 @@ def _free_port() -> int:
 
 
 def make_archive(folder: Path, n: int, distinct: int = 200) -> None:
-    """``n`` files, hard links over ``distinct`` rendered pictures (one plate, two every 10th,
-    none every 25th): the replay recognizer reads the truth each picture carries."""
+    """``n`` files over ``distinct`` rendered pictures (one plate, two every 10th, none every
+    25th), each file with bytes of its own (``distinct_copy``: copies of one picture would be
+    called once); the replay recognizer reads the truth each picture carries."""
     folder.mkdir(parents=True, exist_ok=True)
     distinct = max(1, min(distinct, n))
+    pool: list[bytes] = []
     for i in range(distinct):
         if i % 25 == 24:
             plates: list[dict[str, str]] = []
@@ -59,9 +61,10 @@ def make_archive(folder: Path, n: int, distinct: int = 200) -> None:
             plates = [{"text": f"苏E{i:05d}"}, {"text": f"浙A{i:05d}"}]
         else:
             plates = [{"text": f"苏E{i:05d}", "type": "小型汽车"}]
-        (folder / f"pool-{i:04d}.png").write_bytes(make_test_image(plates))
+        pool.append(make_test_image(plates))
+        (folder / f"pool-{i:04d}.png").write_bytes(pool[-1])
     for i in range(n - distinct):
-        os.link(folder / f"pool-{i % distinct:04d}.png", folder / f"img-{i:07d}.png")
+        (folder / f"img-{i:07d}.png").write_bytes(distinct_copy(pool[i % distinct], i))
 
 
 class DrillRedis:

@@ -17,7 +17,7 @@ import math
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -57,10 +57,12 @@ USER_AGENT = "carnumber/0.1 (+https://github.com/; ACS3)"
 
 @dataclass(frozen=True, slots=True)
 class Image:
-    """Exactly one of ``url`` (the service fetches it) or ``body`` (raw image bytes)."""
+    """Exactly one of ``url`` (the service fetches it) or ``body`` (raw image bytes).
+    ``content_key``: what identifies the picture itself (``workers/content.py``), when known."""
 
     url: str | None = None
     body: bytes | None = None
+    content_key: str | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if (self.url is None) == (self.body is None):

@@ -24,7 +24,14 @@ class Failure:
     request_id: str | None = None
 
 
-def _base(run_id: str, ref: ImageRef, attempts: int, now: datetime | None) -> dict[str, Any]:
+def _base(
+    run_id: str,
+    ref: ImageRef,
+    attempts: int,
+    now: datetime | None,
+    content_key: str | None,
+    answered_by: str | None,
+) -> dict[str, Any]:
     return {
         "run_id": run_id,
         "image_id": ref.image_id,
@@ -32,14 +39,24 @@ def _base(run_id: str, ref: ImageRef, attempts: int, now: datetime | None) -> di
         "meta": list(ref.meta.items()) or None,
         "attempts": attempts,
         "processed_at": now or datetime.now(UTC),
+        "content_key": content_key,
+        "answered_by": answered_by,
     }
 
 
 def recognition_rows(
-    run_id: str, ref: ImageRef, rec: Recognition, attempts: int, now: datetime | None = None
+    run_id: str,
+    ref: ImageRef,
+    rec: Recognition,
+    attempts: int,
+    now: datetime | None = None,
+    *,
+    content_key: str | None = None,
+    answered_by: str | None = None,
 ) -> list[dict[str, Any]]:
-    """One row per plate, or one ``no_plate`` row."""
-    base = _base(run_id, ref, attempts, now)
+    """One row per plate, or one ``no_plate`` row. ``answered_by``: the image whose call
+    answered (default: this one)."""
+    base = _base(run_id, ref, attempts, now, content_key, answered_by or ref.image_id)
     sizes = {
         "width": rec.width,
         "height": rec.height,
@@ -66,12 +83,20 @@ def recognition_rows(
 
 
 def failure_rows(
-    run_id: str, ref: ImageRef, failure: Failure, attempts: int, now: datetime | None = None
+    run_id: str,
+    ref: ImageRef,
+    failure: Failure,
+    attempts: int,
+    now: datetime | None = None,
+    *,
+    content_key: str | None = None,
+    answered_by: str | None = None,
 ) -> list[dict[str, Any]]:
-    """The single ``failed`` row of an image; the message is cut to 500 characters."""
+    """The single ``failed`` row of an image; the message is cut to 500 characters.
+    ``answered_by``: set when the service gave this failure (a call was made)."""
     return [
         {
-            **_base(run_id, ref, attempts, now),
+            **_base(run_id, ref, attempts, now, content_key, answered_by),
             "status": STATUS_FAILED,
             "error_code": failure.code,
             "error_message": failure.message[:500],

@@ -12,7 +12,7 @@ import pyarrow as pa
 
 __all__ = ["POLYGON", "SCHEMA", "SCHEMA_VERSION", "STATUS_FAILED", "STATUS_NO_PLATE", "STATUS_OK"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: content_key, answered_by
 STATUS_OK = "ok"
 STATUS_NO_PLATE = "no_plate"
 STATUS_FAILED = "failed"
@@ -41,6 +41,11 @@ SCHEMA = pa.schema(
         pa.field("error_message", pa.string()),
         pa.field("retryable", pa.bool_()),  # a failed row that a later retry may fix
         pa.field("attempts", pa.int16(), nullable=False),  # calls made for this image
+        # What identifies the picture itself (workers/content.py); null when unknown.
+        pa.field("content_key", pa.string()),
+        # The image whose call produced this answer: itself, or an earlier copy of the same
+        # picture in the run (that call answered both). Null for a failure refused locally.
+        pa.field("answered_by", pa.string()),
         pa.field("processed_at", pa.timestamp("ms", tz="UTC"), nullable=False),
     ],
     metadata={b"carnumber.schema_version": str(SCHEMA_VERSION).encode()},

@@ -30,6 +30,7 @@ import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
+from workers import content
 from workers.api.client import Image
 from workers.config import Settings
 from workers.errors import CarnumberError, ConfigError, ImageRejected, InputError, TransportError
@@ -150,10 +151,11 @@ class Resolver:
 
     def _bytes_image(self, data: bytes) -> Image:
         info = check_image(data)
+        key = content.of_bytes(data)  # the picture as stored, before any re-encoding
         threshold = self.settings.reencode_above_bytes
         if threshold is not None and len(data) > threshold:
             data = maybe_reencode(data, info, threshold)
-        return Image(body=data)
+        return Image(body=data, content_key=key)
 
     def _safe_bytes_image(self, data: bytes) -> Image | CarnumberError:
         try:
@@ -190,11 +192,16 @@ class Resolver:
         mode = self.settings.s3_mode if loc.kind == "s3" else self.settings.oss_mode
         try:
             if mode == "url":
-                data = precheck_object(store, loc.bucket, loc.key)
+                reads: list[RangeRead] = []
+                data = precheck_object(store, loc.bucket, loc.key, on_read=reads.append)
                 url = store.presign(loc.bucket, loc.key, self.settings.signed_url_ttl_s)
                 try:
                     check_url(url)
-                    return Image(url=url)
+                    if data is not None:
+                        key = content.of_bytes(data)
+                    else:
+                        key = content.of_object(reads[0].etag, reads[0].size) if reads else None
+                    return Image(url=url, content_key=key)
                 except ImageRejected:
                     pass  # too long to pass by URL: send the bytes instead
                 if data is not None:
