@@ -96,7 +96,7 @@ def test_every_carnumber_command_parses_with_the_real_cli() -> None:
         args = parser.parse_args(argv)
         assert args.command == command, (name, argv)
     worker = parser.parse_args(_carnumber_argv(SERVICES["worker"]))
-    assert (worker.concurrency, worker.pool) == (2, "prefork")
+    assert (worker.concurrency, worker.pool) == (2, "threads")
     metrics = parser.parse_args(_carnumber_argv(SERVICES["metrics"]))
     assert (metrics.addr, metrics.port) == ("0.0.0.0", 9808)
 

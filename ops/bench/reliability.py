@@ -76,7 +76,7 @@ def make_archive(folder: Path, n: int, distinct: int = 200) -> None:
             plates = [{"text": f"苏E{i:05d}"}, {"text": f"浙A{i:05d}"}]
         else:
             plates = [{"text": f"苏E{i:05d}", "type": "小型汽车"}]
-        pool.append(make_test_image(plates))
+        pool.append(distinct_copy(make_test_image(plates), -1 - i))  # plate-less ones alike too
         (folder / f"pool-{i:04d}.png").write_bytes(pool[-1])
     for i in range(n - distinct):
         (folder / f"img-{i:07d}.png").write_bytes(distinct_copy(pool[i % distinct], i))
