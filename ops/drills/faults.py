@@ -201,7 +201,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if all(r.ok for r in results) else 1
 
 
+def _interrupt(*_: object) -> None:
+    raise KeyboardInterrupt  # a SIGTERM ends the drill through its finally blocks (children stopped)
+
+
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, _interrupt)
     with contextlib.suppress(KeyboardInterrupt):
         sys.exit(main())
     os._exit(130)
