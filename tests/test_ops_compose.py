@@ -55,7 +55,16 @@ def _carnumber_argv(service: dict) -> list[str]:
 
 
 def test_services_and_profiles() -> None:
-    assert set(SERVICES) == {"redis", "worker", "flower", "metrics", "prometheus", "localapi", "producer"}
+    assert set(SERVICES) == {
+        "redis",
+        "worker",
+        "flower",
+        "metrics",
+        "prometheus",
+        "grafana",
+        "localapi",
+        "producer",
+    }
     profiles = {name: s.get("profiles") for name, s in SERVICES.items()}
     assert profiles == {
         "redis": None,
@@ -63,11 +72,17 @@ def test_services_and_profiles() -> None:
         "flower": None,
         "metrics": None,
         "prometheus": ["monitoring"],
+        "grafana": ["monitoring"],
         "localapi": ["local"],
         "producer": ["job"],
     }
     assert SERVICES["redis"]["image"] == "${REDIS_IMAGE:-redis:7}"
     assert SERVICES["prometheus"]["image"] == "${PROMETHEUS_IMAGE:-prom/prometheus:v2.53.0}"
+    assert SERVICES["grafana"]["image"] == "${GRAFANA_IMAGE:-grafana/grafana:11.1.0}"
+    # Grafana gets the dashboard and its provisioning from ops/grafana/, read-only.
+    mounts = SERVICES["grafana"]["volumes"]
+    assert "./ops/grafana/provisioning:/etc/grafana/provisioning:ro" in mounts
+    assert "./ops/grafana/dashboards:/etc/grafana/dashboards:ro" in mounts
     assert SERVICES["producer"]["restart"] == "no"
 
 
@@ -183,7 +198,10 @@ def test_every_image_is_buildable_here_or_overridable() -> None:
 def test_redis_entrypoint_runs_anything_else_as_given(tmp_path: Path) -> None:
     done = subprocess.run(
         ["sh", str(OPS / "images" / "redis-entrypoint.sh"), "echo", "as given"],
-        capture_output=True, text=True, timeout=10, cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=10,
+        cwd=tmp_path,
     )
     assert (done.returncode, done.stdout) == (0, "as given\n"), done.stderr
 
@@ -203,8 +221,11 @@ def test_local_env_file_is_cloud_free_and_holds_no_secret() -> None:
 
 def test_env_examples_name_only_known_variables() -> None:
     ops_only = {
-        "CARNUMBER_WORKER_POOL", "CARNUMBER_WORKER_PROCESSES", "CARNUMBER_SERVER_KEYS",
-        "REDIS_PASSWORD", "FLOWER_BASIC_AUTH",
+        "CARNUMBER_WORKER_POOL",
+        "CARNUMBER_WORKER_PROCESSES",
+        "CARNUMBER_SERVER_KEYS",
+        "REDIS_PASSWORD",
+        "FLOWER_BASIC_AUTH",
     }
     for path in (ENV_EXAMPLE, LOCAL_ENV):
         names = set(re.findall(r"^#? ?([A-Z][A-Z0-9_]+)=", path.read_text(), re.MULTILINE))
@@ -284,7 +305,11 @@ def _fresh_checkout(dest: Path) -> Path:
     no ./input, no env file in /etc."""
     listed = subprocess.run(
         ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-        cwd=ROOT, capture_output=True, text=True, timeout=60, check=True,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
     ).stdout.split("\0")
     for name in filter(None, listed):
         src = ROOT / name
@@ -310,7 +335,8 @@ def test_compose_config_passes_on_a_fresh_checkout_for_every_profile(tmp_path: P
     checkout = _fresh_checkout(tmp_path / "clone")
     # Nothing from the caller's shell: no CARNUMBER_ENV_FILE, no image or port overrides.
     env = {
-        k: v for k, v in os.environ.items()
+        k: v
+        for k, v in os.environ.items()
         if not k.startswith(("CARNUMBER_", "COMPOSE_", "REDIS_", "FLOWER_", "METRICS_", "PROMETHEUS_"))
     }
     for cli in _compose_clis():
@@ -319,7 +345,11 @@ def test_compose_config_passes_on_a_fresh_checkout_for_every_profile(tmp_path: P
             for files in ([], ["-f", "docker-compose.yml", "-f", "ops/compose.drill.yml"]):
                 done = subprocess.run(
                     [*cli, *files, *flags, "config"],
-                    cwd=checkout, env=env, capture_output=True, text=True, timeout=60,
+                    cwd=checkout,
+                    env=env,
+                    capture_output=True,
+                    text=True,
+                    timeout=60,
                 )
                 assert done.returncode == 0, (cli, profiles, files, done.stderr)
                 config = yaml.safe_load(done.stdout)
@@ -329,7 +359,7 @@ def test_compose_config_passes_on_a_fresh_checkout_for_every_profile(tmp_path: P
                     for port in service.get("ports", []):  # v1 prints strings, v2 mappings
                         host_ip = port.split(":")[0] if isinstance(port, str) else port["host_ip"]
                         assert host_ip == "127.0.0.1", port
-                    if name != "prometheus":  # the env file, read in (ops/compose.local.env)
+                    if name not in ("prometheus", "grafana"):  # the env file, read in (ops/compose.local.env)
                         assert service["environment"]["REDIS_URL"] == "redis://redis:6379/0", name
                 if files:
                     assert config["networks"]["default"]["internal"] is True
