@@ -116,6 +116,7 @@ def _run(env: dict[str, str], run_id: str, archive: Path, timeout_s: float) -> s
 
     from carnumber.commands.common import configure_celery, connect_redis, run_store
     from carnumber.commands.status import follow
+    from carnumber.progress import Progress
     from producers.enqueue import enqueue_to_broker
     from producers.enqueued import recorder
     from producers.sources import open_source
@@ -140,7 +141,15 @@ def _run(env: dict[str, str], run_id: str, archive: Path, timeout_s: float) -> s
     )
     runs.set_state(run_id, "running")
     log = io.StringIO()
-    status = follow(runs, run_id, out=log, interval_s=0.5, timeout_s=timeout_s)
+    with Progress(f"demo run {run_id}", total=report.images_enqueued, unit="images", every_s=10) as bar:
+        status = follow(
+            runs,
+            run_id,
+            out=log,
+            interval_s=0.5,
+            timeout_s=timeout_s,
+            on_update=lambda s: bar.update(completed=s.written, failed=int(s.fields.get("images_failed", 0))),
+        )
     elapsed = time.monotonic() - started
     if status != 0:
         raise CarnumberError(f"run {run_id} did not finish: {log.getvalue().splitlines()[-1]}")

@@ -24,13 +24,14 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, TextIO
 
 import redis
 
 from carnumber.commands.common import configure_celery, connect_redis, run_store, settings_from
 from workers.errors import InputError
-from workers.runs import RunStore
+from workers.runs import RunStore, RunSummary
 
 if TYPE_CHECKING:
     from carnumber.runview import RunFigures, RunView
@@ -92,13 +93,16 @@ def follow(
     out: TextIO,
     interval_s: float = 2.0,
     timeout_s: float | None = None,
+    on_update: Callable[[RunSummary], None] | None = None,
 ) -> int:
     """Print :func:`line` every ``interval_s`` until the run is done (0), paused or stopped (3),
-    or ``timeout_s`` passed (4)."""
+    or ``timeout_s`` passed (4); ``on_update`` sees each reading (a progress bar)."""
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     while True:
         s = runs.get(run_id)
         print(line(runs, run_id), file=out, flush=True)
+        if s is not None and on_update is not None:
+            on_update(s)
         if s is not None and s.state in FINAL_STATES and (s.state != "done" or s.outstanding == 0):
             return exit_code(s.state)
         if deadline is not None and time.monotonic() > deadline:
