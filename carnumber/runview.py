@@ -36,7 +36,7 @@ from carnumber.monitor import AccountSnapshot, Monitor, Snapshot
 from workers.config import Settings
 from workers.errors import ConfigError
 from workers.keys import Keys
-from workers.metrics import CallStats, read_call_stats
+from workers.metrics import CallStats, read_call_stats, read_in_flight
 from workers.runs import RunSummary
 
 __all__ = [
@@ -186,6 +186,7 @@ class RunFigures:
     workers: tuple[str, ...] | None
     chunks_running: int | None
     images_running: int | None
+    calls_in_flight: int | None  # over every worker process of the account that reports
     price_per_1000_calls: float | None
     cost: float | None
     cost_projected: float | None
@@ -341,6 +342,7 @@ class RunView:
             workers=info.nodes if info else None,
             chunks_running=info.chunks_running if info else None,
             images_running=info.images_running if info else None,
+            calls_in_flight=self._in_flight(accounts, now),
             price_per_1000_calls=price,
             cost=cost,
             cost_projected=projected,
@@ -365,6 +367,13 @@ class RunView:
             calls += current.calls + previous.calls * weight
             throttled += _throttled(current) + _throttled(previous) * weight
         return calls / span_s, round(throttled)
+
+    def _in_flight(self, accounts: list[AccountSnapshot], now: float) -> int | None:
+        """Calls the account's worker processes have in flight (their call slots in use)."""
+        try:
+            return sum(read_in_flight(self.r, self.keys, a.account, now)[0] for a in accounts)
+        except redis.RedisError:
+            return None
 
     def _deadline(self, fields: Mapping[str, str], created: float) -> float | None:
         if fields.get("deadline"):

@@ -91,6 +91,8 @@ def _workers(f: RunFigures) -> str:
         return "none answering"
     names = ", ".join(f.workers[:4]) + (f" +{len(f.workers) - 4}" if len(f.workers) > 4 else "")
     running = f"{f.chunks_running} chunks / {f.images_running} images of this run in progress"
+    if f.calls_in_flight is not None:
+        running += f"; {f.calls_in_flight} calls in flight"
     return f"{len(f.workers)} alive ({names}); {running}"
 
 
@@ -154,6 +156,8 @@ def plain_line(f: RunFigures) -> str:
         parts.append("on_time=yes" if f.on_time else "on_time=NO")
     if f.workers is not None:
         parts.append(f"workers={len(f.workers)}")
+    if f.calls_in_flight is not None:
+        parts.append(f"in_flight={f.calls_in_flight}")
     if f.cost is not None:
         parts.append(f"cost={f.cost:.2f}/{(f.cost_projected or 0):.2f}")
     return " ".join(parts)

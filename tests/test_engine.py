@@ -18,7 +18,9 @@ from ocrserver.recognizers.replay import ReplayRecognizer
 from ocrserver.server import RunningServer, start_server
 from ocrserver.truth import make_test_image
 from workers.config import Settings
+from workers.keys import Keys, account_tag
 from workers.message import Chunk, ImageRef
+from workers.metrics import read_in_flight, write_in_flight
 from workers.runner import Runtime, execute_chunk
 
 CONCURRENCY = 3
@@ -102,6 +104,13 @@ def test_chunks_from_two_threads_share_the_slots_and_overlap(
         threads[0].start()
         time.sleep(0.1)  # the first chunk's images queue for the slots first
         threads[1].start()
+        # Each process reports the calls it has in flight, for `carnumber status`.
+        deadline = time.monotonic() + 5
+        in_flight = (0, 0)
+        while in_flight[0] == 0 and time.monotonic() < deadline:
+            in_flight = read_in_flight(rt.redis, Keys(key_prefix), account_tag("engid"))
+            time.sleep(0.1)
+        assert 0 < in_flight[0] <= CONCURRENCY and in_flight[1] == 1
         for t in threads:
             t.join(30)
         rows = rt.dataset.read_run("eng").to_pylist()
@@ -115,3 +124,11 @@ def test_chunks_from_two_threads_share_the_slots_and_overlap(
     second_starts = min(start for text, (start, _) in spans.items() if text.startswith("沪B"))
     # The second chunk's first call left while the first chunk's last calls were in flight.
     assert second_starts < first_ends - LATENCY_S / 2
+
+
+def test_in_flight_counts_only_processes_that_reported_lately(redis_client, key_prefix: str) -> None:  # type: ignore[no-untyped-def]
+    keys = Keys(key_prefix)
+    write_in_flight(redis_client, keys, "acct", "host-a:1", 7, now_s=1000.0)
+    write_in_flight(redis_client, keys, "acct", "host-b:2", 5, now_s=1009.0)
+    write_in_flight(redis_client, keys, "acct", "host-c:3", 9, now_s=980.0)  # gone: stopped reporting
+    assert read_in_flight(redis_client, keys, "acct", now_s=1010.0) == (12, 2)

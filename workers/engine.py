@@ -25,10 +25,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import socket
 import threading
+import time
 from typing import Any
 
 import httpx
+import redis
 import redis.asyncio as aredis
 
 from workers.admission import Gate
@@ -36,7 +40,7 @@ from workers.api.client import AsyncClient, http_timeout
 from workers.config import Settings
 from workers.keys import Keys, account_tag
 from workers.message import Chunk
-from workers.metrics import CallCounter
+from workers.metrics import CallCounter, write_in_flight
 from workers.pipeline import ChunkContext, ChunkResult, Resolver, process_chunk
 from workers.slots import Slots
 
@@ -149,14 +153,26 @@ class Engine:
         return self._ctx
 
     async def _flush_every(self, counter: CallCounter) -> None:
+        process = f"{socket.gethostname()}:{os.getpid()}"
         while True:
             await asyncio.sleep(counter.flush_s)
             await asyncio.to_thread(counter.flush)
+            slots = self._ctx.slots if self._ctx is not None else None
+            if slots is not None:  # for `carnumber status`: this process's calls in flight
+                await asyncio.to_thread(self._write_in_flight, counter, process, slots.in_use)
+
+    @staticmethod
+    def _write_in_flight(counter: CallCounter, process: str, calls: int) -> None:
+        try:
+            write_in_flight(counter.r, counter.keys, counter.account, process, calls, time.time())
+        except (redis.RedisError, OSError) as exc:
+            log.debug("calls in flight not written: %s", exc)
 
     async def _aclose(self) -> None:
         if self._flusher is not None:
             self._flusher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            # A flusher that died of a bug must not keep the connections open.
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._flusher
         for close in self._closers:
             with contextlib.suppress(Exception):

@@ -51,6 +51,10 @@ class Keys:
         """Hash of API call counts by outcome code: ``total`` or one UTC minute (``m:202611241305``)."""
         return f"{self.prefix}:calls:{account}:{bucket}"
 
+    def in_flight(self, account: str) -> str:
+        """Hash worker process -> ``"calls unix_s"``: calls each has in flight, as of when."""
+        return f"{self.prefix}:inflight:{account}"
+
     # -- per run ------------------------------------------------------------------------------
     def runs(self) -> str:
         """Sorted set of run ids by creation time."""

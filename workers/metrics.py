@@ -30,7 +30,16 @@ import redis
 
 from workers.keys import Keys
 
-__all__ = ["LATENCY_BUCKETS_MS", "CallCounter", "CallStats", "minute_bucket", "read_call_stats"]
+__all__ = [
+    "IN_FLIGHT_FRESH_S",
+    "LATENCY_BUCKETS_MS",
+    "CallCounter",
+    "CallStats",
+    "minute_bucket",
+    "read_call_stats",
+    "read_in_flight",
+    "write_in_flight",
+]
 
 log = logging.getLogger(__name__)
 
@@ -173,3 +182,34 @@ def read_call_stats(
     for raw in pipe.execute():
         merged.update(_decode(raw))
     return _parse(merged)
+
+
+# A process's in-flight figure older than this is a process that stopped reporting (gone).
+IN_FLIGHT_FRESH_S = 10.0
+
+
+def write_in_flight(
+    client: redis.Redis, keys: Keys, account: str, process: str, calls: int, now_s: float
+) -> None:
+    """Record that ``process`` has ``calls`` API calls in flight (its call slots in use). Raises
+    ``RedisError``."""
+    key = keys.in_flight(account)
+    pipe = client.pipeline(transaction=False)
+    pipe.hset(key, process, f"{calls} {now_s:.0f}")
+    pipe.expire(key, 3600)
+    pipe.execute()
+
+
+def read_in_flight(
+    client: redis.Redis, keys: Keys, account: str, now_s: float | None = None
+) -> tuple[int, int]:
+    """(calls in flight, processes reporting) over every worker process of the account that
+    reported in the last :data:`IN_FLIGHT_FRESH_S`. Raises ``RedisError``."""
+    now_s = time.time() if now_s is None else now_s
+    calls = processes = 0
+    for raw in client.hvals(keys.in_flight(account)):
+        n, _, at = (raw.decode() if isinstance(raw, bytes) else str(raw)).partition(" ")
+        if at and now_s - float(at) <= IN_FLIGHT_FRESH_S:
+            calls += int(n)
+            processes += 1
+    return calls, processes
