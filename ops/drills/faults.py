@@ -68,8 +68,9 @@ class Result:
 
 
 def _in_flight(d: Drill) -> int:
-    """Calls one node can have in flight: its processes times the calls each runs at once."""
-    return d.processes * d.concurrency
+    """Calls one node can have in flight: its call slots (threads: one process's; prefork: each
+    process has its own)."""
+    return d.concurrency if d.pool == "threads" else d.processes * d.concurrency
 
 
 def kill_node(d: Drill, kills: int = 3, nodes: int = 3, timeout_s: float = 900.0) -> Result:
@@ -161,13 +162,21 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--images", type=int, default=20_000)
     p.add_argument("--lease-s", type=float, default=45.0, help="CARNUMBER_LEASE_S for the workers")
     p.add_argument("--chunk-size", type=int, default=200)
+    p.add_argument(
+        "--pool",
+        default="threads",
+        choices=["threads", "prefork"],
+        help="the worker nodes' pool (default: the worker's default, threads)",
+    )
     p.add_argument("--keep", action="store_true", help="keep the drills' work directories")
     p.add_argument("--json", action="store_true", help="print the results as JSON too")
     return p
 
 
 def run_one(name: str, args: argparse.Namespace) -> Result:
-    d = Drill(drill_dir(name), images=args.images, lease_s=args.lease_s, chunk_size=args.chunk_size)
+    d = Drill(
+        drill_dir(name), images=args.images, lease_s=args.lease_s, chunk_size=args.chunk_size, pool=args.pool
+    )
     try:
         print(f"{name}: {args.images} images, lease {args.lease_s:.0f} s, work dir {d.work}", flush=True)
         return DRILLS[name](d)

@@ -163,7 +163,8 @@ class Drill:
     images: int
     chunk_size: int = 100
     concurrency: int = 16
-    processes: int = 2
+    processes: int = 2  # `carnumber worker -c`: chunks at once (threads) or processes (prefork)
+    pool: str = "threads"  # the worker's default pool
     lease_s: float = 20.0
     latency_ms: int = 30
     server_args: Sequence[str] = ()
@@ -219,7 +220,8 @@ class Drill:
         log = self.work / f"{name}.log"
         argv = [
             *prefix_cmd, sys.executable, "-m", "carnumber.cli", "worker",
-            "-c", str(self.processes), "-n", f"{name}-{uuid.uuid4().hex[:4]}@%h", "-l", "WARNING",
+            "-c", str(self.processes), "--pool", self.pool, "-n", f"{name}-{uuid.uuid4().hex[:4]}@%h",
+            "-l", "WARNING",
         ]  # fmt: skip
         with log.open("w") as out:
             proc = subprocess.Popen(

@@ -78,6 +78,7 @@ def partition_drill(args: argparse.Namespace, cut_s: float = 60.0, timeout_s: fl
             images=args.images,
             lease_s=args.lease_s,
             chunk_size=args.chunk_size,
+            pool=args.pool,
             also_bind=[hosts.gateway(i) for i in range(hosts.n)],
         )
         print(f"partition: {args.images} images, lease {args.lease_s:.0f} s, work dir {d.work}", flush=True)

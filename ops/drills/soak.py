@@ -52,6 +52,7 @@ def soak_drill(args: argparse.Namespace, sample_s: float = 10.0, timeout_s: floa
         images=args.images,
         lease_s=args.lease_s,
         chunk_size=args.chunk_size,
+        pool=args.pool,
         concurrency=32,
         server_args=FAULTS,
         extra_env={
