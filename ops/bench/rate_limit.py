@@ -154,10 +154,14 @@ def run(args: argparse.Namespace) -> list[CaseResult]:
         make_archive(work / "archive", max(c.images for c in cases))
         results = []
         for i, case in enumerate(cases):
+            sizing = (
+                "`carnumber worker` with no flags and the default settings"
+                if case.pool == "default"
+                else f"{case.nodes[0][1]} process(es) x {case.concurrency} in flight"
+            )
             print(f"[{time.strftime('%H:%M:%S')}] case {i + 1}/{len(cases)}: {case.name}, Q={case.qps}, "
-                  f"{len(case.nodes)} node(s) x {case.nodes[0][1]} process(es) x {case.concurrency} "
-                  f"in flight, chunks of {case.chunk_size}, {case.images} images; load "
-                  f"{os.getloadavg()[0]:.2f}", flush=True)
+                  f"{len(case.nodes)} node(s), {sizing}, chunks of {case.chunk_size}, {case.images} images; "
+                  f"load {os.getloadavg()[0]:.2f}", flush=True)
             dump = None
             if args.dump:
                 args.dump.mkdir(parents=True, exist_ok=True)
