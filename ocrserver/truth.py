@@ -23,6 +23,7 @@ import json
 import struct
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
@@ -38,6 +39,7 @@ __all__ = [
     "plate_from_json",
     "plate_to_json",
     "read_truth",
+    "write_test_archive",
 ]
 
 TRUTH_KEY = "carnumber-truth"
@@ -284,3 +286,23 @@ def make_test_image(
     else:
         img.save(buf, format="JPEG", quality=85)
     return embed_truth(buf.getvalue(), resolved)
+
+
+def write_test_archive(folder: Path, n: int, distinct: int = 200) -> None:
+    """``n`` PNG files over ``distinct`` rendered pictures (one plate, two every 10th, none every
+    25th), each file with bytes of its own (:func:`distinct_copy`: copies of one picture would be
+    called once), for drills and benchmarks; the replay recognizer reads each file's truth."""
+    folder.mkdir(parents=True, exist_ok=True)
+    distinct = max(1, min(distinct, n))
+    pool: list[bytes] = []
+    for i in range(distinct):
+        if i % 25 == 24:
+            plates: list[dict[str, str]] = []
+        elif i % 10 == 9:
+            plates = [{"text": f"苏E{i:05d}"}, {"text": f"浙A{i:05d}"}]
+        else:
+            plates = [{"text": f"苏E{i:05d}", "type": "小型汽车"}]
+        pool.append(distinct_copy(make_test_image(plates), -1 - i))  # the plate-less ones too
+        (folder / f"pool-{i:04d}.png").write_bytes(pool[-1])
+    for i in range(n - distinct):
+        (folder / f"img-{i:07d}.png").write_bytes(distinct_copy(pool[i % distinct], i))

@@ -49,7 +49,7 @@ import redis
 from carnumber.embedded_redis import EmbeddedRedis
 from carnumber.localstack import Child, start_server, start_worker
 from ocrserver.server import ServerProcess
-from ocrserver.truth import distinct_copy, make_test_image
+from ocrserver.truth import write_test_archive
 from workers.config import Settings
 from workers.keys import Keys
 from workers.runs import RunStore, RunSummary
@@ -63,23 +63,8 @@ WRONG_SECRET = "not-the-secret-9876543210"
 
 # --- inputs ------------------------------------------------------------------------------------
 def make_archive(folder: Path, n: int, distinct: int = 200) -> None:
-    """``n`` image files over ``distinct`` pictures: most with one plate, every 10th with two (so
-    ``plate_index`` matters for duplicates), every 25th with none. Each file has bytes of its own
-    (``distinct_copy``): copies of one picture would be called once."""
-    folder.mkdir(parents=True)
-    distinct = max(1, min(distinct, n))
-    pool: list[bytes] = []
-    for i in range(distinct):
-        if i % 25 == 24:
-            plates: list[dict[str, str]] = []
-        elif i % 10 == 9:
-            plates = [{"text": f"苏E{i:05d}"}, {"text": f"浙A{i:05d}"}]
-        else:
-            plates = [{"text": f"苏E{i:05d}", "type": "小型汽车"}]
-        pool.append(distinct_copy(make_test_image(plates), -1 - i))  # plate-less ones alike too
-        (folder / f"pool-{i:04d}.png").write_bytes(pool[-1])
-    for i in range(n - distinct):
-        (folder / f"img-{i:07d}.png").write_bytes(distinct_copy(pool[i % distinct], i))
+    """``n`` distinct image files over ``distinct`` pictures: :func:`ocrserver.truth.write_test_archive`."""
+    write_test_archive(folder, n, distinct)
 
 
 # --- checks over the output --------------------------------------------------------------------

@@ -29,7 +29,7 @@ import redis
 
 from carnumber.embedded_redis import redis_server_binary
 from ocrserver.server import ServerProcess, spawn_server
-from ocrserver.truth import distinct_copy, make_test_image
+from ocrserver.truth import write_test_archive
 from workers.keys import Keys
 from workers.runs import RunStore, RunSummary
 from workers.sink.compact import compact_run
@@ -48,23 +48,8 @@ def _free_port() -> int:
 
 
 def make_archive(folder: Path, n: int, distinct: int = 200) -> None:
-    """``n`` files over ``distinct`` rendered pictures (one plate, two every 10th, none every
-    25th), each file with bytes of its own (``distinct_copy``: copies of one picture would be
-    called once); the replay recognizer reads the truth each picture carries."""
-    folder.mkdir(parents=True, exist_ok=True)
-    distinct = max(1, min(distinct, n))
-    pool: list[bytes] = []
-    for i in range(distinct):
-        if i % 25 == 24:
-            plates: list[dict[str, str]] = []
-        elif i % 10 == 9:
-            plates = [{"text": f"苏E{i:05d}"}, {"text": f"浙A{i:05d}"}]
-        else:
-            plates = [{"text": f"苏E{i:05d}", "type": "小型汽车"}]
-        pool.append(distinct_copy(make_test_image(plates), -1 - i))  # plate-less ones alike too
-        (folder / f"pool-{i:04d}.png").write_bytes(pool[-1])
-    for i in range(n - distinct):
-        (folder / f"img-{i:07d}.png").write_bytes(distinct_copy(pool[i % distinct], i))
+    """``n`` distinct image files over ``distinct`` pictures: :func:`ocrserver.truth.write_test_archive`."""
+    write_test_archive(folder, n, distinct)
 
 
 class DrillRedis:
