@@ -40,7 +40,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "verify": ("carnumber.commands.verify", "check every enqueued image of a run has one outcome"),
     "metrics": ("carnumber.commands.metrics", "serve Prometheus metrics read from Redis"),
     "demo": ("carnumber.demo", "run the whole pipeline on a generated sample archive"),
-    "eval": ("ocrserver.evaluate", "measure the offline recognizer on labelled photos"),
+    "eval": ("carnumber.commands.eval", "measure the offline recognizer on labelled photos"),
 }
 
 

@@ -22,7 +22,7 @@ import json
 import os
 import statistics
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -178,12 +178,22 @@ def score_image(sample: Sample, predictions: Sequence[Any]) -> tuple[list[PlateR
     return results, len(predictions) - len(used_p)
 
 
-def evaluate(recognizer: Any, samples: Sequence[Sample], *, batch: int = 8, passes: int = 3) -> Report:
+def evaluate(
+    recognizer: Any,
+    samples: Sequence[Sample],
+    *,
+    batch: int = 8,
+    passes: int = 3,
+    on_image: Callable[[int, int], None] | None = None,
+) -> Report:
     """Run ``recognizer`` over ``samples`` and collect per-plate results and timings.
 
     Latency: one image at a time, each once. Images/s: ``recognize_batch`` over each subset in
-    batches of ``batch``, ``passes`` times; the best pass counts.
+    batches of ``batch``, ``passes`` times; the best pass counts. ``on_image(done, total)``
+    follows the work (images, the throughput passes included).
     """
+    total = len(samples) * (1 + passes)
+    done = 0
     from ocrserver.recognizers.base import ImageInput
 
     inputs = [_input(s.path) for s in samples]
@@ -196,6 +206,9 @@ def evaluate(recognizer: Any, samples: Sequence[Sample], *, batch: int = 8, pass
         report.plates.extend(results)
         report.false_by_subset[sample.subset] = report.false_by_subset.get(sample.subset, 0) + false
         report.images_by_subset[sample.subset] = report.images_by_subset.get(sample.subset, 0) + 1
+        done += 1
+        if on_image is not None:
+            on_image(done, total)
     for subset in sorted({s.subset for s in samples}):
         subset_inputs: list[ImageInput] = [
             i for s, i in zip(samples, inputs, strict=True) if s.subset == subset
@@ -205,6 +218,9 @@ def evaluate(recognizer: Any, samples: Sequence[Sample], *, batch: int = 8, pass
             start = time.perf_counter()
             for k in range(0, len(subset_inputs), batch):
                 recognizer.recognize_batch(subset_inputs[k : k + batch])
+                done += len(subset_inputs[k : k + batch])
+                if on_image is not None:
+                    on_image(done, total)
             rates.append(len(subset_inputs) / (time.perf_counter() - start))
         # the least disturbed pass: on a shared machine the others measure the neighbours
         report.images_per_s[subset] = max(rates)
@@ -294,7 +310,8 @@ def default_data_dir() -> Path:
     return Path(__file__).resolve().parent.parent.parent / "shared" / "eval" / "plates"
 
 
-def main(args: argparse.Namespace) -> int:
+def main(args: argparse.Namespace, on_image: Callable[[int, int], None] | None = None) -> int:
+    """``carnumber eval``; ``on_image(done, total)`` follows the work (a progress bar)."""
     from ocrserver.recognizers.onnx import OnnxRecognizer
 
     data = args.data or default_data_dir()
@@ -314,7 +331,7 @@ def main(args: argparse.Namespace) -> int:
     model_dir = args.model_dir or os.environ.get("CARNUMBER_MODEL_DIR") or None
     recognizer = OnnxRecognizer(model_dir, workers=args.workers)
     try:
-        report = evaluate(recognizer, samples)
+        report = evaluate(recognizer, samples, on_image=on_image)
     finally:
         recognizer.close()
     print(f"eval set: {data} ({len(samples)} images, {len(report.plates)} plates), "
