@@ -88,8 +88,12 @@ def test_a_chunk_cut_short_is_finished_from_the_journal(
     # The worker got every answer, then died before writing the part (no ack: redelivered).
     first = rt.engine.run(chunk)
     assert first.calls == 24 and _answers(rt) == 24
+    summary = rt.runs.get("j1")  # the calls were counted into the run as they were made
+    assert summary is not None and int(summary.fields["calls"]) == 24
     again = execute_chunk(chunk, rt)
     assert again.calls == 0 and again.journalled == 24 and _calls(server) == 24
+    summary = rt.runs.get("j1")
+    assert summary is not None and int(summary.fields["calls"]) == 24  # and not again
     _rows_once(rt, 24)
     assert _answers(rt) == 0  # forgotten once the part is counted: Redis stays flat
 

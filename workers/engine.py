@@ -143,7 +143,7 @@ class Engine:
             fleet=fleet,
             breaker=breaker,
             slots=Slots(s.concurrency),
-            on_call=self.counter.record if self.counter is not None else None,
+            on_call=self._on_call if self.counter is not None else None,
             journal=AnswerJournal(ar, keys, ttl_s=s.journal_ttl_s, claim_ms=_claim_ms(s)),
             redis_outage_s=s.redis_outage_s,
         )
@@ -151,6 +151,10 @@ class Engine:
         if self.counter is not None:
             self._flusher = asyncio.ensure_future(self._flush_every(self.counter))
         return self._ctx
+
+    def _on_call(self, run_id: str, code: str, elapsed_s: float) -> None:
+        assert self.counter is not None
+        self.counter.record(code, elapsed_s, run_id=run_id)
 
     async def _flush_every(self, counter: CallCounter) -> None:
         process = f"{socket.gethostname()}:{os.getpid()}"

@@ -83,6 +83,7 @@ class CallCounter:
         self._clock = clock
         self._lock = threading.Lock()
         self._pending: dict[str, Counter[str]] = {}
+        self._runs: Counter[str] = Counter()  # calls per run, not yet written
         self._last_flush = clock()
 
     def __call__(self, code: str, elapsed_s: float | None = None) -> None:
@@ -92,8 +93,10 @@ class CallCounter:
         if self.record(code, elapsed_s):
             self.flush()
 
-    def record(self, code: str, elapsed_s: float | None = None) -> bool:
-        """Buffer one call's outcome without any I/O; ``True`` when a flush is due."""
+    def record(self, code: str, elapsed_s: float | None = None, run_id: str | None = None) -> bool:
+        """Buffer one call's outcome without any I/O; ``True`` when a flush is due. ``run_id``:
+        also count the call in that run's ``calls`` (as it is made, so a node that dies mid-chunk
+        has counted what it paid for, up to its last flush)."""
         now = self._clock()
         fields = Counter({_code_field(code): 1})
         if elapsed_s is not None and elapsed_s >= 0:
@@ -105,14 +108,17 @@ class CallCounter:
                     fields[f"lat_le:{bound}"] = 1
         with self._lock:
             self._pending.setdefault(minute_bucket(now), Counter()).update(fields)
+            if run_id:
+                self._runs[run_id] += 1
             return now - self._last_flush >= self.flush_s
 
     def flush(self) -> None:
         """Write what is buffered (one pipeline). Call it when a chunk ends, too."""
         with self._lock:
             pending, self._pending = self._pending, {}
+            runs, self._runs = self._runs, Counter()
             self._last_flush = self._clock()
-        if not pending:
+        if not pending and not runs:
             return
         total: Counter[str] = Counter()
         pipe = self.r.pipeline(transaction=False)
@@ -125,6 +131,8 @@ class CallCounter:
         total_key = self.keys.calls(self.account, "total")
         for name, n in total.items():
             pipe.hincrby(total_key, name, n)
+        for run_id, n in runs.items():
+            pipe.hincrby(self.keys.run(run_id), "calls", n)
         try:
             pipe.execute()
         except (redis.RedisError, OSError) as exc:
@@ -132,6 +140,7 @@ class CallCounter:
             with self._lock:
                 for bucket, counts in pending.items():
                     self._pending.setdefault(bucket, Counter()).update(counts)
+                self._runs.update(runs)
 
 
 @dataclass(frozen=True, slots=True)

@@ -94,7 +94,8 @@ class ChunkContext:
     # an older chunk's images, retries included, are served before a newer chunk's.
     slots: Slots = field(default_factory=lambda: Slots(16))
     circuit_wait_s: float = 1.0  # how often a waiting image asks an open circuit again
-    on_call: Callable[[str, float], None] | None = None  # metrics: ("ok" or error code, seconds)
+    # Metrics and the run's call count: (run id, "ok" or error code, seconds), as each call ends.
+    on_call: Callable[[str, str, float], None] | None = None
     journal: Journal | None = None  # None: no journal (unit tests); every image is called
     redis_outage_s: float = 300.0  # how long an image waits for Redis before it is left pending
 
@@ -338,7 +339,7 @@ class _Call:
                         with contextlib.suppress(RedisUnavailable):
                             await ctx.breaker.record(True)
                         if ctx.on_call:
-                            ctx.on_call("ok", time.monotonic() - sent)
+                            ctx.on_call(run_id, "ok", time.monotonic() - sent)
                         rows = recognition_rows(
                             run_id, ref, rec, self.attempt, content_key=_content_key(self.picture)
                         )
@@ -347,7 +348,7 @@ class _Call:
                 await _sleep_unless_paused(wait_s, paused)
                 continue
             if ctx.on_call:
-                ctx.on_call(error.code, time.monotonic() - sent)
+                ctx.on_call(run_id, error.code, time.monotonic() - sent)
             outcome = await self._after_error(error, paused)
             if outcome is not None:
                 return outcome

@@ -103,9 +103,9 @@ def execute_chunk(chunk: Chunk, rt: Runtime) -> ChunkResult:
             tuple(r for r in chunk.images if r.image_id not in pending_ids),
         )
         rt.dataset.write_part(chunk.run_id, written.part_name, result.rows)
-        rt.runs.mark_written(
-            chunk.run_id, written.part_name, done, result.failed, result.plates, result.calls
-        )
+        # Calls are counted into the run as they are made (the engine's CallCounter), not here:
+        # a chunk cut short by a crash has counted what it paid for too.
+        rt.runs.mark_written(chunk.run_id, written.part_name, done, result.failed, result.plates, 0)
     if result.pending:
         reason = result.pause.state if result.pause is not None else "paused"
         remainder = Chunk(chunk.run_id, chunk.chunk_id, tuple(result.pending))
