@@ -45,7 +45,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
-from producers.sources import Filter, open_source
+from producers.sources import Filter, object_prefix, open_source
 from producers.sources.listing import iter_listed_objects
 from workers.config import Settings
 from workers.errors import CarnumberError, ImageRejected, InputError, TransportError
@@ -168,12 +168,9 @@ def plan_items(
     """The source's refs in enqueue order, each with what an object-store listing said of it
     (size, ETag; None for every other source). Same forms, filters and raises as
     :func:`producers.sources.open_source`."""
-    scheme, sep, rest = uri.partition("://")
-    if sep and scheme.lower() in ("s3", "oss"):
-        bucket, _, prefix = rest.partition("/")
-        if not bucket:
-            raise InputError(f"{uri!r}: name a bucket ({scheme}://bucket/prefix)")
-        chosen = store or store_for(scheme.lower(), settings)
+    if (prefix_of := object_prefix(uri)) is not None:
+        scheme, bucket, prefix = prefix_of
+        chosen = store or store_for(scheme, settings)
         return iter_listed_objects(chosen, bucket, prefix, Filter(glob, since, until))
     refs = open_source(uri, settings, glob=glob, since=since, until=until, on_skip=on_skip)
     return ((ref, None) for ref in refs)

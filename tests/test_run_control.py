@@ -17,7 +17,7 @@ from carnumber.cli import main as cli
 from carnumber.localstack import Child, start_worker
 from ocrserver.config import ServerConfig
 from ocrserver.server import RunningServer, start_server
-from ops.drills.harness import make_archive
+from ocrserver.truth import write_test_archive
 from workers.keys import Keys
 from workers.runs import RunStore
 from workers.sink.dataset import open_dataset
@@ -56,7 +56,7 @@ def _env(server: RunningServer, redis_url: str, key_prefix: str, tmp: Path) -> d
 def world(
     server: RunningServer, redis_url: str, key_prefix: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[tuple[dict[str, str], Child, RunStore]]:
-    make_archive(tmp_path / "archive", IMAGES, distinct=40)
+    write_test_archive(tmp_path / "archive", IMAGES, distinct=40)
     env = _env(server, redis_url, key_prefix, tmp_path)
     for k, v in env.items():
         monkeypatch.setenv(k, v)

@@ -39,7 +39,6 @@ __all__ = [
     "KombuRestorer",
     "LeaseKeeper",
     "LeaseRenewer",
-    "clock_skew_s",
     "held_delivery_tags",
 ]
 
@@ -91,14 +90,6 @@ def held_delivery_tags(consumer: Any) -> set[str]:
         if tag:
             tags.add(str(tag))
     return tags
-
-
-def clock_skew_s(client: redis.Redis) -> float:
-    """This host's clock minus Redis's, seconds (half a round trip of error)."""
-    before = time.time()
-    seconds, micros = client.time()
-    after = time.time()
-    return (before + after) / 2 - (seconds + micros / 1e6)
 
 
 class LeaseRenewer:

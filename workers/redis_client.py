@@ -21,17 +21,16 @@ SOCKET_TIMEOUT_S = 15.0
 CONNECT_TIMEOUT_S = 5.0
 
 
-def resilient_redis(url: str, outage_s: float, **options: object) -> redis.Redis:
+def resilient_redis(url: str, outage_s: float) -> redis.Redis:
     """A client for ``url`` whose commands retry for about ``outage_s`` seconds of outage."""
     # Each retry waits up to the backoff cap plus a connect timeout (refused at once on a
     # restart; the full timeout on a cut link): count retries for the slower case.
     retries = max(3, int(outage_s / BACKOFF_CAP_S))
-    params: dict[str, object] = {
-        "socket_timeout": SOCKET_TIMEOUT_S,
-        "socket_connect_timeout": CONNECT_TIMEOUT_S,
-        "socket_keepalive": True,
-        "health_check_interval": 10,
-        "retry": Retry(ExponentialBackoff(cap=BACKOFF_CAP_S, base=0.1), retries),
-        **options,
-    }
-    return redis.Redis.from_url(url, **params)  # type: ignore[arg-type]
+    return redis.Redis.from_url(
+        url,
+        socket_timeout=SOCKET_TIMEOUT_S,
+        socket_connect_timeout=CONNECT_TIMEOUT_S,
+        socket_keepalive=True,
+        health_check_interval=10,
+        retry=Retry(ExponentialBackoff(cap=BACKOFF_CAP_S, base=0.1), retries),
+    )

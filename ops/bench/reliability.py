@@ -55,18 +55,13 @@ from workers.keys import Keys
 from workers.runs import RunStore, RunSummary
 from workers.sink.dataset import Dataset, open_dataset
 
-__all__ = ["Audit", "audit", "duplicate_rows", "main", "make_archive"]
+__all__ = ["Audit", "audit", "duplicate_rows", "main"]
 
 KEY_ID, SECRET = "reliabid", "reliab-secret-0123456789"
 WRONG_SECRET = "not-the-secret-9876543210"
 
 
 # --- inputs ------------------------------------------------------------------------------------
-def make_archive(folder: Path, n: int, distinct: int = 200) -> None:
-    """``n`` distinct image files over ``distinct`` pictures: :func:`ocrserver.truth.write_test_archive`."""
-    write_test_archive(folder, n, distinct)
-
-
 # --- checks over the output --------------------------------------------------------------------
 def duplicate_rows(table: pa.Table) -> int:
     """Rows beyond the first per ``(image_id, plate_index)`` (a null index counts as one key)."""
@@ -527,7 +522,7 @@ def main(argv: list[str] | None = None) -> int:
     bench: Bench | None = None
     try:
         print(f"generating {args.images} images ...", flush=True)
-        make_archive(work / "archive", args.images)
+        write_test_archive(work / "archive", args.images)
         redis_url = os.environ.get("REDIS_URL")
         if not redis_url:
             embedded = EmbeddedRedis()

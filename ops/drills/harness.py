@@ -35,7 +35,7 @@ from workers.runs import RunStore, RunSummary
 from workers.sink.compact import compact_run
 from workers.sink.dataset import open_dataset
 
-__all__ = ["Audit", "Drill", "DrillRedis", "Node", "audit", "make_archive"]
+__all__ = ["Audit", "Drill", "DrillRedis", "Node", "audit"]
 
 ROOT = Path(__file__).resolve().parents[2]
 KEY_ID, SECRET = "drillid", "drill-secret-0123456789"
@@ -45,11 +45,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def make_archive(folder: Path, n: int, distinct: int = 200) -> None:
-    """``n`` distinct image files over ``distinct`` pictures: :func:`ocrserver.truth.write_test_archive`."""
-    write_test_archive(folder, n, distinct)
 
 
 class DrillRedis:
@@ -172,7 +167,7 @@ class Drill:
         )
         self.archive = self.work / "archive"
         if not self.archive.exists():
-            make_archive(self.archive, self.images)
+            write_test_archive(self.archive, self.images)
         self.client = redis.Redis.from_url(self.redis.url, socket_timeout=5, socket_connect_timeout=2)
 
     # -- environment -------------------------------------------------------------------------

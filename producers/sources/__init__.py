@@ -33,7 +33,7 @@ from workers.errors import InputError
 from workers.message import ImageRef
 from workers.storage.objects import ObjectStore, store_for
 
-__all__ = ["ACCEPTED_SOURCES", "Filter", "open_source"]
+__all__ = ["ACCEPTED_SOURCES", "Filter", "object_prefix", "open_source"]
 
 log = logging.getLogger(__name__)
 
@@ -66,13 +66,11 @@ def open_source(
     """
     flt = Filter(glob, since, until)
     skip = on_skip or _log_skip
-    scheme, sep, rest = uri.partition("://")
-    if sep and scheme.lower() in ("s3", "oss"):
-        bucket, _, prefix = rest.partition("/")
-        if not bucket:
-            raise InputError(f"{uri!r}: name a bucket ({scheme}://bucket/prefix)")
-        chosen = store or store_for(scheme.lower(), settings)
+    if (prefix_of := object_prefix(uri)) is not None:
+        scheme, bucket, prefix = prefix_of
+        chosen = store or store_for(scheme, settings)
         return _primed(iter_objects(chosen, bucket, prefix, flt))
+    scheme, sep, _ = uri.partition("://")
     if sep and scheme.lower() == "file":
         from workers.storage.uris import parse_uri
 
@@ -89,6 +87,18 @@ def open_source(
     if path.lower().endswith(MANIFEST_SUFFIXES):
         return _primed(iter_manifest(path, settings, flt, skip))
     raise InputError(f"{uri!r} is not a source; accepted: {ACCEPTED_SOURCES}")
+
+
+def object_prefix(uri: str) -> tuple[str, str, str] | None:
+    """``(scheme, bucket, prefix)`` of an ``s3://`` or ``oss://`` source; None for any other
+    source. Raises :class:`InputError` when it names no bucket."""
+    scheme, sep, rest = uri.partition("://")
+    if not sep or scheme.lower() not in ("s3", "oss"):
+        return None
+    bucket, _, prefix = rest.partition("/")
+    if not bucket:
+        raise InputError(f"{uri!r}: name a bucket ({scheme}://bucket/prefix)")
+    return scheme.lower(), bucket, prefix
 
 
 def _primed(refs: Iterator[ImageRef]) -> Iterator[ImageRef]:
