@@ -3,8 +3,10 @@ the ``monitor`` extra; import this module only where it is wanted).
 
 Every metric is named ``carnumber_*``; the names, types and labels are listed in ``ops/README.md``
 and used by ``ops/prometheus/alerts.yml``. Values that only grow within a run (images written,
-plates, calls) are counters, so ``increase()`` works on them; the rest are gauges. Labels hold run
-ids, account tags (a digest, never the AccessKeyId), queue names and API codes: no secrets.
+plates, calls, cost) are counters, so ``increase()`` works on them; the rest are gauges. Labels hold
+run ids, account tags (a digest, never the AccessKeyId), queue names and API codes: no secrets.
+The price and each run's cost (calls x price / 1000, as ``carnumber status`` and ``report`` count
+it) are exported only when ``CARNUMBER_PRICE_PER_1000_CALLS`` is set.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ _RUN_COUNTERS = (
     ("images_failed", "carnumber_run_images_failed", "Images written with status failed"),
     ("images_skipped", "carnumber_run_images_skipped", "Images the producer skipped when enqueuing"),
     ("plates", "carnumber_run_plates", "Plates recognised in the run"),
-    ("calls", "carnumber_run_calls", "API calls made for the run's written images"),
+    ("calls", "carnumber_run_calls", "API calls made for the run (counted as they are made)"),
 )
 
 
@@ -44,7 +46,7 @@ def _float(fields: dict[str, str], name: str) -> float:
         return 0.0
 
 
-def _run_families(runs: tuple[RunSummary, ...]) -> Iterator[Metric]:
+def _run_families(runs: tuple[RunSummary, ...], price_per_1000_calls: float | None) -> Iterator[Metric]:
     state = GaugeMetricFamily(
         "carnumber_run_state", "1 for the run's current state, 0 for the others", labels=["run_id", "state"]
     )
@@ -65,6 +67,14 @@ def _run_families(runs: tuple[RunSummary, ...]) -> Iterator[Metric]:
     updated = GaugeMetricFamily(
         "carnumber_run_updated_timestamp_seconds", "Last state change of the run", labels=["run_id"]
     )
+    price = GaugeMetricFamily(
+        "carnumber_price_per_1000_calls", "Price of 1000 API calls (CARNUMBER_PRICE_PER_1000_CALLS)"
+    )
+    cost = CounterMetricFamily(
+        "carnumber_run_cost",
+        "API cost of the run's calls (calls x price / 1000), in the currency of the price",
+        labels=["run_id"],
+    )
     for run in runs:
         states = STATES if run.state in STATES else (*STATES, run.state)
         for s in states:
@@ -75,9 +85,14 @@ def _run_families(runs: tuple[RunSummary, ...]) -> Iterator[Metric]:
         outstanding.add_metric([run.run_id], run.outstanding)
         created.add_metric([run.run_id], _float(run.fields, "created_at"))
         updated.add_metric([run.run_id], _float(run.fields, "updated_at"))
+        if price_per_1000_calls is not None:
+            cost.add_metric([run.run_id], _float(run.fields, "calls") * price_per_1000_calls / 1000)
     yield state
     yield from counters.values()
     yield from (parked, outstanding, created, updated)
+    if price_per_1000_calls is not None:  # no price, no cost: absent rather than 0
+        price.add_metric([], price_per_1000_calls)
+        yield from (price, cost)
 
 
 def _account_families(accounts: tuple[AccountSnapshot, ...]) -> Iterator[Metric]:
@@ -181,7 +196,7 @@ def families(snap: Snapshot) -> Iterator[Metric]:
     )
     unacked.add_metric([], snap.unacked)
     yield unacked
-    yield from _run_families(snap.runs)
+    yield from _run_families(snap.runs, snap.price_per_1000_calls)
     yield from _account_families(snap.accounts)
 
 

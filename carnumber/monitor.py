@@ -5,7 +5,9 @@ the broker queue's depth and the broker's unacknowledged (in-flight) messages, a
 account it finds (the configured one, plus any with a stop flag, circuit, rate, quota or call
 counters under the key prefix): the fleet stop flag and the circuit breaker
 (:mod:`workers.fleet`), the quota counter and the adaptive rate factor (:mod:`workers.ratelimit`),
-and the per-call counters (:mod:`workers.metrics`). Redis trouble yields a snapshot with
+and the per-call counters (:mod:`workers.metrics`). The snapshot also carries the configured
+``price_per_1000_calls`` (None when not set), so the exporter can price each run's calls as
+``carnumber status`` and ``carnumber report`` do. Redis trouble yields a snapshot with
 ``redis_up=False`` instead of an exception, so a scrape still answers and the alert can fire.
 """
 
@@ -55,6 +57,9 @@ class AccountSnapshot:
 
 @dataclass(frozen=True, slots=True)
 class Snapshot:
+    """``price_per_1000_calls``: ``CARNUMBER_PRICE_PER_1000_CALLS`` in its own currency, None when
+    not set (then no cost is exported)."""
+
     redis_up: bool
     queue: str
     queue_depth: int = 0
@@ -63,6 +68,7 @@ class Snapshot:
     accounts: tuple[AccountSnapshot, ...] = ()
     duration_s: float = 0.0
     error: str | None = None
+    price_per_1000_calls: float | None = None
 
 
 def _glob_escape(text: str) -> str:
@@ -114,6 +120,7 @@ class Monitor:
             runs=runs,
             accounts=accounts,
             duration_s=time.perf_counter() - started,
+            price_per_1000_calls=self.settings.price_per_1000_calls,
         )
 
     def accounts(self) -> list[str]:

@@ -154,6 +154,35 @@ def test_once_exports_runs_queue_switches_quota_rate_and_calls(
     assert _value(s, "carnumber_api_call_latency_seconds_bucket", account=ACCOUNT, le="+Inf") == 3
 
 
+def test_with_a_price_each_run_has_its_cost_and_the_price_is_exported(
+    seeded: Keys, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("CARNUMBER_PRICE_PER_1000_CALLS", "1.5")
+    assert metrics_cmd.main(_args("--once")) == 0
+    text = capsys.readouterr().out
+    s = _samples(text)
+
+    assert _value(s, "carnumber_price_per_1000_calls") == 1.5
+    assert _value(s, "carnumber_run_calls_total", run_id="r1") == 230
+    assert _value(s, "carnumber_run_cost_total", run_id="r1") == pytest.approx(230 * 1.5 / 1000)
+    assert _value(s, "carnumber_run_cost_total", run_id="r0") == 0  # a run with no calls costs nothing
+    assert "# TYPE carnumber_run_cost_total counter" in text
+    assert "# TYPE carnumber_price_per_1000_calls gauge" in text
+
+
+def test_without_a_price_neither_price_nor_cost_is_exported(
+    seeded: Keys, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.delenv("CARNUMBER_PRICE_PER_1000_CALLS", raising=False)
+    assert metrics_cmd.main(_args("--once")) == 0
+    s = _samples(capsys.readouterr().out)
+
+    assert _value(s, "carnumber_run_calls_total", run_id="r1") == 230
+    names = {name for name, _ in s}
+    assert "carnumber_price_per_1000_calls" not in names
+    assert not any(name.startswith("carnumber_run_cost") for name in names)
+
+
 def test_exporter_only_reads(
     seeded: Keys, redis_client: redis.Redis, capsys: pytest.CaptureFixture[str]
 ) -> None:

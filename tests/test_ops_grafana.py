@@ -35,7 +35,7 @@ def _exported() -> set[str]:
         rate_booked_ahead_s=0.0,
         calls=CallStats({"ok": 3}, 3, 0.5, ((0.1, 1),)),
     )
-    snap = Snapshot(True, "carnumber", 1, 1, (run,), (account,))
+    snap = Snapshot(True, "carnumber", 1, 1, (run,), (account,), price_per_1000_calls=1.5)
     return {s.name for family in families(snap) for s in family.samples}
 
 

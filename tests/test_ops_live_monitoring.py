@@ -127,6 +127,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[
             "CARNUMBER_OUTPUT": str(tmp / "out"),
             "CARNUMBER_CHUNK_SIZE": "4",
             "CARNUMBER_QPS": "15",
+            "CARNUMBER_PRICE_PER_1000_CALLS": "1.5",  # the cost panel needs a price
             "CARNUMBER_QUOTA": "100000",
             "CARNUMBER_MAX_ATTEMPTS": "2",
             "CARNUMBER_RETRY_BASE_S": "0.05",
