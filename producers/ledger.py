@@ -47,7 +47,7 @@ import pyarrow.parquet as pq
 from workers.errors import ConfigError
 from workers.sink.schema import STATUS_NO_PLATE, STATUS_OK
 
-__all__ = ["RECORD", "Ledger", "LedgerStats", "keys_of"]
+__all__ = ["RECORD", "Ledger", "LedgerStats", "dataset_files", "keys_of", "locked"]
 
 VERSION = 1
 RECORD = np.dtype([("h", "<u8"), ("r", "<u4")])
@@ -151,7 +151,7 @@ class Ledger:
             return cls(index_dir, _State(), exclude_run, stats)  # no output yet: nothing answered
         try:
             os.makedirs(index_dir, exist_ok=True)
-            with _locked(index_dir):
+            with locked(index_dir):
                 state = _update(fs, root, index_dir, batch_entries, rebuild, stats)
         except PermissionError as exc:
             raise ConfigError(
@@ -211,7 +211,7 @@ def _keys_path(index_dir: str) -> str:
 
 
 @contextlib.contextmanager
-def _locked(index_dir: str) -> Iterator[None]:
+def locked(index_dir: str) -> Iterator[None]:
     with open(os.path.join(index_dir, "lock"), "a+") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         try:
@@ -240,7 +240,7 @@ def _save_state(index_dir: str, state: _State) -> None:
     os.replace(tmp, os.path.join(index_dir, "state.json"))
 
 
-def _dataset_files(fs: pafs.FileSystem, root: str) -> dict[str, tuple[str, list[int]]]:
+def dataset_files(fs: pafs.FileSystem, root: str) -> dict[str, tuple[str, list[int]]]:
     """``relative path -> (run_id, [size, mtime_ns])`` of every visible Parquet file."""
     out: dict[str, tuple[str, list[int]]] = {}
     for run_dir in fs.get_file_info(pafs.FileSelector(root)):
@@ -264,7 +264,7 @@ def _update(
     rebuild: bool,
     stats: LedgerStats,
 ) -> _State:
-    files = _dataset_files(fs, root)
+    files = dataset_files(fs, root)
     state = None if rebuild else _load_state(index_dir)
     present_runs = {run for run, _ in files.values()}
     if state is not None and any(r not in present_runs and _ran(state, r) for r in state.runs):

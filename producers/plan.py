@@ -15,14 +15,19 @@ Per image, in the order a real run meets it (the producer first, then a worker):
    a worker reads it: local files and archive members whole, objects in ``bytes`` mode whole,
    objects in ``url`` mode by their listed size and ranged reads of the head and tail
    (:func:`workers.storage.resolver.precheck_object`);
-3. **a duplicate by content** of an image met before: SHA-256 of the bytes where they are read
-   whole; for objects in ``url`` mode (never read whole) the store's ETag with the size. An
+3. **a duplicate by content** of an image met before, with the content key a worker gives it
+   (:mod:`workers.content`): SHA-256 of the bytes where they are read whole; for objects in
+   ``url`` mode the store's ETag with the size. An
    ETag is the MD5 of the bytes only for a single-part upload without SSE-KMS: the same picture
    uploaded multipart, with other part sizes, or under KMS has another ETag, so such copies are
    *missed* (counted as calls), never wrongly merged. Keys of different kinds never match each
    other (a local file and an object of the same bytes are two calls here). Images that are not
    read (``http(s)`` URLs, ``listing_only``) are keyed by their source;
-4. everything else is a **call**.
+4. **answered in an earlier run by content** (the answer cache across runs,
+   ``workers/answer_cache.py``; ``--reprocess`` turns it off): the first copy of a picture the
+   cache knows, wherever it has moved; a worker answers it from the cache (counted in
+   ``answered_earlier`` too);
+5. everything else is a **call**.
 
 Memory is flat in the number of images: content keys go into a temporary on-disk SQLite table
 (:class:`DigestSet`), rules keep counters and at most :data:`EXAMPLES` examples, the ledger is a
@@ -32,7 +37,6 @@ memory map. Nothing here calls the API or writes to Redis.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import math
 import os
 import sqlite3
@@ -47,6 +51,7 @@ from typing import Any, Protocol
 
 from producers.sources import Filter, object_prefix, open_source
 from producers.sources.listing import iter_listed_objects
+from workers import content
 from workers.config import Settings
 from workers.errors import CarnumberError, ImageRejected, InputError, TransportError
 from workers.imagecheck import MAX_BYTES, check_image, check_parts, check_url
@@ -78,6 +83,10 @@ class Ledger(Protocol):
     def answered(self, image_ids: Sequence[str]) -> set[str]: ...
 
 
+class Answers(Protocol):
+    def lookup(self, content_keys: Sequence[str]) -> dict[str, bytes]: ...
+
+
 @dataclass(slots=True)
 class QuotaView:
     """The account's quota as Redis has it now: ``limit`` calls per ``window`` (``day`` or
@@ -100,6 +109,7 @@ class PlanReport:
     run_id: str | None = None
     listed: int = 0
     answered_earlier: int = 0
+    answered_earlier_by_content: int = 0  # of those: moved or copied pictures (the answer cache)
     rejected: int = 0
     rejected_by_rule: dict[str, int] = field(default_factory=dict)
     examples: dict[str, list[str]] = field(default_factory=dict)
@@ -183,6 +193,7 @@ def make_plan(
     source: str = "",
     run_id: str | None = None,
     ledger: Ledger | None = None,
+    answers: Answers | None = None,
     stores: dict[str, ObjectStore] | None = None,
     listing_only: bool = False,
     threads: int = 8,
@@ -210,6 +221,7 @@ def make_plan(
                     if answered:
                         report.answered_earlier += sum(r.image_id in answered for r, _ in chunk)
                         chunk = [it for it in chunk if it[0].image_id not in answered]
+                first_seen: list[str] = []
                 for (ref, _), (rule, key, read) in zip(chunk, checker.check_many(chunk), strict=True):
                     report.bytes_read += read
                     if rule is not None:
@@ -222,7 +234,15 @@ def make_plan(
                     if not seen.add(key):
                         dup_kinds[kind.decode()] += 1
                         continue
+                    if kind in _CONTENT_KINDS:
+                        first_seen.append(key.decode())
                     report.calls += 1
+                if answers is not None and first_seen:
+                    # Pictures the answer cache knows: a worker answers them from it, no call.
+                    found = len(answers.lookup(first_seen))
+                    report.calls -= found
+                    report.answered_earlier += found
+                    report.answered_earlier_by_content += found
                 report.rejected = sum(rules.values())
                 report.rejected_by_rule = dict(rules.most_common())
                 report.duplicates = sum(dup_kinds.values())
@@ -439,8 +459,11 @@ class _Checker:
         return (None, b"source:" + source.encode(), read)
 
 
+_CONTENT_KINDS = (b"sha256", b"etag")  # the keys a worker gives a picture (workers/content.py)
+
+
 def _etag_key(etag: str, size: int) -> bytes:
-    return f"etag+size:{etag}:{size}".encode()
+    return str(content.of_object(etag, size)).encode()
 
 
 def _bytes_verdict(data: bytes) -> Verdict:
@@ -448,7 +471,7 @@ def _bytes_verdict(data: bytes) -> Verdict:
         check_image(data)
     except ImageRejected as exc:
         return (exc.code, b"", len(data))
-    return (None, b"sha256:" + hashlib.sha256(data).digest(), len(data))
+    return (None, content.of_bytes(data).encode(), len(data))
 
 
 def _error_verdict(err: CarnumberError) -> Verdict:

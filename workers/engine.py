@@ -116,6 +116,8 @@ class Engine:
         assignment, so two first chunks cannot build two)."""
         if self._ctx is not None:
             return self._ctx
+        from workers.answer_cache import AnswerCache
+        from workers.earlier import EarlierAnswers
         from workers.fleet import CircuitBreaker, FleetControl
         from workers.journal import AnswerJournal
         from workers.ratelimit import from_settings as limits_from_settings
@@ -146,8 +148,13 @@ class Engine:
             on_call=self._on_call if self.counter is not None else None,
             journal=AnswerJournal(ar, keys, ttl_s=s.journal_ttl_s, claim_ms=_claim_ms(s)),
             redis_outage_s=s.redis_outage_s,
+            earlier=(earlier := EarlierAnswers(AnswerCache.for_output(s.output), ar, keys)),
         )
-        self._closers = [http.aclose, ar.aclose]
+
+        async def close_cache() -> None:
+            earlier.close()
+
+        self._closers = [http.aclose, ar.aclose, close_cache]
         if self.counter is not None:
             self._flusher = asyncio.ensure_future(self._flush_every(self.counter))
         return self._ctx

@@ -3,7 +3,8 @@
 Plain async functions over plain data; the engine (``workers/engine.py``) builds the
 :class:`ChunkContext` once per process and runs :func:`process_chunk` for each chunk; the runner
 hands the result to the sink. Images already answered in the journal (``workers/journal.py``) are
-written from it without a call. Per other image: claim it in the journal → admit (``Gate``) →
+written from it without a call, and so are pictures answered in an earlier run (the answer cache
+across runs, ``workers/earlier.py``). Per other image: claim it in the journal → admit (``Gate``) →
 call (not sent if held up past the slot's ``send_by``: admitted again) → journal the answer; on
 error ask the :class:`RetryPolicy`. Backoff waits hold neither a token nor a concurrency slot,
 and end early if the fleet pauses. One image's crash becomes that image's failed row; the others
@@ -20,7 +21,7 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -73,6 +74,10 @@ class Breaker(Protocol):
     async def record(self, ok: bool) -> None: ...
 
 
+class Earlier(Protocol):
+    async def lookup(self, run_id: str, pictures: Sequence[str]) -> dict[str, Answer]: ...
+
+
 class Journal(Protocol):
     async def answers(self, run_id: str, pictures: Sequence[str]) -> dict[str, Answer]: ...
     async def claim(
@@ -98,6 +103,9 @@ class ChunkContext:
     on_call: Callable[[str, str, float], None] | None = None
     journal: Journal | None = None  # None: no journal (unit tests); every image is called
     redis_outage_s: float = 300.0  # how long an image waits for Redis before it is left pending
+    # The answer cache across runs (``workers/earlier.py``); None: every picture new to the run
+    # is called.
+    earlier: Earlier | None = None
 
 
 @dataclass(slots=True)
@@ -110,6 +118,7 @@ class ChunkResult:
     failed: int = 0
     plates: int = 0
     journalled: int = 0  # images written from answers already paid for, without a call
+    reused: int = 0  # of those, answered by an earlier run (the cache across runs)
 
 
 @dataclass(slots=True)
@@ -118,6 +127,7 @@ class _Outcome:
     calls: int
     pause: Paused | None = None
     journalled: bool = False
+    reused: bool = False
 
 
 async def process_chunk(chunk: Chunk, ctx: ChunkContext, priority: int = 0) -> ChunkResult:
@@ -132,7 +142,16 @@ async def process_chunk(chunk: Chunk, ctx: ChunkContext, priority: int = 0) -> C
             await ctx.fleet.stop("local.config", str(exc), chunk.run_id)
         return ChunkResult(pending=list(chunk.images), pause=FleetStopped("local.config", str(exc)))
     pictures = [_picture(ref, target) for ref, target in zip(chunk.images, resolved, strict=True)]
-    known, pause = await _journalled(chunk.run_id, [p for p in pictures if p], ctx, paused)
+    earlier: dict[str, Answer] = {}
+    known, pause = await _waiting_out_redis(
+        ctx.journal.answers if ctx.journal else None, chunk.run_id, [p for p in pictures if p], ctx, paused
+    )
+    if pause is None:
+        # Pictures new to the run: answered in an earlier run? (content keys only: an image
+        # keyed by its id was either skipped by the producer's ledger or asked for again)
+        rest = list(dict.fromkeys(p for p in pictures if p and p not in known and not p.startswith("id:")))
+        lookup = ctx.earlier.lookup if ctx.earlier else None
+        earlier, pause = await _waiting_out_redis(lookup, chunk.run_id, rest, ctx, paused)
     if pause is not None:
         return ChunkResult(pending=list(chunk.images), pause=pause)
     token = uuid.uuid4().hex  # this execution of the chunk, as the journal's claims know it
@@ -149,14 +168,17 @@ async def process_chunk(chunk: Chunk, ctx: ChunkContext, priority: int = 0) -> C
     todo = [
         (ref, target, picture)
         for ref, target, picture in zip(chunk.images, resolved, pictures, strict=True)
-        if picture not in known
+        if picture not in known and picture not in earlier
     ]
     called = iter(await asyncio.gather(*(guarded(*job) for job in todo)))
     result = ChunkResult()
     for ref, picture in zip(chunk.images, pictures, strict=True):
         answer = known.get(picture) if picture else None
+        reused = earlier.get(picture) if picture else None
         if answer is not None:
             out = _Outcome(_answer_rows(chunk.run_id, ref, answer, picture), 0, journalled=True)
+        elif reused is not None:
+            out = _Outcome(_answer_rows(chunk.run_id, ref, reused, picture), 0, journalled=True, reused=True)
         else:
             out = next(called)
         result.calls += out.calls
@@ -165,6 +187,7 @@ async def process_chunk(chunk: Chunk, ctx: ChunkContext, priority: int = 0) -> C
             result.pause = result.pause or out.pause
             continue
         result.journalled += out.journalled
+        result.reused += out.reused
         result.rows.extend(out.rows)
         if out.rows[0]["status"] == "failed":
             result.failed += 1
@@ -182,17 +205,21 @@ def _picture(ref: ImageRef, target: Image | CarnumberError) -> str | None:
     return target.content_key or f"id:{ref.image_id}"
 
 
-async def _journalled(
-    run_id: str, pictures: list[str], ctx: ChunkContext, paused: asyncio.Event
+async def _waiting_out_redis(
+    lookup: Callable[[str, Sequence[str]], Awaitable[dict[str, Answer]]] | None,
+    run_id: str,
+    pictures: list[str],
+    ctx: ChunkContext,
+    paused: asyncio.Event,
 ) -> tuple[dict[str, Answer], Paused | None]:
-    """Answers already paid for (a redelivered chunk, an earlier copy of a picture), waiting
-    out a Redis outage."""
-    if ctx.journal is None or not pictures:
+    """Answers already paid for (in the journal: a redelivered chunk, an earlier copy of a
+    picture; in the cache: an earlier run), waiting out a Redis outage."""
+    if lookup is None or not pictures:
         return {}, None
     since = time.monotonic()
     while True:
         try:
-            return await ctx.journal.answers(run_id, pictures), None
+            return await lookup(run_id, pictures), None
         except RedisUnavailable as exc:
             if time.monotonic() - since > ctx.redis_outage_s:
                 return {}, exc

@@ -33,7 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--until", type=datetime.fromisoformat, help="only images modified/dated before"
     )
     parser.add_argument(
-        "--reprocess", action="store_true", help="also images answered in earlier runs"
+        "--reprocess",
+        action="store_true",
+        help="call again for images answered in earlier runs (by id or by content)",
     )
     parser.add_argument("--chunk-size", type=int, help="images per message (CARNUMBER_CHUNK_SIZE)")
     parser.add_argument(
@@ -52,10 +54,12 @@ def _paused(runs, run_id: str) -> str | None:  # type: ignore[no-untyped-def]
 
 def main(args: argparse.Namespace) -> int:
     from carnumber.progress import enqueue_progress
+    from producers.answer_index import update_answers
     from producers.enqueue import enqueue_to_broker
     from producers.enqueued import recorder
     from producers.ledger import Ledger
     from producers.sources import open_source
+    from workers.earlier import REUSE_FIELD
     from workers.sink.dataset import check_run_id
 
     settings = settings_from(args, chunk_size=args.chunk_size)
@@ -74,12 +78,24 @@ def main(args: argparse.Namespace) -> int:
         args.source, settings, glob=args.glob, since=args.since, until=args.until, on_skip=on_skip
     )
     ledger = None if args.reprocess else Ledger.open(settings.output, exclude_run=args.run_id)
+    if not args.reprocess:
+        # Answers of earlier runs by content: the workers answer moved and copied pictures from it.
+        cache = update_answers(settings.output)
+        log.info(
+            "answer cache: %d pictures answered in earlier runs (%d new from %d files)",
+            cache.entries,
+            cache.answers_added,
+            cache.files_ingested,
+        )
     runs.create(args.run_id, args.source)
     if reason := _paused(runs, args.run_id):
         raise InputError(
             f"run {args.run_id} is {reason}: fix the cause, `carnumber resume {args.run_id}`, then enqueue"
         )
-    runs.set_state(args.run_id, "enqueuing", **({"deadline": args.deadline} if args.deadline else {}))
+    extra = {REUSE_FIELD: "0" if args.reprocess else "1"}
+    if args.deadline:
+        extra["deadline"] = args.deadline
+    runs.set_state(args.run_id, "enqueuing", **extra)
     started = time.monotonic()
     progress, on_progress = enqueue_progress(args.run_id)  # a bar on a terminal, else log lines
     report = enqueue_to_broker(

@@ -104,7 +104,13 @@ def render(r: PlanReport) -> str:
     lines = [
         f"plan for {r.source}" + (f" (run {r.run_id})" if r.run_id else ""),
         row("images listed", r.listed),
-        row("answered in earlier runs", r.answered_earlier),
+        row(
+            "answered in earlier runs",
+            r.answered_earlier,
+            f"{r.answered_earlier_by_content:,} of them moved or copied (by content)"
+            if r.answered_earlier_by_content
+            else "",
+        ),
         row("rejected by the local checks", r.rejected),
     ]
     for rule, n in r.rejected_by_rule.items():
@@ -131,8 +137,10 @@ def render(r: PlanReport) -> str:
 
 
 def main(args: argparse.Namespace, *, out: TextIO | None = None, err: TextIO | None = None) -> int:
+    from producers.answer_index import update_answers
     from producers.ledger import Ledger
     from producers.plan import bill, make_plan, plan_items, quota_view
+    from workers.answer_cache import AnswerCache
     from workers.errors import InputError
 
     out = out or sys.stdout
@@ -148,6 +156,10 @@ def main(args: argparse.Namespace, *, out: TextIO | None = None, err: TextIO | N
         on_skip=skipped.append,
     )
     ledger = None if args.reprocess else Ledger.open(settings.output, exclude_run=args.run_id)
+    answers = None
+    if not args.reprocess:
+        update_answers(settings.output)
+        answers = AnswerCache.for_output(settings.output)
     progress = _Progress(err, args.progress_s)
     try:
         report = make_plan(
@@ -156,6 +168,7 @@ def main(args: argparse.Namespace, *, out: TextIO | None = None, err: TextIO | N
             source=args.source,
             run_id=args.run_id,
             ledger=ledger,
+            answers=answers,
             listing_only=args.listing_only,
             on_progress=progress,
         )
@@ -163,6 +176,8 @@ def main(args: argparse.Namespace, *, out: TextIO | None = None, err: TextIO | N
         progress.done()
         if ledger is not None:
             ledger.close()
+        if answers is not None:
+            answers.close()
     quota = quota_view(settings)
     bill(report, settings, quota)
     if args.json:

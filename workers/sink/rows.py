@@ -6,11 +6,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from workers.api.response import Recognition
+from workers.api.response import Plate, Recognition
 from workers.message import ImageRef, redact_url
 from workers.sink.schema import STATUS_FAILED, STATUS_NO_PLATE, STATUS_OK
 
-__all__ = ["Failure", "failure_rows", "recognition_rows"]
+__all__ = ["Failure", "failure_rows", "recognition_from_rows", "recognition_rows"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +80,31 @@ def recognition_rows(
         }
         for i, p in enumerate(rec.plates)
     ]
+
+
+def recognition_from_rows(rows: list[dict[str, Any]]) -> Recognition:
+    """The recognition that :func:`recognition_rows` wrote as ``rows`` (one image's ``ok`` rows,
+    or its ``no_plate`` row): what the answer cache across runs keeps. ``score`` and the raw
+    body are not in the rows."""
+    first = rows[0]
+    plates = tuple(
+        Plate(
+            text=r["plate"],
+            prob=r["plate_prob"],
+            plate_type=r["plate_type"],
+            type_prob=r["plate_type_prob"],
+            polygon=tuple((p["x"], p["y"]) for p in r["polygon"]) if r["polygon"] else None,  # type: ignore[arg-type]
+        )
+        for r in sorted((r for r in rows if r["status"] == STATUS_OK), key=lambda r: r["plate_index"])
+    )
+    return Recognition(
+        request_id=first["request_id"],
+        plates=plates,
+        width=first["width"],
+        height=first["height"],
+        org_width=first["org_width"],
+        org_height=first["org_height"],
+    )
 
 
 def failure_rows(

@@ -197,10 +197,11 @@ class Resolver:
                 url = store.presign(loc.bucket, loc.key, self.settings.signed_url_ttl_s)
                 try:
                     check_url(url)
-                    if data is not None:
+                    # By the store's ETag even when the check read the whole object: the
+                    # same key `carnumber plan` and the answer cache know it by.
+                    key = content.of_object(reads[0].etag, reads[0].size) if reads else None
+                    if key is None and data is not None:
                         key = content.of_bytes(data)
-                    else:
-                        key = content.of_object(reads[0].etag, reads[0].size) if reads else None
                     return Image(url=url, content_key=key)
                 except ImageRejected:
                     pass  # too long to pass by URL: send the bytes instead
