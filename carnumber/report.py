@@ -26,7 +26,7 @@ from workers.sink.schema import STATUS_FAILED, STATUS_NO_PLATE, STATUS_OK
 __all__ = ["FAILURE_COLUMNS", "CodeCount", "RunReport", "build_report", "hint", "write_failures"]
 
 FAILURE_COLUMNS = ("image_id", "source", "code", "message", "retryable")
-_EXTRA = ("source", "error_code", "error_message", "retryable", "plate_type", "attempts")
+_EXTRA = ("source", "error_code", "error_message", "retryable", "plate_type", "attempts", "answered_by")
 
 # One line of advice per common code (exact match first, then the family prefix).
 _HINTS: dict[str, str] = {
@@ -101,6 +101,10 @@ class RunReport:
     cost: float | None
     enqueued: int | None = None
     parked: int | None = None
+    # Images answered without a call of their own: a copy of a picture called earlier in the
+    # run (the journal), or a picture an earlier run answered (the answer cache).
+    copies_in_run: int = 0
+    answered_earlier: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
@@ -158,6 +162,7 @@ def build_report(
         )
     )
     images = best.num_rows
+    copies_in_run, answered_earlier = _answered_without_a_call(best)
     calls_field = run_fields.get("calls")
     if calls_field:
         calls = int(float(calls_field))
@@ -196,7 +201,19 @@ def build_report(
         cost=cost,
         enqueued=int(enqueued) if enqueued else None,
         parked=int(parked) if parked else None,
+        copies_in_run=copies_in_run,
+        answered_earlier=answered_earlier,
     )
+
+
+def _answered_without_a_call(best: pa.Table) -> tuple[int, int]:
+    """(copies answered by another image of the run, images answered by an earlier run's)."""
+    by = best["answered_by"]
+    other = pc.and_(pc.is_valid(by), pc.not_equal(by, best["image_id"]))
+    others = best.filter(pc.fill_null(other, False))
+    in_run = pc.is_in(others["answered_by"], value_set=best["image_id"])
+    copies = int(pc.sum(pc.cast(in_run, pa.int64())).as_py() or 0)
+    return copies, others.num_rows - copies
 
 
 def failure_rows(dataset: Dataset, run_id: str) -> Iterable[dict[str, Any]]:

@@ -23,6 +23,7 @@ import httpx
 import pytest
 from helpers.s3_server import moto_s3, s3_client
 
+from carnumber.report import build_report
 from ocrserver.config import ServerConfig
 from ocrserver.server import RunningServer, start_server
 from ocrserver.truth import make_test_image
@@ -107,6 +108,8 @@ def test_copies_across_chunks_sources_and_workers_are_called_once(
             t.join(60)
         assert _calls(server) == PICTURES  # one call per distinct picture, whatever raced
         rows = rts[0].dataset.read_run("d1").to_pylist()
+        report = build_report(rts[0].dataset, "d1", {}, qps_limit=0)
+        assert (report.copies_in_run, report.answered_earlier) == (2 * PICTURES, 0)
     finally:
         for rt in rts:
             rt.close()
@@ -241,6 +244,12 @@ def test_a_second_run_over_moved_and_repacked_copies_makes_no_call(
         assert sum(r.reused for r in results) == 2 * PICTURES
         rows = rts[0].dataset.read_run("n2").to_pylist()
         old = rts[0].dataset.read_run("n1").to_pylist()
+        report = build_report(rts[0].dataset, "n2", {}, qps_limit=0)  # the morning report says so
+        assert (report.answered_earlier, report.copies_in_run, report.images) == (
+            2 * PICTURES,
+            0,
+            2 * PICTURES,
+        )
 
         # Again with --reprocess: every picture is called (once: copies within the run share).
         _run(rts, "n3", [second, repacked], reuse=False)

@@ -37,6 +37,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -221,17 +222,15 @@ def add_segment(fs: pafs.FileSystem, directory: str, entries: Sequence[tuple[str
 
 def merge(fs: pafs.FileSystem, directory: str, *, max_segments: int = 4) -> bool:
     """When there are more than ``max_segments`` segments, fold the newest ones into one,
-    size-tiered: from the newest back, while the next older one is at most twice the size of
-    those taken (so each answer is rewritten O(log n) times, and an old big segment stays as it
-    is). Of equal keys the one from the older segment stays (the run that paid first). Returns
-    whether it merged. Raises ``OSError``."""
+    size-tiered: from the newest back, while the next older one is no bigger than those taken
+    together (or too many would be left). Like a binary counter, each answer is rewritten
+    O(log n) times and an old big segment stays as it is. Of equal keys the one from the older
+    segment stays (the run that paid first). Returns whether it merged. Raises ``OSError``."""
     segments = read_manifest(fs, directory)  # newest first
     if len(segments) <= max_segments:
         return False
     take, total = 1, segments[0].entries
-    while take < len(segments) and (
-        segments[take].entries <= 2 * total or len(segments) - take >= max_segments
-    ):
+    while take < len(segments) and (segments[take].entries <= total or len(segments) - take >= max_segments):
         total += segments[take].entries
         take += 1
     chosen, kept = segments[:take], segments[take:]
@@ -300,22 +299,26 @@ class _SegmentReader:
         first = block * FENCE
         return first, min(first + FENCE, self.segment.entries)
 
-    def find(self, keys: Iterable[int]) -> dict[int, bytes]:
-        """Values of the ``keys`` present, one block read per block touched."""
+    def find(self, keys: Iterable[int], pool: ThreadPoolExecutor) -> dict[int, bytes]:
+        """Values of the ``keys`` present: one read per block touched, then one per value, each
+        batch of reads side by side on ``pool`` (on an object store every read is a request)."""
         if not self.segment.entries:
             return {}
         blocks: dict[tuple[int, int], list[int]] = {}
         for k in keys:
             blocks.setdefault(self._bounds(k), []).append(k)
         found: dict[int, tuple[int, int]] = {}
-        for (first, last), wanted in blocks.items():
-            rec = self._records(first, last)
+        for (_, wanted), rec in zip(
+            blocks.items(), pool.map(lambda b: self._records(*b), blocks), strict=True
+        ):
             ks = rec["k"][:-1]
             for k in wanted:
                 j = int(np.searchsorted(ks, np.uint64(k)))
                 if j < len(ks) and int(ks[j]) == k:
                     found[k] = (int(rec["o"][j]), int(rec["o"][j + 1]))
-        return {k: bytes(self._val.read_at(end - start, start)) for k, (start, end) in found.items()}
+        spans = list(found.values())
+        values = pool.map(lambda span: bytes(self._val.read_at(span[1] - span[0], span[0])), spans)
+        return dict(zip(found, values, strict=True))
 
     def range(self, lo: int, hi: int | None) -> tuple[np.ndarray, np.ndarray, bytes]:
         """Every key in [lo, hi) with its value lengths and the values, in key order."""
@@ -343,8 +346,11 @@ class AnswerCache:
     is read again after ``refresh_s``, after :meth:`refresh`, or at once when a segment is
     gone."""
 
-    def __init__(self, fs: pafs.FileSystem, directory: str, *, refresh_s: float = 60.0) -> None:
+    def __init__(
+        self, fs: pafs.FileSystem, directory: str, *, refresh_s: float = 60.0, threads: int = 32
+    ) -> None:
         self.fs, self.directory, self.refresh_s = fs, directory, refresh_s
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="answer-cache")
         self._lock = threading.Lock()
         self._readers: list[_SegmentReader] = []
         self._loaded_at: float | None = None
@@ -376,7 +382,7 @@ class AnswerCache:
         for reader in self._current():
             if not wanted:
                 break
-            for k, value in reader.find(wanted).items():
+            for k, value in reader.find(wanted, self._pool).items():
                 head, _, payload = value.partition(b"\0")
                 if head == wanted[k].encode():  # else a 64-bit collision: not this picture
                     out[wanted.pop(k)] = payload
@@ -412,6 +418,7 @@ class AnswerCache:
             for r in self._readers:
                 r.close()
             self._readers, self._loaded_at = [], None
+        self._pool.shutdown(wait=False)
 
     def __enter__(self) -> AnswerCache:
         return self

@@ -69,6 +69,11 @@ def text(r: RunReport) -> str:
         share = f" ({100.0 * r.calls_per_s / r.qps_limit:.0f}%)" if r.qps_limit > 0 else ""
         lines.append(f"  rate       {r.calls_per_s:.2f} calls/s achieved against {limit}{share}")
     lines.append(f"  duration   {duration(r.duration_s)} ({when(r.started_at_s)} to {when(r.finished_at_s)})")
+    if r.copies_in_run or r.answered_earlier:
+        lines.append(
+            f"  no call    {r.copies_in_run + r.answered_earlier:,} images: {r.copies_in_run:,} copies of "
+            f"a picture called in the run, {r.answered_earlier:,} answered by an earlier run"
+        )
     if r.cost is not None:
         lines.append(f"  cost       {r.cost:,.2f} ({r.price_per_1000_calls:g} per 1000 calls)")
     else:
