@@ -74,9 +74,7 @@ def test_several_plates_and_refs_into_the_list() -> None:
     second["info"][0]["value"] = "京A12345"
     second["info"][0]["value_loc"] = "1,2,3,4,5,6,7,8"
     second["secondary_cls"]["type_str"] = "新能源车"
-    doc = dict(
-        SEED_DATA, structure_list=[{"$ref": "$.data"}, second, {"$ref": "$.structure_list[1]"}]
-    )
+    doc = dict(SEED_DATA, structure_list=[{"$ref": "$.data"}, second, {"$ref": "$.structure_list[1]"}])
     rec = parse_envelope({"RequestId": "r", "Data": json.dumps(doc)})
     assert [p.text for p in rec.plates] == ["黑AF6655", "京A12345", "京A12345"]
     assert rec.plates[1].polygon == ((1, 2), (3, 4), (5, 6), (7, 8))
@@ -151,3 +149,18 @@ def test_classify_families_and_fallbacks() -> None:
     assert classify("InvalidAccessKeyId.Suspended", 400) is Verdict.FATAL
     assert classify("Unknown", 403) is Verdict.FATAL
     assert classify("Unknown", 400) is Verdict.BAD_INPUT
+
+
+def test_to_json_names_every_field_and_round_trips() -> None:
+    """``Recognition.to_json`` is spelled out (fast): a field added later must not be forgotten."""
+    from dataclasses import fields
+
+    from workers.api.response import Plate, Recognition
+
+    rec = Recognition(
+        "r", (Plate("浙A1", 0.5, "蓝牌", 0.4, ((1, 2), (3, 2), (3, 4), (1, 4))), Plate("b")), 1, 2, 3, 4, 0.7
+    )
+    doc = rec.to_json()
+    assert set(doc) == {f.name for f in fields(Recognition)} - {"raw"}
+    assert set(doc["plates"][0]) == {f.name for f in fields(Plate)}
+    assert Recognition.from_json(doc) == rec

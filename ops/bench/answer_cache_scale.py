@@ -13,6 +13,11 @@ figures are a worker's:
 
 Run: ``python ops/bench/answer_cache_scale.py --answers 20000000`` (about 10 GB of disk in
 ``--dir``, default a temporary directory, removed at the end).
+
+``--ingest-rows N`` measures the producer's side instead: an output of N answered images in
+parts of 200 (as workers write them), then ``update_answers`` over it from scratch (the first
+build over an existing dataset) and again with one more night (the nightly update): rows/s and
+peak memory.
 """
 
 from __future__ import annotations
@@ -131,6 +136,57 @@ def probe(directory: str, answers: int, chunk: int, rounds: int) -> dict[str, fl
     }
 
 
+def ingest(rows: int, night_rows: int, base: str) -> dict[str, float]:
+    """The producer's update over an output of ``rows`` answered images, then one more night."""
+    from datetime import UTC, datetime
+
+    from producers.answer_index import update_answers
+    from workers.api.response import Plate, Recognition
+    from workers.message import ImageRef
+    from workers.sink.dataset import open_dataset
+    from workers.sink.rows import recognition_rows
+
+    output = os.path.join(base, "out")
+    dataset = open_dataset(output)
+    now = datetime.now(UTC)
+
+    def write(run_id: str, lo: int, hi: int) -> None:
+        for start in range(lo, hi, 200):
+            part = []
+            for i in range(start, min(hi, start + 200)):
+                rec = Recognition(
+                    f"req-{i}",
+                    (Plate(f"浙A{i % 100000:05d}", 0.98, "蓝牌", 0.95, ((1, 2), (3, 2), (3, 4), (1, 4))),),
+                    1920,
+                    1080,
+                    1920,
+                    1080,
+                )
+                ref = ImageRef(f"file:///archive/cam-{i % 97}/{i:09d}.jpg")
+                part += recognition_rows(run_id, ref, rec, 1, now, content_key=_key(i))
+            dataset.write_part(run_id, f"part-{start:09d}", part)
+
+    write("history", 0, rows)
+    t = time.monotonic()
+    update_answers(output)
+    first_s = time.monotonic() - t
+    write("tonight", rows, rows + night_rows)
+    t = time.monotonic()
+    nightly = update_answers(output)
+    nightly_s = time.monotonic() - t
+    return {
+        "ingest_rows": rows,
+        "first_build_s": round(first_s, 1),
+        "first_build_rows_per_s": round(rows / first_s),
+        "nightly_rows": night_rows,
+        "nightly_update_s": round(nightly_s, 1),
+        "nightly_files_read": nightly.files_ingested,
+        "entries": nightly.entries,
+        "segments": nightly.segments,
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    }
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--answers", type=int, default=20_000_000)
@@ -140,8 +196,19 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=50)
     ap.add_argument("--dir", help="where to build (default: a temporary directory, removed)")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--ingest-rows", type=int, help="measure the producer's update instead")
+    ap.add_argument("--night-rows", type=int, default=288_000, help="with --ingest-rows: one night")
     ap.add_argument("--probe", help=argparse.SUPPRESS)  # internal: the fresh reader process
     args = ap.parse_args()
+    if args.ingest_rows:
+        base = args.dir or tempfile.mkdtemp(prefix="carnumber-ingest-bench-")
+        try:
+            figures = ingest(args.ingest_rows, args.night_rows, base)
+        finally:
+            if not args.dir:
+                shutil.rmtree(base, ignore_errors=True)
+        print(json.dumps(figures) if args.json else "\n".join(f"  {k:<26}{v}" for k, v in figures.items()))
+        return 0
     if args.probe:
         print(json.dumps(probe(args.probe, args.answers, args.chunk, args.rounds)))
         return 0
