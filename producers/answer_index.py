@@ -72,7 +72,7 @@ class AnswerIndexStats:
 def update_answers(
     output: str,
     *,
-    batch_entries: int = 500_000,
+    batch_entries: int = 200_000,
     max_segments: int = 4,
     rebuild: bool = False,
     on_file: Callable[[str], None] | None = None,

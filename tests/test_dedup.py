@@ -124,6 +124,8 @@ def test_copies_across_chunks_sources_and_workers_are_called_once(
     assert len(callers) == PICTURES and callers <= every  # one answering image per picture
     plates = {(r["content_key"], r["plate"]) for r in rows}
     assert len(plates) == PICTURES  # every copy carries its picture's answer
+    # Attempts are the calls made for the image: one for the image that paid, none for a copy.
+    assert {(r["answered_by"] == r["image_id"], r["attempts"]) for r in rows} == {(True, 1), (False, 0)}
     out = duckdb.sql(
         f"SELECT count(DISTINCT content_key), count(DISTINCT image_id), count(*) FILTER (WHERE "
         f"answered_by <> image_id) FROM '{tmp_path / 'out'}/run=d1/*.parquet'"

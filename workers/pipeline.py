@@ -228,10 +228,10 @@ async def _waiting_out_redis(
 
 def _answer_rows(run_id: str, ref: ImageRef, answer: Answer, picture: str | None) -> list[dict[str, Any]]:
     key, by = _content_key(picture), answer.by or ref.image_id
+    # ``attempts`` counts the calls made for this image: a copy answered by another made none.
+    attempts = answer.attempts if by == ref.image_id else 0
     if answer.recognition is not None:
-        return recognition_rows(
-            run_id, ref, answer.recognition, answer.attempts, content_key=key, answered_by=by
-        )
+        return recognition_rows(run_id, ref, answer.recognition, attempts, content_key=key, answered_by=by)
     err = answer.error or {}
     failure = Failure(
         str(err.get("code", "local.unknown")),
@@ -240,7 +240,7 @@ def _answer_rows(run_id: str, ref: ImageRef, answer: Answer, picture: str | None
         err.get("status"),
         err.get("request_id"),
     )
-    return failure_rows(run_id, ref, failure, answer.attempts, content_key=key, answered_by=by)
+    return failure_rows(run_id, ref, failure, attempts, content_key=key, answered_by=by)
 
 
 def _content_key(picture: str | None) -> str | None:
