@@ -15,10 +15,11 @@ each value starts with its full content key (then a NUL, then the payload), and
 answer. Payloads are opaque here (the caller encodes them: ``workers/earlier.py``).
 
 A reader keeps each segment's fence, 1/16 byte per entry (3 MB for 50 million answers), and
-nothing else: a lookup of one key reads one block of ``FENCE`` records (2 KB) and its value.
-Segments are never changed: :func:`add_segment` writes a new one and then the manifest (a rename
-locally, one PUT on an object store, both atomic), :func:`merge` folds them into one, a key range
-(of at most ~RANGE_ENTRIES entries) at a time, so neither holds more than one batch or one range in memory.
+nothing else: a lookup of one key reads one block of ``FENCE`` records (2 KB) per segment, and
+its value when found; a chunk's reads go out side by side on a thread pool. Segments are never
+changed: :func:`add_segment` writes a new one and then the manifest (a rename locally, one PUT
+on an object store, both atomic); :func:`merge` folds some into one, a key range of at most
+about ``RANGE_ENTRIES`` entries at a time, so neither holds more than one batch or one range.
 A reader that meets a segment merged away meanwhile reloads the manifest. Two writers at once
 (two producers on one output) can lose each other's newest segment: those answers are then not
 found, and paid for again, never wrong. This module imports nothing of ours.
@@ -30,7 +31,6 @@ import contextlib
 import hashlib
 import itertools
 import json
-import logging
 import math
 import os
 import threading
@@ -59,7 +59,6 @@ __all__ = [
     "read_manifest",
 ]
 
-log = logging.getLogger(__name__)
 
 VERSION = 1
 FENCE = 128  # records per block: a lookup reads 2 KB of index
