@@ -58,20 +58,20 @@ def test_equal_keys_keep_the_first_answer(tmp_path: Path) -> None:
 
 
 def test_merge_is_size_tiered_and_keeps_every_answer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(answer_cache, "RANGE_ENTRIES", 1000)  # merge in many key ranges
+    monkeypatch.setattr(answer_cache, "RANGE_ENTRIES", 200)  # merge in many key ranges
     fs, d = pafs.LocalFileSystem(), str(tmp_path / "c")
-    add_segment(fs, d, _entries(0, 40_000))  # an old, big segment
+    add_segment(fs, d, _entries(0, 8000))  # an old, big segment
     for night in range(6):
-        lo = 40_000 + night * 1000
-        add_segment(fs, d, _entries(lo, lo + 1000))
+        lo = 8000 + night * 200
+        add_segment(fs, d, _entries(lo, lo + 200))
         merge(fs, d, max_segments=4)
         assert len(read_manifest(fs, d)) <= 4
     sizes = [s.entries for s in read_manifest(fs, d)]
-    assert 40_000 in sizes  # never rewritten: the small nights were folded among themselves
-    assert sum(sizes) == 46_000
+    assert 8000 in sizes  # never rewritten: the small nights were folded among themselves
+    assert sum(sizes) == 9200
     cache = AnswerCache(fs, d)
-    keys = [_key(i) for i in range(46_000)]
-    assert cache.lookup(keys) == dict(_entries(0, 46_000))
+    keys = [_key(i) for i in range(9200)]
+    assert cache.lookup(keys) == dict(_entries(0, 9200))
     leftovers = {p.name.split(".")[0] for p in Path(d).glob("seg-*")}
     assert leftovers == {s.name for s in read_manifest(fs, d)}  # merged segments are deleted
 

@@ -23,6 +23,9 @@ the real ``carnumber enqueue`` / ``verify`` / ``compact`` commands.
    outcome, and every one was answered from the cache: 0 attempts, ``answered_by`` naming a run-1
    image of the same picture whose own call answered it. Also: the size of ``{output}/_answers/``.
 
+Before each run, ``carnumber plan`` over the same manifest: met when the calls it counts equal
+the calls the run then makes (17,000, then 0).
+
 Prints a table (``--json``: one JSON object); exits 1 when a measurement is not met, 2 when the
 bench itself could not run. Every wait is bounded; Redis, the server, the nodes and the work
 directory are removed on exit, Ctrl-C and SIGTERM included.
@@ -178,6 +181,12 @@ def run_layout(d: Drill, run_id: str, layout: Layout, each: bool, timeout_s: flo
     return {"calls": d.server_calls() - calls_before, "wall_s": wall_s, "cache_log": " / ".join(cache_lines)}
 
 
+def plan_calls(d: Drill, run_id: str, layout: Layout, timeout_s: float) -> int:
+    """The calls `carnumber plan` says the run will make (before it is enqueued)."""
+    done = _cli(d, "plan", str(layout.manifest), "--run", run_id, "--json", timeout_s=timeout_s)
+    return int(json.loads(done.stdout.strip().splitlines()[-1])["calls"])
+
+
 def verify(d: Drill, run_id: str, timeout_s: float) -> dict[str, Any]:
     done = _cli(d, "verify", run_id, "--json", timeout_s=timeout_s)
     return dict(json.loads(done.stdout))
@@ -326,14 +335,22 @@ def bench(args: argparse.Namespace, work: Path) -> list[Measurement]:
         for _ in range(args.nodes):
             d.start_node()
         print(f"run 1: {args.nodes} nodes, server latency {args.latency_ms} ms ...", flush=True)
+        plan1 = plan_calls(d, RUNS[0], first, args.timeout_s)
         run1 = run_layout(d, RUNS[0], first, args.enqueue == "each", args.timeout_s)
         m1 = measure_copies(first, run1, read_output(d, RUNS[0]), verify(d, RUNS[0], args.timeout_s))
+        m1.add(
+            "plan_calls", "`carnumber plan` beforehand: calls (= calls made)", plan1, plan1 == run1["calls"]
+        )
         _cli(d, "compact", RUNS[0], timeout_s=args.timeout_s)
         print("run 2: the same pictures under new paths ...", flush=True)
         cache = update_cache(d)
+        plan2 = plan_calls(d, RUNS[1], moved, args.timeout_s)
         run2 = run_layout(d, RUNS[1], moved, args.enqueue == "each", args.timeout_s)
         v2 = verify(d, RUNS[1], args.timeout_s)
         m2 = measure_moved(moved, first, read_output(d, RUNS[0]), run2, read_output(d, RUNS[1]), v2, cache)
+        m2.add(
+            "plan_calls", "`carnumber plan` beforehand: calls (= calls made)", plan2, plan2 == run2["calls"]
+        )
         return [m1, m2]
     finally:
         d.close()
