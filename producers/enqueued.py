@@ -56,13 +56,18 @@ RECORD_SCHEMA = pa.schema(
     metadata={b"carnumber.enqueued_version": b"1"},
 )
 _PREFIX = "chunk-"
+_HEX = frozenset("0123456789abcdef")
 _SUFFIX = ".parquet"
 
 
 def is_first_pass(chunk_id: str) -> bool:
-    """True for the producer's own chunk ids (``0000042``), which have a record; False for
+    """True for the producer's own chunk ids, which have a record: ``0000042`` for a run's first
+    source, ``s1a2b3c4d-0000042`` for a further source enqueued into the same run; False for
     republished ones (``retry1-0000042``), which do not."""
-    return chunk_id.isdigit()
+    head, dash, number = chunk_id.rpartition("-")
+    if not dash:
+        return chunk_id.isdigit()
+    return number.isdigit() and len(head) == 9 and head[0] == "s" and all(c in _HEX for c in head[1:])
 
 
 @dataclass(frozen=True, slots=True)

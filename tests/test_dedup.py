@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import tarfile
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,7 @@ from producers.plan import make_plan, plan_items
 from workers.answer_cache import AnswerCache
 from workers.api.response import Plate, Recognition
 from workers.config import Settings
-from workers.earlier import REUSE_FIELD
+from workers.earlier import REUSE_FIELD, UPDATED_FIELD
 from workers.message import Chunk, ImageRef
 from workers.pipeline import ChunkResult
 from workers.runner import Runtime, execute_chunk
@@ -181,7 +182,8 @@ def _run(
     todo = [Chunk(run_id, f"{i:07d}", tuple(refs)) for i, refs in enumerate(chunks)]
     for c in todo:
         runs.mark_enqueued(run_id, c.chunk_id, c.part_name, len(c.images))
-    runs.set_state(run_id, "running", **{REUSE_FIELD: "1" if reuse else "0"})
+    # As `carnumber enqueue` does: the run's setting, and the stamp of its cache update.
+    runs.set_state(run_id, "running", **{REUSE_FIELD: "1" if reuse else "0", UPDATED_FIELD: time.time()})
     results: list[Any] = [None] * len(todo)
 
     def work(i: int) -> None:
@@ -392,3 +394,60 @@ def test_as_a_user_runs_it_with_real_workers_and_compaction_between(
 
     rows = open_dataset(env["CARNUMBER_OUTPUT"]).read_run("r2").to_pylist()
     assert len({r["image_id"] for r in rows}) == PICTURES and {r["attempts"] for r in rows} == {0}
+
+
+def test_two_sources_enqueued_into_one_run_make_one_call_per_picture(
+    server: RunningServer,
+    redis_url: str,
+    redis_client: Any,
+    key_prefix: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``carnumber enqueue FOLDER --run R`` then ``carnumber enqueue ARCHIVE.tar --run R``: each
+    source gets chunk ids of its own, copies across them are called once, enqueuing either again
+    (by another spelling of its path, too) adds nothing, and ``carnumber verify`` passes."""
+    from carnumber.cli import main as cli
+    from carnumber.localstack import start_worker
+    from workers.keys import Keys
+    from workers.runs import RunStore
+
+    folder = tmp_path / "cam"
+    folder.mkdir()
+    pictures = _pictures()
+    for i, data in enumerate(pictures[:6]):
+        (folder / f"{i:02d}.png").write_bytes(data)
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    for i, data in enumerate(pictures):  # the archive holds the folder's six again, and four more
+        (staging / f"frame-{i:02d}.png").write_bytes(data)
+    tar = tmp_path / "upload.tar"
+    with tarfile.open(tar, "w") as tf:
+        tf.add(staging, arcname="upload")
+    env = {
+        "CARNUMBER_ENDPOINT": server.url,
+        "ALIBABA_CLOUD_ACCESS_KEY_ID": KEY_ID,
+        "ALIBABA_CLOUD_ACCESS_KEY_SECRET": SECRET,
+        "REDIS_URL": redis_url,
+        "CARNUMBER_KEY_PREFIX": key_prefix,
+        "CARNUMBER_QUEUE": f"{key_prefix}:queue",
+        "CARNUMBER_OUTPUT": str(tmp_path / "out"),
+        "CARNUMBER_CHUNK_SIZE": "4",
+        "CARNUMBER_QPS": "0",
+    }
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.chdir(tmp_path)
+    worker = start_worker(env, concurrency=2, hostname=f"two-{key_prefix}@%h", extra=["--pool=threads"])
+    try:
+        assert cli(["enqueue", str(folder), "--run", "two"]) == 0
+        assert cli(["enqueue", str(tar), "--run", "two", "--wait"]) == 0
+        assert cli(["enqueue", "cam", "--run", "two"]) == 0  # the folder again, by a relative path
+        assert cli(["enqueue", str(tar), "--run", "two", "--wait"]) == 0
+    finally:
+        worker.stop()
+    assert _calls(server) == PICTURES  # one call per distinct picture over both sources
+    summary = RunStore(redis_client, Keys(key_prefix)).get("two")
+    assert summary is not None and summary.enqueued == 6 + PICTURES and summary.state == "done"
+    assert summary.fields["source"] == str(folder)  # the run's first source
+    assert cli(["verify", "two"]) == 0

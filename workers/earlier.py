@@ -3,7 +3,10 @@
 The answer cache (``workers/answer_cache.py``, under the output) is filled by the producer from
 the output's rows (``producers/answer_index.py``); here a worker looks a chunk's pictures up in
 it, one batch per chunk, on a thread. A run enqueued with ``--reprocess`` says so in its run hash
-(``reuse_answers = 0``) and is never answered from the cache. A copy answered this way gets its
+(``reuse_answers = 0``) and is never answered from the cache. Each enqueue of the run stamps
+``answers_updated_at`` after it has updated the cache; a worker that sees a new stamp reads the
+cache's manifest again before its next lookup (a further source enqueued into a running run
+finds the answers written meanwhile). A copy answered this way gets its
 own rows with 0 attempts and ``answered_by`` naming the image, in the earlier run, whose call
 answered it.
 
@@ -16,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -32,12 +34,12 @@ if TYPE_CHECKING:
 
     from workers.answer_cache import AnswerCache
 
-__all__ = ["REUSE_FIELD", "EarlierAnswers", "payload", "read_payload"]
+__all__ = ["REUSE_FIELD", "UPDATED_FIELD", "EarlierAnswers", "payload", "read_payload"]
 
 log = logging.getLogger(__name__)
 REUSE_FIELD = "reuse_answers"  # run hash field: "0" for a run that must call for every picture
+UPDATED_FIELD = "answers_updated_at"  # run hash field: when its producer last updated the cache
 _TRIES = 3
-_SETTING_TTL_S = 60.0  # how long a run's reuse setting is trusted before it is read again
 
 
 def payload(recognition: Recognition, by: str, run_id: str) -> bytes:
@@ -60,7 +62,7 @@ class EarlierAnswers:
         self.cache = cache
         self.client = client
         self.keys = keys
-        self._reuse: dict[str, tuple[bool, float]] = {}
+        self._seen: dict[str, bytes | str] = {}  # run id -> the cache update this process saw
 
     async def lookup(self, run_id: str, pictures: Sequence[str]) -> dict[str, Answer]:
         """Answers for those of ``pictures`` (content keys) answered in an earlier run. Raises
@@ -87,21 +89,18 @@ class EarlierAnswers:
         return {picture: read_payload(data)[0] for picture, data in found.items()}
 
     async def _allowed(self, run_id: str) -> bool:
-        known = self._reuse.get(run_id)
-        now = time.monotonic()
-        if known is not None and now - known[1] < _SETTING_TTL_S:
-            return known[0]
-        if known is None:
-            self.cache.refresh()  # a run new to this process: its producer updated the cache
+        """Whether the run may use the cache; reads the cache's manifest again when the run's
+        producer has updated the cache since this process last looked (one round trip)."""
         try:
-            raw = await self.client.hget(self.keys.run(run_id), REUSE_FIELD)
+            reuse, updated = await self.client.hmget(self.keys.run(run_id), [REUSE_FIELD, UPDATED_FIELD])
         except RedisError as exc:
             raise RedisUnavailable(f"Redis unreachable reading run {run_id} ({type(exc).__name__})") from None
-        allowed = raw not in (b"0", "0")
-        if len(self._reuse) > 1000:
-            self._reuse.clear()
-        self._reuse[run_id] = (allowed, now)
-        return allowed
+        if updated is not None and self._seen.get(run_id) != updated:
+            self.cache.refresh()
+            if len(self._seen) > 1000:
+                self._seen.clear()
+            self._seen[run_id] = updated
+        return reuse not in (b"0", "0")
 
     def close(self) -> None:
         self.cache.close()

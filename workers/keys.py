@@ -68,6 +68,10 @@ class Keys:
         """Hash chunk id -> digest of its refs, for chunks already published (re-runs skip them)."""
         return f"{self.prefix}:run:{run_id}:chunks"
 
+    def run_sources(self, run_id: str) -> str:
+        """Hash source -> chunk id prefix, for each source enqueued into a run (the first: "")."""
+        return f"{self.prefix}:run:{run_id}:sources"
+
     def run_done(self, run_id: str) -> str:
         """Set of part names written for a run."""
         return f"{self.prefix}:run:{run_id}:done"

@@ -8,6 +8,7 @@ numbers. Progress = written / enqueued; ``parked`` chunks wait for ``carnumber r
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import dataclass
@@ -37,6 +38,17 @@ _ADD_ONCE = """
 if redis.call('SADD', KEYS[1], ARGV[1]) == 0 then return 0 end
 for i = 2, #ARGV, 2 do redis.call('HINCRBY', KEYS[2], ARGV[i], ARGV[i + 1]) end
 return 1
+"""
+
+# The chunk id prefix of a source in a run: "" for the run's first source, ARGV[2] for any other
+# (kept, so enqueuing a source again gives its chunks the same ids).
+# KEYS[1]=sources hash ARGV[1]=source ARGV[2]=the prefix it gets if it is not the first
+_SOURCE_PREFIX = """
+local p = redis.call('HGET', KEYS[1], ARGV[1])
+if p then return p end
+if redis.call('HLEN', KEYS[1]) == 0 then p = '' else p = ARGV[2] end
+redis.call('HSET', KEYS[1], ARGV[1], p)
+return p
 """
 
 # The same, guarded by a hash field (chunk id -> digest of its source refs):
@@ -80,16 +92,26 @@ class RunStore:
         self.keys = keys
         self._add_once = client.register_script(_ADD_ONCE)
         self._set_once = client.register_script(_SET_ONCE)
+        self._source_prefix = client.register_script(_SOURCE_PREFIX)
 
     def create(self, run_id: str, source: str) -> None:
+        """Register the run (again); ``source`` stays the first one enqueued into it."""
         key = self.keys.run(run_id)
         now = time.time()
         pipe = self.r.pipeline()
         pipe.hsetnx(key, "created_at", now)
         pipe.hsetnx(key, "state", "enqueuing")
-        pipe.hset(key, mapping={"source": source, "updated_at": now})
+        pipe.hsetnx(key, "source", source)
+        pipe.hset(key, mapping={"updated_at": now})
         pipe.zadd(self.keys.runs(), {run_id: now}, nx=True)
         pipe.execute()
+
+    def source_prefix(self, run_id: str, source: str) -> str:
+        """The chunk id prefix for ``source`` in the run: "" for its first source, ``s<digest>-``
+        for each further one, the same every time that source is enqueued again."""
+        other = "s" + hashlib.sha256(source.encode()).hexdigest()[:8] + "-"
+        raw = self._source_prefix(keys=[self.keys.run_sources(run_id)], args=[source, other])
+        return raw.decode() if isinstance(raw, bytes) else str(raw)
 
     def enqueued_digest(self, run_id: str, chunk_id: str) -> str | None:
         """The digest recorded when ``chunk_id`` was published, or None if it never was."""

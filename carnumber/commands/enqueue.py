@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from datetime import datetime
@@ -59,7 +60,7 @@ def main(args: argparse.Namespace) -> int:
     from producers.enqueued import recorder
     from producers.ledger import Ledger
     from producers.sources import open_source
-    from workers.earlier import REUSE_FIELD
+    from workers.earlier import REUSE_FIELD, UPDATED_FIELD
     from workers.sink.dataset import check_run_id
 
     settings = settings_from(args, chunk_size=args.chunk_size)
@@ -77,6 +78,22 @@ def main(args: argparse.Namespace) -> int:
     refs = open_source(
         args.source, settings, glob=args.glob, since=args.since, until=args.until, on_skip=on_skip
     )
+    runs.create(args.run_id, args.source)
+    # A further source enqueued into the same run gets chunk ids of its own (a local path by
+    # where it really is, so `./night` and `/data/night` are one source).
+    where = args.source if "://" in args.source else os.path.realpath(args.source)
+    chunk_prefix = runs.source_prefix(args.run_id, where)
+    if reason := _paused(runs, args.run_id):
+        raise InputError(
+            f"run {args.run_id} is {reason}: fix the cause, `carnumber resume {args.run_id}`, then enqueue"
+        )
+    extra = {REUSE_FIELD: "0" if args.reprocess else "1"}
+    if args.deadline:
+        extra["deadline"] = args.deadline
+    # "enqueuing" first: a run no longer "running" is not marked done (nor its journal dropped)
+    # by its last chunk, so a further source's copies still find the answers of this run's
+    # chunks in flight; those already written are in the cache, brought up to date after this.
+    runs.set_state(args.run_id, "enqueuing", **extra)
     ledger = None if args.reprocess else Ledger.open(settings.output, exclude_run=args.run_id)
     if not args.reprocess:
         # Answers of earlier runs by content: the workers answer moved and copied pictures from it.
@@ -87,15 +104,7 @@ def main(args: argparse.Namespace) -> int:
             cache.answers_added,
             cache.files_ingested,
         )
-    runs.create(args.run_id, args.source)
-    if reason := _paused(runs, args.run_id):
-        raise InputError(
-            f"run {args.run_id} is {reason}: fix the cause, `carnumber resume {args.run_id}`, then enqueue"
-        )
-    extra = {REUSE_FIELD: "0" if args.reprocess else "1"}
-    if args.deadline:
-        extra["deadline"] = args.deadline
-    runs.set_state(args.run_id, "enqueuing", **extra)
+        runs.set_state(args.run_id, "enqueuing", **{UPDATED_FIELD: time.time()})  # workers: re-read it
     started = time.monotonic()
     progress, on_progress = enqueue_progress(args.run_id)  # a bar on a terminal, else log lines
     report = enqueue_to_broker(
@@ -105,6 +114,7 @@ def main(args: argparse.Namespace) -> int:
         redis_client=client,
         runs=runs,
         ledger=ledger,
+        chunk_prefix=chunk_prefix,
         paused_reason=lambda: _paused(runs, args.run_id),
         record=recorder(settings.output),  # what `carnumber verify` reconciles the output against
         on_progress=on_progress,
