@@ -12,10 +12,10 @@ the real ``carnumber enqueue`` / ``verify`` / ``compact`` commands.
    another file (a picture may be repeated more than once); all shuffled over two sources, a
    folder and a ``.tar``, so copies sit in other chunks and in the other source. Both sources go
    into one run through one manifest listing the folder's files and the tar's members
-   (``--enqueue each``: one ``carnumber enqueue`` per source into the run instead). Met when the server accepted exactly one
-   call per distinct picture, every image has exactly one outcome (the Parquet output and
-   ``carnumber verify``), and exactly the copies have ``answered_by`` naming another image of the
-   same picture. Then the run is compacted, as the nightly job does.
+   (``--enqueue each``: one ``carnumber enqueue`` per source into the run instead). Met when the
+   server accepted exactly one call per distinct picture, every image has exactly one outcome
+   (the Parquet output and ``carnumber verify``), and exactly the copies have ``answered_by``
+   naming another image of the same picture. Then the run is compacted, as the nightly job does.
 2. **The same pictures moved.** Every file again under new paths (a new folder with new names, a
    re-packed tar with new member names, shuffled anew) as a second run. The answer cache is
    brought up to date first (:func:`producers.answer_index.update_answers`, timed; the enqueue
