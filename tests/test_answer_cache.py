@@ -105,3 +105,32 @@ def test_on_a_real_s3_server(tmp_path: Path) -> None:
         assert cache.lookup(wanted) == {k: v for k, v in _entries(0, 3500) if k in set(wanted)}
         assert merge(fs, d, max_segments=1)
         assert len(cache.lookup([_key(3), _key(3400)])) == 2
+
+
+def test_a_damaged_cache_costs_calls_not_the_chunk(tmp_path: Path, redis_url: str, key_prefix: str) -> None:
+    """The worker's side (``workers/earlier.py``): a damaged entry or an unreadable segment is a
+    miss, logged, and the picture is called; a good entry still answers."""
+    import asyncio
+
+    import redis.asyncio as aredis
+
+    from workers.api.response import Recognition
+    from workers.earlier import EarlierAnswers, payload
+    from workers.keys import Keys
+
+    fs, d = pafs.LocalFileSystem(), str(tmp_path / "c")
+    good = payload(Recognition("req", ()), "img-1", "earlier")
+    add_segment(fs, d, [(_key(1), good), (_key(2), b"{not json")])
+
+    async def ask(keys: list[str]) -> dict[str, object]:
+        client = aredis.Redis.from_url(redis_url)
+        try:
+            return dict(await EarlierAnswers(AnswerCache(fs, d), client, Keys(key_prefix)).lookup("r", keys))
+        finally:
+            await client.aclose()
+
+    found = asyncio.run(ask([_key(1), _key(2)]))
+    assert set(found) == {_key(1)}
+    for seg in Path(d).glob("seg-*.idx"):
+        seg.write_bytes(b"\0" * 7)  # cut short: every read of it fails
+    assert asyncio.run(ask([_key(1)])) == {}

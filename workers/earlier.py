@@ -10,8 +10,9 @@ finds the answers written meanwhile). A copy answered this way gets its
 own rows with 0 attempts and ``answered_by`` naming the image, in the earlier run, whose call
 answered it.
 
-The cache lives on the output store: if it cannot be read (after a few tries) the chunk goes on
-without it and calls; those pictures are then paid again, and that is logged.
+The cache lives on the output store: if it cannot be read (after a few tries), or an entry is
+damaged, the chunk goes on without it and calls; those pictures are then paid again, and that
+is logged.
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ class EarlierAnswers:
             try:
                 found = await asyncio.to_thread(self.cache.lookup, list(pictures))
                 break
-            except OSError as exc:
+            except (OSError, ValueError) as exc:  # the store, or a damaged segment (ArrowInvalid)
                 if attempt == _TRIES - 1:
                     log.warning(
                         "run %s: answer cache unreadable (%s: %s); calling for %d picture(s)",
@@ -86,7 +87,13 @@ class EarlierAnswers:
                     return {}
                 await asyncio.sleep(delay_s)
                 delay_s *= 4
-        return {picture: read_payload(data)[0] for picture, data in found.items()}
+        answers: dict[str, Answer] = {}
+        for picture, data in found.items():
+            try:
+                answers[picture] = read_payload(data)[0]
+            except (ValueError, KeyError, TypeError):  # a damaged entry: call for it instead
+                log.warning("run %s: answer cache entry for %s unreadable; calling", run_id, picture)
+        return answers
 
     async def _allowed(self, run_id: str) -> bool:
         """Whether the run may use the cache; reads the cache's manifest again when the run's
