@@ -17,10 +17,10 @@ Per image, in the order a real run meets it (the producer first, then a worker):
    (:func:`workers.storage.resolver.precheck_object`);
 3. **a duplicate by content** of an image met before, with the content key a worker gives it
    (:mod:`workers.content`): SHA-256 of the bytes where they are read whole; for objects in
-   ``url`` mode the store's ETag with the size. An
-   ETag is the MD5 of the bytes only for a single-part upload without SSE-KMS: the same picture
-   uploaded multipart, with other part sizes, or under KMS has another ETag, so such copies are
-   *missed* (counted as calls), never wrongly merged. Keys of different kinds never match each
+   ``url`` mode the store's ETag with the size. An ETag is the MD5 of the bytes only for a
+   single-part upload without SSE-KMS: the same picture uploaded multipart, with other part
+   sizes, or under KMS has another ETag, so such copies are *missed* (counted as calls), never
+   wrongly merged. Keys of different kinds never match each
    other (a local file and an object of the same bytes are two calls here). Images that are not
    read (``http(s)`` URLs, ``listing_only``) are keyed by their source;
 4. **answered in an earlier run by content** (the answer cache across runs,
@@ -31,7 +31,7 @@ Per image, in the order a real run meets it (the producer first, then a worker):
 
 Memory is flat in the number of images: content keys go into a temporary on-disk SQLite table
 (:class:`DigestSet`), rules keep counters and at most :data:`EXAMPLES` examples, the ledger is a
-memory map. Nothing here calls the API or writes to Redis.
+memory map, the answer cache is read a block at a time. Nothing here calls the API or writes to Redis.
 """
 
 from __future__ import annotations
