@@ -30,8 +30,9 @@ import pyarrow.parquet as pq
 
 from producers.ledger import dataset_files, locked
 from workers import answer_cache
-from workers.earlier import payload
 from workers.errors import ConfigError
+from workers.journal import Answer
+from workers.sink.dataset import open_dataset
 from workers.sink.rows import recognition_from_rows
 from workers.sink.schema import STATUS_NO_PLATE, STATUS_OK
 
@@ -80,10 +81,8 @@ def update_answers(
     """Ingest the output's new files into its answer cache. ``output``: a directory or
     ``s3://bucket/prefix``. Raises :class:`ConfigError` when the output cannot be read or the
     cache cannot be written."""
-    try:
-        fs, root = answer_cache.open_output_fs(output)
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise ConfigError(f"answer cache: cannot open output {output!r} ({exc})") from None
+    dataset = open_dataset(output)  # ConfigError naming the output when it cannot be opened
+    fs, root = dataset.fs, dataset.root
     stats = AnswerIndexStats()
     directory = answer_cache.cache_dir(root)
     try:
@@ -200,4 +199,6 @@ def _answers_in(fs: pafs.FileSystem, path: str) -> Iterator[tuple[str, bytes]]:
 def _entry(rows: list[dict[str, Any]]) -> tuple[str, bytes]:
     first = rows[0]
     by = first.get("answered_by") or first["image_id"]
-    return first["content_key"], payload(recognition_from_rows(rows), by, first["run_id"])
+    # The journal's own encoding, with 0 attempts: a copy answered from it makes no call.
+    answer = Answer(0, recognition=recognition_from_rows(rows), by=by)
+    return first["content_key"], answer.to_json().encode()

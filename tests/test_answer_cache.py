@@ -14,6 +14,7 @@ from helpers.s3_server import moto_s3, s3_client
 
 from workers import answer_cache
 from workers.answer_cache import AnswerCache, add_segment, merge, read_manifest
+from workers.sink.dataset import open_dataset
 
 
 def _key(i: int) -> str:
@@ -96,11 +97,11 @@ def test_on_a_real_s3_server(tmp_path: Path) -> None:
         s3_client(endpoint).create_bucket(Bucket="answers-out")
         host = endpoint.removeprefix("http://")
         output = f"s3://answers-out/plates?endpoint_override={host}&scheme=http&region=us-east-1"
-        fs, root = answer_cache.open_output_fs(output)
-        d = answer_cache.cache_dir(root)
+        dataset = open_dataset(output)
+        fs, d = dataset.fs, answer_cache.cache_dir(dataset.root)
         add_segment(fs, d, _entries(0, 3000))
         add_segment(fs, d, _entries(3000, 3500))
-        cache = AnswerCache.for_output(output)
+        cache = AnswerCache.beside(open_dataset(output))
         wanted = [_key(i) for i in np.random.default_rng(1).integers(0, 4000, 200)]
         assert cache.lookup(wanted) == {k: v for k, v in _entries(0, 3500) if k in set(wanted)}
         assert merge(fs, d, max_segments=1)
@@ -115,11 +116,12 @@ def test_a_damaged_cache_costs_calls_not_the_chunk(tmp_path: Path, redis_url: st
     import redis.asyncio as aredis
 
     from workers.api.response import Recognition
-    from workers.earlier import EarlierAnswers, payload
+    from workers.earlier import EarlierAnswers
+    from workers.journal import Answer
     from workers.keys import Keys
 
     fs, d = pafs.LocalFileSystem(), str(tmp_path / "c")
-    good = payload(Recognition("req", ()), "img-1", "earlier")
+    good = Answer(0, recognition=Recognition("req", ()), by="img-1").to_json().encode()
     add_segment(fs, d, [(_key(1), good), (_key(2), b"{not json")])
 
     async def ask(keys: list[str]) -> dict[str, object]:

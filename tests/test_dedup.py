@@ -37,6 +37,7 @@ from workers.earlier import REUSE_FIELD, UPDATED_FIELD
 from workers.message import Chunk, ImageRef
 from workers.pipeline import ChunkResult
 from workers.runner import Runtime, execute_chunk
+from workers.sink.dataset import open_dataset
 from workers.sink.rows import recognition_from_rows, recognition_rows
 from workers.storage.uris import object_uri
 
@@ -55,19 +56,30 @@ def _calls(server: RunningServer) -> int:
     return int(httpx.get(f"{server.url}/__carnumber/stats").json()["accepted_total"])
 
 
+def _env(server: RunningServer, redis_url: str, key_prefix: str, tmp: Path, **extra: str) -> dict[str, str]:
+    return {
+        "CARNUMBER_ENDPOINT": server.url,
+        "ALIBABA_CLOUD_ACCESS_KEY_ID": KEY_ID,
+        "ALIBABA_CLOUD_ACCESS_KEY_SECRET": SECRET,
+        "REDIS_URL": redis_url,
+        "CARNUMBER_KEY_PREFIX": key_prefix,
+        "CARNUMBER_OUTPUT": str(tmp / "out"),
+        "CARNUMBER_QPS": "0",
+        **extra,
+    }
+
+
 def _settings(server: RunningServer, redis_url: str, key_prefix: str, tmp: Path, **extra: str) -> Settings:
-    return Settings.from_env(
-        {
-            "CARNUMBER_ENDPOINT": server.url,
-            "ALIBABA_CLOUD_ACCESS_KEY_ID": KEY_ID,
-            "ALIBABA_CLOUD_ACCESS_KEY_SECRET": SECRET,
-            "REDIS_URL": redis_url,
-            "CARNUMBER_KEY_PREFIX": key_prefix,
-            "CARNUMBER_OUTPUT": str(tmp / "out"),
-            "CARNUMBER_QPS": "0",
-            "CARNUMBER_CONCURRENCY": "4",
-            **extra,
-        }
+    return Settings.from_env(_env(server, redis_url, key_prefix, tmp, CARNUMBER_CONCURRENCY="4", **extra))
+
+
+def _worker_env(
+    server: RunningServer, redis_url: str, key_prefix: str, tmp: Path, chunk_size: int
+) -> dict[str, str]:
+    """For real worker processes and the CLI: :func:`_env` with the test's own queue."""
+    queue = f"{key_prefix}:queue"
+    return _env(
+        server, redis_url, key_prefix, tmp, CARNUMBER_QUEUE=queue, CARNUMBER_CHUNK_SIZE=str(chunk_size)
     )
 
 
@@ -290,7 +302,7 @@ def test_plan_counts_moved_pictures_as_answered_and_the_run_agrees(
     with Runtime.from_settings(settings) as rt:
         _run([rt], "p1", [[ImageRef((night / f"{i:02d}.png").as_uri()) for i in range(PICTURES)]])
         update_answers(output)
-        with AnswerCache.for_output(output) as cache:
+        with AnswerCache.beside(open_dataset(output)) as cache:
             report = make_plan(plan_items(str(moved), settings), settings, answers=cache)
         assert (report.listed, report.answered_earlier_by_content, report.calls) == (9, 6, 3)
         before = _calls(server)
@@ -357,17 +369,7 @@ def test_as_a_user_runs_it_with_real_workers_and_compaction_between(
     archive.mkdir()
     for i, data in enumerate(_pictures()):
         (archive / f"cam-{i:02d}.png").write_bytes(data)
-    env = {
-        "CARNUMBER_ENDPOINT": server.url,
-        "ALIBABA_CLOUD_ACCESS_KEY_ID": KEY_ID,
-        "ALIBABA_CLOUD_ACCESS_KEY_SECRET": SECRET,
-        "REDIS_URL": redis_url,
-        "CARNUMBER_KEY_PREFIX": key_prefix,
-        "CARNUMBER_QUEUE": f"{key_prefix}:queue",
-        "CARNUMBER_OUTPUT": str(tmp_path / "out"),
-        "CARNUMBER_CHUNK_SIZE": "3",
-        "CARNUMBER_QPS": "0",
-    }
+    env = _worker_env(server, redis_url, key_prefix, tmp_path, chunk_size=3)
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     workers = [
@@ -424,17 +426,7 @@ def test_two_sources_enqueued_into_one_run_make_one_call_per_picture(
     tar = tmp_path / "upload.tar"
     with tarfile.open(tar, "w") as tf:
         tf.add(staging, arcname="upload")
-    env = {
-        "CARNUMBER_ENDPOINT": server.url,
-        "ALIBABA_CLOUD_ACCESS_KEY_ID": KEY_ID,
-        "ALIBABA_CLOUD_ACCESS_KEY_SECRET": SECRET,
-        "REDIS_URL": redis_url,
-        "CARNUMBER_KEY_PREFIX": key_prefix,
-        "CARNUMBER_QUEUE": f"{key_prefix}:queue",
-        "CARNUMBER_OUTPUT": str(tmp_path / "out"),
-        "CARNUMBER_CHUNK_SIZE": "4",
-        "CARNUMBER_QPS": "0",
-    }
+    env = _worker_env(server, redis_url, key_prefix, tmp_path, chunk_size=4)
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     monkeypatch.chdir(tmp_path)

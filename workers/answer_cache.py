@@ -12,7 +12,7 @@ Design note: ``ops/design/sink.md`` ("Answers across runs"). The layout, beside 
 A key is the first 64 bits of the BLAKE2b digest of the content key (``workers/content.py``);
 each value starts with its full content key (then a NUL, then the payload), and
 :meth:`AnswerCache.lookup` checks it, so a 64-bit collision is a miss (a call), never a wrong
-answer. Payloads are opaque here (the caller encodes them: ``workers/earlier.py``).
+answer. Payloads are opaque here (the producer writes journal answers: ``producers/answer_index.py``).
 
 A reader keeps each segment's fence, 1/16 byte per entry (3 MB for 50 million answers), and
 nothing else: a lookup of one key reads one block of ``FENCE`` records (2 KB) per segment, and
@@ -32,14 +32,13 @@ import hashlib
 import itertools
 import json
 import math
-import os
 import threading
 import time
 import uuid
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -54,7 +53,6 @@ __all__ = [
     "clear",
     "key_of",
     "merge",
-    "open_output_fs",
     "put_file",
     "read_manifest",
 ]
@@ -67,20 +65,19 @@ RANGE_ENTRIES = 200_000  # entries a merge holds at once (~50 MB of answers)
 _SENTINEL = np.iinfo(np.uint64).max
 
 
+class Output(Protocol):
+    """Where the output lives (the sink's ``Dataset``): its filesystem and root path."""
+
+    fs: pafs.FileSystem
+    root: str
+
+
 def key_of(content_key: str) -> int:
     return int.from_bytes(hashlib.blake2b(content_key.encode(), digest_size=8).digest(), "big")
 
 
 def cache_dir(root: str) -> str:
     return f"{root.rstrip('/')}/_answers/v{VERSION}"
-
-
-def open_output_fs(output: str) -> tuple[pafs.FileSystem, str]:
-    """The filesystem and root path of an output location (a directory or ``s3://...``)."""
-    if "://" in output:
-        fs, path = pafs.FileSystem.from_uri(output)
-        return fs, path.rstrip("/")
-    return pafs.LocalFileSystem(), os.path.abspath(output)
 
 
 # -- the manifest -----------------------------------------------------------------------------
@@ -260,8 +257,9 @@ def merge(fs: pafs.FileSystem, directory: str, *, max_segments: int = 4) -> bool
     except BaseException:
         writer.abort()
         raise
-    for r in readers:
-        r.close()
+    finally:
+        for r in readers:
+            r.close()
     _write_manifest(fs, directory, [merged, *kept])
     for s in chosen:
         _remove(fs, directory, s.name)
@@ -355,9 +353,9 @@ class AnswerCache:
         self._loaded_at: float | None = None
 
     @classmethod
-    def for_output(cls, output: str, **kw: Any) -> AnswerCache:
-        fs, root = open_output_fs(output)
-        return cls(fs, cache_dir(root), **kw)
+    def beside(cls, dataset: Output, **kw: Any) -> AnswerCache:
+        """The cache beside an output dataset (``workers.sink.dataset.open_dataset``)."""
+        return cls(dataset.fs, cache_dir(dataset.root), **kw)
 
     def entries(self) -> int:
         return sum(r.segment.entries for r in self._current())

@@ -1,7 +1,8 @@
 """Answers paid for in earlier runs, as the pipeline asks for them before it calls.
 
 The answer cache (``workers/answer_cache.py``, under the output) is filled by the producer from
-the output's rows (``producers/answer_index.py``); here a worker looks a chunk's pictures up in
+the output's rows (``producers/answer_index.py``), each entry a journal :class:`Answer` with 0
+attempts (a copy answered from it makes no call); here a worker looks a chunk's pictures up in
 it, one batch per chunk, on a thread. A run enqueued with ``--reprocess`` says so in its run hash
 (``reuse_answers = 0``) and is never answered from the cache. Each enqueue of the run stamps
 ``answers_updated_at`` after it has updated the cache; a worker that sees a new stamp reads the
@@ -18,14 +19,12 @@ is logged.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from redis.exceptions import RedisError
 
-from workers.api.response import Recognition
 from workers.errors import RedisUnavailable
 from workers.journal import Answer
 from workers.keys import Keys
@@ -35,25 +34,12 @@ if TYPE_CHECKING:
 
     from workers.answer_cache import AnswerCache
 
-__all__ = ["REUSE_FIELD", "UPDATED_FIELD", "EarlierAnswers", "payload", "read_payload"]
+__all__ = ["REUSE_FIELD", "UPDATED_FIELD", "EarlierAnswers"]
 
 log = logging.getLogger(__name__)
 REUSE_FIELD = "reuse_answers"  # run hash field: "0" for a run that must call for every picture
 UPDATED_FIELD = "answers_updated_at"  # run hash field: when its producer last updated the cache
 _TRIES = 3
-
-
-def payload(recognition: Recognition, by: str, run_id: str) -> bytes:
-    """What the cache keeps for one picture: the recognition, the image whose call gave it, and
-    that call's run."""
-    doc = {"by": by, "run": run_id, "rec": recognition.to_json()}
-    return json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode()
-
-
-def read_payload(data: bytes) -> tuple[Answer, str]:
-    """The answer (0 attempts: nothing is called for the copy) and the run that paid for it."""
-    doc: dict[str, Any] = json.loads(data)
-    return Answer(0, recognition=Recognition.from_json(doc["rec"]), by=str(doc["by"])), str(doc["run"])
 
 
 class EarlierAnswers:
@@ -90,7 +76,7 @@ class EarlierAnswers:
         answers: dict[str, Answer] = {}
         for picture, data in found.items():
             try:
-                answers[picture] = read_payload(data)[0]
+                answers[picture] = Answer.from_json(data)
             except (ValueError, KeyError, TypeError):  # a damaged entry: call for it instead
                 log.warning("run %s: answer cache entry for %s unreadable; calling", run_id, picture)
         return answers

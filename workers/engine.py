@@ -123,6 +123,7 @@ class Engine:
         from workers.ratelimit import from_settings as limits_from_settings
         from workers.retry import RetryPolicy
         from workers.runswitch import RunSwitch
+        from workers.sink.dataset import open_dataset
 
         s = self.settings
         creds = s.credentials()
@@ -148,7 +149,7 @@ class Engine:
             on_call=self._on_call if self.counter is not None else None,
             journal=AnswerJournal(ar, keys, ttl_s=s.journal_ttl_s, claim_ms=_claim_ms(s)),
             redis_outage_s=s.redis_outage_s,
-            earlier=(earlier := EarlierAnswers(AnswerCache.for_output(s.output), ar, keys)),
+            earlier=(earlier := EarlierAnswers(AnswerCache.beside(open_dataset(s.output)), ar, keys)),
         )
 
         async def close_cache() -> None:

@@ -142,6 +142,7 @@ def main(args: argparse.Namespace, *, out: TextIO | None = None, err: TextIO | N
     from producers.plan import bill, make_plan, plan_items, quota_view
     from workers.answer_cache import AnswerCache
     from workers.errors import InputError
+    from workers.sink.dataset import open_dataset
 
     out = out or sys.stdout
     err = err or sys.stderr
@@ -159,7 +160,7 @@ def main(args: argparse.Namespace, *, out: TextIO | None = None, err: TextIO | N
     answers = None
     if not args.reprocess:
         update_answers(settings.output)
-        answers = AnswerCache.for_output(settings.output)
+        answers = AnswerCache.beside(open_dataset(settings.output))
     progress = _Progress(err, args.progress_s)
     try:
         report = make_plan(
