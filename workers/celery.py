@@ -10,6 +10,7 @@ from typing import Any
 
 from celery import Celery
 
+from workers.broker import transport_for
 from workers.config import Settings
 from workers.leases import LeaseKeeper
 
@@ -26,6 +27,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     and connections that notice a dead Redis instead of hanging on it."""
     return {
         "broker_url": settings.broker_url,
+        # Kombu's Redis transport, repaired: a lost connection never crashes the node, what it
+        # holds stays leased across it, and leases start on Redis's clock (workers/broker.py).
+        "broker_transport": transport_for(settings.broker_url),
         "broker_connection_retry_on_startup": True,
         # A Redis restart of up to CARNUMBER_REDIS_OUTAGE_S: reconnect (1 s, 2 s, ... 10 s apart),
         # then exit non-zero for the supervisor rather than retry forever.

@@ -12,8 +12,10 @@ put a *lease* on them instead (design note: ``ops/design/sink.md``, "Leases"):
   ``CARNUMBER_LEASE_S`` (45 s) by Redis's clock (:data:`EXPIRED`) go back to their queue through
   kombu's own restore. A node that dies (SIGKILL, OOM, power, cut cable) stops renewing, so its
   chunks are running elsewhere about ``lease_s + SWEEP_INTERVAL_S`` later;
-* only Redis's clock is read, so skewed worker clocks do not matter; and no sweep runs while
-  Redis has been up for less than ``lease_s`` (after a restart every live node renews first).
+* only Redis's clock is read, so skewed worker clocks do not matter (a delivery's first lease time
+  is Redis's too: ``workers/broker.py``); and a node sweeps only once *it* has reached Redis for
+  ``lease_s`` without a break, and Redis has been up that long: after a restart, a fleet-wide cut or
+  a failover to a replica, every live node has renewed before anyone judges a lease.
 
 Renewal and sweeps run in the node's main process (the one that holds the broker connection), on
 a thread of their own started by a consumer bootstep, so neither a busy pool nor a long chunk
@@ -111,6 +113,10 @@ class LeaseRenewer:
         self.lease_s = lease_s
         self.index_key = index_key
         self.restored = 0
+        # Since when this node has reached Redis without a break (monotonic s): a lease it sees
+        # expired may be one whose holder has not had a lease period to renew since the same
+        # outage (a restart, a fleet-wide cut, a failover to a replica).
+        self.connected_since: float | None = time.monotonic()
         self._renew = client.register_script(RENEW)
         self._expired = client.register_script(EXPIRED)
         self._stopped = threading.Event()
@@ -126,12 +132,15 @@ class LeaseRenewer:
 
     def renew_once(self) -> int:
         """Renew now; returns how many leases were renewed. Raises ``RedisError``."""
-        tags = sorted(self.held())
-        return int(self._renew(keys=[self.index_key], args=tags)) if tags else 0
+        # Even with nothing held: the round trip is how this node notices an outage.
+        return int(self._renew(keys=[self.index_key], args=sorted(self.held())))
 
     def sweep_once(self, limit: int = 100) -> int:
         """Hand messages whose lease ran out back to their queue; returns how many. Raises
         ``RedisError``."""
+        since = self.connected_since
+        if since is None or time.monotonic() - since < self.lease_s:
+            return 0  # back from an outage (or just started): live holders renew first
         if int(self.client.info("server")["uptime_in_seconds"]) < self.lease_s:
             return 0  # Redis restarted: live nodes renew first (their scores are outage-old)
         expired = self._expired(keys=[self.index_key], args=[self.lease_s, limit])
@@ -153,6 +162,8 @@ class LeaseRenewer:
                 if now >= next_renew:
                     self.renew_once()
                     next_renew = now + renew_every_s
+                    if self.connected_since is None:
+                        self.connected_since = time.monotonic()
                 if now >= next_sweep:
                     self.sweep_once()
                     next_sweep = now + SWEEP_INTERVAL_S
@@ -161,6 +172,7 @@ class LeaseRenewer:
                 failing_since = None
             except Exception as exc:  # Redis or kombu away: try again, never let the thread die
                 failing_since = failing_since or now
+                self.connected_since = None
                 if now - last_warning >= 10:
                     log.warning("leases: %s for %.0f s: %s", type(exc).__name__, now - failing_since, exc)
                     last_warning = now

@@ -55,5 +55,6 @@ def main(args: argparse.Namespace) -> int:
         argv.append(f"--hostname={args.hostname}")
     if args.max_tasks_per_child:
         argv.append(f"--max-tasks-per-child={args.max_tasks_per_child}")
-    app.worker_main(argv)
-    return 0
+    # Celery's own exit code: non-zero after an unrecoverable error or a broker that stayed
+    # away (app.worker_main would drop it, and a dead node would look like a clean exit).
+    return int(app.start(argv) or 0)

@@ -154,6 +154,7 @@ class Drill:
     prefix: str = field(default_factory=lambda: f"drill-{uuid.uuid4().hex[:8]}")
     nodes: list[Node] = field(default_factory=list)
     run_id: str = "drill"
+    log_level: str = "WARNING"  # the nodes' (INFO shows when a node is ready)
 
     def __post_init__(self) -> None:
         self.work.mkdir(parents=True, exist_ok=True)
@@ -201,7 +202,7 @@ class Drill:
         argv = [
             *prefix_cmd, sys.executable, "-m", "carnumber.cli", "worker",
             "-c", str(self.processes), "--pool", self.pool, "-n", f"{name}-{uuid.uuid4().hex[:4]}@%h",
-            "-l", "WARNING",
+            "-l", self.log_level,
         ]  # fmt: skip
         with log.open("w") as out:
             proc = subprocess.Popen(
