@@ -117,7 +117,7 @@ def _run(env: dict[str, str], run_id: str, archive: Path, timeout_s: float) -> s
     from carnumber.commands.common import configure_celery, connect_redis, run_store
     from carnumber.commands.status import follow
     from carnumber.progress import Progress
-    from producers.enqueue import enqueue_to_broker
+    from producers.enqueue import EnqueueTracker, enqueue_to_broker
     from producers.enqueued import recorder
     from producers.sources import open_source
     from workers.config import Settings
@@ -131,15 +131,16 @@ def _run(env: dict[str, str], run_id: str, archive: Path, timeout_s: float) -> s
     configure_celery(settings)
     started = time.monotonic()
     runs.create(run_id, str(archive))
-    report = enqueue_to_broker(
-        open_source(str(archive), settings, glob="*.jpg"),
-        run_id,
-        settings=settings,
-        redis_client=client,
-        runs=runs,
-        record=recorder(settings.output),
-    )
-    runs.set_state(run_id, "running")
+    argv = ["carnumber", "enqueue", str(archive), "--run", run_id, "--glob", "*.jpg"]
+    with EnqueueTracker(runs, run_id, str(archive), argv) as tracker:
+        tracker.report = report = enqueue_to_broker(
+            open_source(str(archive), settings, glob="*.jpg"),
+            run_id,
+            settings=settings,
+            redis_client=client,
+            runs=runs,
+            record=recorder(settings.output),
+        )
     log = io.StringIO()
     with Progress(f"demo run {run_id}", total=report.images_enqueued, unit="images", every_s=10) as bar:
         status = follow(

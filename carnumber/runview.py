@@ -51,8 +51,12 @@ __all__ = [
 ]
 
 # States in which a run makes no more calls until an operator (or the nightly job) acts.
-PAUSED_STATES = ("stopped", "quota_exhausted", "circuit_open", "redis_unavailable", "paused", "cancelled")
-ENDED_STATES = ("done", *PAUSED_STATES)
+PAUSED_STATES = (
+    "stopped", "quota_exhausted", "circuit_open", "redis_unavailable", "shutdown", "paused", "cancelled",
+)  # fmt: skip
+# ... or until the operator finishes enqueuing a source ("incomplete": every image enqueued so far
+# has its outcome, but a source's enqueue stopped early or its producer died).
+ENDED_STATES = ("done", "incomplete", *PAUSED_STATES)
 _HHMM = re.compile(r"(\d{1,2}):(\d{2})")
 _IMAGES = re.compile(r"\bimages=(\d+)")
 
@@ -165,6 +169,9 @@ class RunFigures:
     calls: int
     stop_code: str | None
     stop_message: str | None
+    # Sources whose enqueue stopped early or whose producer died: (source, images published,
+    # why, the command that finishes it).
+    unfinished: tuple[tuple[str, int, str, str], ...]
     circuit: str
     qps_limit: float
     calls_per_s_10s: float | None
@@ -321,6 +328,10 @@ class RunView:
             calls=calls,
             stop_code=f.get("stop_code") or (stop or {}).get("code") or None,
             stop_message=(stop or {}).get("message") or None,
+            unfinished=tuple(
+                (e.source, e.published, e.reason or "its producer stopped answering", e.command)
+                for e in run.unfinished_enqueues
+            ),
             circuit=circuit,
             qps_limit=self.settings.qps,
             calls_per_s_10s=cps_10s,

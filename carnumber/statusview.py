@@ -135,6 +135,8 @@ def render(f: RunFigures) -> RenderableType:
     grid.add_row("circuit", f.circuit)
     if f.stop_code:
         grid.add_row("stop", Text(f"{f.stop_code}: {f.stop_message or ''}", style="red"))
+    for line in _unfinished(f):
+        grid.add_row("enqueue", Text(line, style="bold red"))
     grid.add_row("cost", _cost(f))
     return Panel(Group(head, bar, grid), title="carnumber status", subtitle=when(f.at_s))
 
@@ -160,7 +162,17 @@ def plain_line(f: RunFigures) -> str:
         parts.append(f"in_flight={f.calls_in_flight}")
     if f.cost is not None:
         parts.append(f"cost={f.cost:.2f}/{(f.cost_projected or 0):.2f}")
+    parts.extend(f"| {line}" for line in _unfinished(f))
     return " ".join(parts)
+
+
+def _unfinished(f: RunFigures) -> list[str]:
+    """What an operator must do about sources that were not enqueued to their end."""
+    return [
+        f"{source} NOT enqueued to its end ({published:,} images published; {why}): "
+        f"`carnumber resume {f.run_id}` finishes it ({command or 'carnumber enqueue SOURCE'})"
+        for source, published, why, command in f.unfinished
+    ]
 
 
 def summary(f: RunFigures, watched_s: float) -> str:
@@ -173,12 +185,15 @@ def summary(f: RunFigures, watched_s: float) -> str:
         "paused": f"paused (carnumber resume {f.run_id})",
         "redis_unavailable": f"paused: Redis was out of reach too long (carnumber resume {f.run_id})",
         "cancelled": "cancelled",
+        "incomplete": f"NOT finished: a source was not enqueued to its end (carnumber resume {f.run_id})",
+        "shutdown": f"paused: its workers were shut down (carnumber resume {f.run_id})",
     }.get(f.state, f.state)
     lines = [
         f"run {f.run_id} {ended}: {f.written}/{f.enqueued} images with an outcome "
         f"({f.failed} failed), {f.parked} parked, {f.plates} plates, {f.calls} calls",
         f"  watched {duration(watched_s)}; run age {duration(f.age_s)}"
         + (f"; cost {_money(f.cost)}" if f.cost is not None else ""),
+        *(f"  {line}" for line in _unfinished(f)),
     ]
     return "\n".join(lines)
 

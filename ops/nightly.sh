@@ -4,7 +4,8 @@
 #   1. refuse to start while the fleet is stopped by a fatal error (that needs an operator);
 #   2. resume runs parked because the call quota was spent (state quota_exhausted): the quota
 #      window has reset since. Nothing else is resumed automatically (AUTO_RESUME_STATES).
-#      Each is re-enqueued from its recorded source too: the producer stops feeding a paused run;
+#      Resume also finishes each source whose enqueue stopped early (the producer stops feeding
+#      a held run) with the command recorded for it;
 #   3. enqueue tonight's images as run RUN_ID, follow it to the end, compact it, retry its
 #      retryable failures once, follow again, compact again, then `carnumber verify` it: every
 #      image the producer enqueued must have exactly one outcome in the output; then print its
@@ -85,10 +86,6 @@ run_state() {
   cn status "$1" --json | sed -n 's/^ *"state": "\([^"]*\)".*/\1/p'
 }
 
-run_source() {
-  cn status "$1" --json | python3 -c 'import json, sys; print(json.load(sys.stdin)["source"])'
-}
-
 # Follow run $1 to its end, logging one line in FOLLOW_LOG_EVERY. Returns the nightly exit code.
 follow() {
   local run="$1" rc=0 state
@@ -162,23 +159,24 @@ resumed=()
 for state in $AUTO_RESUME_STATES; do
   for run in $(runs_in_state "$state"); do
     log "resuming run $run (state $state)"
-    # --keep-stop: an automatic resume never lifts a fatal stop; only an operator does.
-    cn resume "$run" --keep-stop
+    # --keep-stop: an automatic resume never lifts a fatal stop; only an operator does. Resume
+    # publishes the parked chunks and finishes every enqueue that stopped early (the producer
+    # stops feeding a held run; it is run again with its recorded command, skipping what it had
+    # published).
+    rc=0; cn resume "$run" --keep-stop || rc=$?
     if [[ "$run" == "$RUN_ID" ]]; then continue; fi  # enqueued again below
-    # The producer stops feeding a paused run: publish what it had not yet published (chunks
-    # published before are skipped, so this needs the same source and ENQUEUE_ARGS as then).
-    src="$(run_source "$run")"
-    log "re-enqueueing the rest of run $run from ${src%%\?*}"
-    if cn enqueue "$src" --run "$run" "${EXTRA[@]}"; then
+    if [[ $rc -eq 0 ]]; then
       resumed+=("$run")
     else
-      log "re-enqueueing run $run failed; its parked images are back in the queue, the rest waits for an operator"
+      log "resuming run $run exited $rc; what is left waits for an operator (carnumber status $run)"
     fi
   done
 done
 
 log "enqueueing"
-cn enqueue "$SOURCE" --run "$RUN_ID" "${EXTRA[@]}"
+# 3: the producer stopped early because the run is held (the quota spent, a pause): follow says why.
+rc=0; cn enqueue "$SOURCE" --run "$RUN_ID" "${EXTRA[@]}" || rc=$?
+if [[ $rc -ne 0 && $rc -ne 3 ]]; then exit "$rc"; fi
 rc=0; follow "$RUN_ID" || rc=$?
 if [[ $rc -ne 0 ]]; then exit "$rc"; fi
 finish "$RUN_ID"

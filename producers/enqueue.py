@@ -13,9 +13,11 @@ chunks whose images were all dropped too, so ``carnumber verify`` knows exactly 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -28,7 +30,7 @@ from workers.errors import InputError
 from workers.message import Chunk, ImageRef
 from workers.runs import RunStore
 
-__all__ = ["EnqueueReport", "enqueue", "enqueue_to_broker"]
+__all__ = ["EnqueueReport", "EnqueueTracker", "enqueue", "enqueue_to_broker"]
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +58,7 @@ def _batches(refs: Iterable[ImageRef], size: int) -> Iterator[list[ImageRef]]:
         yield batch
 
 
-def _wait_for_room(
-    depth: Callable[[], int], high_water: int, sleep: Callable[[float], None]
-) -> float:
+def _wait_for_room(depth: Callable[[], int], high_water: int, sleep: Callable[[float], None]) -> float:
     """Block while the queue holds ``high_water`` messages or more; resume below half of it."""
     if depth() < high_water:
         return 0.0
@@ -158,3 +158,54 @@ def enqueue_to_broker(
         queue_high_water=settings.queue_high_water,
         **options,
     )
+
+
+class EnqueueTracker:
+    """The run's books' view of one source's enqueue (``RunStore.enqueue_progress``): ``running``
+    with a heartbeat every ``beat_s`` from a thread (through long waits for room in the queue or
+    an answer-cache update too), then ``complete``, or ``incomplete`` with why — a run is not done
+    while a source is being enqueued, nor when one was not enqueued to its end.
+
+    Use as a context manager; set :attr:`report` to the :class:`EnqueueReport` before leaving."""
+
+    def __init__(
+        self, runs: RunStore, run_id: str, source: str, argv: list[str], beat_s: float = 10.0
+    ) -> None:
+        self.runs = runs
+        self.run_id = run_id
+        self.source = source
+        self.argv = argv
+        self.beat_s = beat_s
+        self.report: EnqueueReport | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="carnumber-enqueue-heartbeat", daemon=True)
+
+    def published(self) -> int:
+        return self.report.images_enqueued if self.report is not None else 0
+
+    def on_progress(self, report: EnqueueReport) -> None:
+        self.report = report
+
+    def _say(self, state: str, reason: str = "") -> None:
+        self.runs.enqueue_progress(self.run_id, self.source, state, self.published(), self.argv, reason)
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.beat_s):
+            with contextlib.suppress(Exception):  # a Redis restart: the next beat makes up for it
+                self._say("running")
+
+    def __enter__(self) -> EnqueueTracker:
+        self._say("running")
+        self._thread.start()
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, _tb: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        if exc is not None:  # Ctrl-C, a source that changed, the output store refusing
+            with contextlib.suppress(Exception):
+                self._say("incomplete", f"{type(exc).__name__}: {exc}"[:300])
+        elif self.report is not None and self.report.stopped_by is not None:
+            self._say("incomplete", f"run {self.report.stopped_by}")
+        else:
+            self._say("complete")

@@ -116,6 +116,29 @@ class EnqueuedRecords:
             for p in paths
         )
 
+    def chunks(self, run_id: str, image_ids: Sequence[str]) -> list[Chunk]:
+        """The recorded chunks that hold ``image_ids``, each cut down to those images and keeping
+        their positions (a record lists a chunk's images in the order it was published), so a
+        republished image is the same ``(chunk id, position)`` to the run's books."""
+        wanted = set(image_ids)
+        found: list[Chunk] = []
+        for chunk_id, path in sorted(self.files(run_id).items()):
+            table = pq.read_table(
+                path, filesystem=self.dataset.fs, columns=["image_id", "source", "meta"], schema=RECORD_SCHEMA
+            )
+            rows = table.to_pylist()
+            picked = [(p, r) for p, r in enumerate(rows) if r["image_id"] in wanted]
+            if picked:
+                found.append(
+                    Chunk(
+                        run_id,
+                        chunk_id,
+                        tuple(ImageRef(r["source"], r["image_id"], dict(r["meta"] or [])) for _, r in picked),
+                        tuple(p for p, _ in picked),
+                    )
+                )
+        return found
+
     def refs(self, run_id: str, image_ids: Sequence[str]) -> list[ImageRef]:
         """The recorded refs of ``image_ids`` (source and metadata as enqueued, in chunk order;
         each image once), to publish them again."""

@@ -16,26 +16,30 @@ exactly one class, first match wins:
     Once the run is compacted (only ``compacted-*`` files), any second outcome at all.
 ``parked``
     in a parked chunk: set aside while the fleet was paused; ``carnumber resume`` publishes it.
+``in_flight``
+    no outcome, in a chunk message that is alive on the broker (queued, or held by a worker: a
+    dead holder's lease runs out and it is queued again): it will still get one.
 ``missing``
-    no outcome and not parked: lost, or still queued or in flight while the run is running.
+    no outcome, not parked, in no live message: lost (a message or a part file).
 ``exactly_one``
     one winning outcome. Failures followed by a later outcome (a ``retry-failures`` round) are
     *superseded*, not duplicates: compaction keeps the answer, as :func:`best_outcomes` does.
 
 Outcomes for images the run never enqueued are ``unexpected``; first-pass chunks that Redis
 counts as enqueued but have no record are ``unrecorded``. The run is clean when every enqueued
-image has exactly one outcome and every other count is zero (failed images do have their one
-outcome; they are reported by code, with their ``retryable`` flag, but are not a mismatch).
+image has exactly one outcome, every other count is zero (failed images do have their one
+outcome; they are reported by code, with their ``retryable`` flag, but are not a mismatch), and
+every source was enqueued to its end (an enqueue that stopped early promised only part of it).
 
-:func:`republish_missing` publishes the missing images again, from their records, as a new round
-of chunks (``verify1-…``): a lost message or a lost part file is never redelivered by itself, and a
-chunk id already written is skipped by the workers, hence the new ids.
+:func:`republish_missing` publishes the *missing* images again, from their records, under their
+own chunk ids and positions (the run's books then count each once, ``workers/outcomes.py``); an
+image whose rows are gone from the output is first forgotten by the books. Images in flight or
+parked are never republished: they will run anyway, and a second copy would be a second holder.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,6 +50,7 @@ import pyarrow.parquet as pq
 from producers.enqueued import EnqueuedRecords, is_first_pass
 from workers.errors import InputError
 from workers.message import Chunk
+from workers.outcomes import OutcomeBook
 from workers.runs import RunStore
 from workers.sink.compact import best_outcomes, read_keys
 from workers.sink.dataset import Dataset
@@ -61,7 +66,7 @@ __all__ = [
     "verify_run",
 ]
 
-KINDS = ("missing", "parked", "duplicated", "unexpected", "unrecorded")
+KINDS = ("missing", "in_flight", "parked", "duplicated", "unexpected", "unrecorded")
 _MISMATCH_SCHEMA = pa.schema(
     [("kind", pa.string()), ("image_id", pa.string()), ("url", pa.string()), ("chunk_id", pa.string())]
 )
@@ -102,12 +107,15 @@ class Verification:
     failed: int  # of exactly_one: the winning outcome is a failure
     superseded: int  # of exactly_one: earlier failures replaced by a later outcome
     missing: int
+    in_flight_images: int  # no outcome yet, in a live message (queued or held by a worker)
     parked: int
     parked_chunks: int
     duplicated: int
     unexpected: int
     unrecorded_chunks: int
     in_flight: int  # by Redis's counters: enqueued - written - parked
+    # Sources not enqueued to their end: "SOURCE: N images published (why); finish: COMMAND".
+    unfinished: list[str] = field(default_factory=list)
     failed_by_code: list[FailedCode] = field(default_factory=list)
     examples: dict[str, list[Example]] = field(default_factory=dict)
     # Every missing, parked and duplicated image: kind, image_id, url (its source), chunk_id.
@@ -116,12 +124,15 @@ class Verification:
     @property
     def ok(self) -> bool:
         """Every enqueued image has exactly one outcome, and nothing else is off."""
-        return self.exactly_one == self.enqueued and not any(self.counts().values())
+        return (
+            self.exactly_one == self.enqueued and not any(self.counts().values()) and not self.unfinished
+        )
 
     def counts(self) -> dict[str, int]:
         """The mismatch counts by kind (:data:`KINDS`); chunks for ``unrecorded``."""
         return {
             "missing": self.missing,
+            "in_flight": self.in_flight_images,
             "parked": self.parked,
             "duplicated": self.duplicated,
             "unexpected": self.unexpected,
@@ -134,8 +145,7 @@ class Verification:
         for kind, n in self.counts().items():
             if n:
                 out.append(f"{n} {'chunks ' if kind == 'unrecorded' else ''}{kind}")
-        if self.missing and self.state in ("enqueuing", "running") and self.in_flight:
-            out.append(f"run still {self.state} ({self.in_flight} images queued or in flight)")
+        out.extend(f"not enqueued to its end: {u}" for u in self.unfinished)
         return out
 
     def to_json(self) -> dict[str, Any]:
@@ -157,8 +167,10 @@ class Verification:
             "failed": self.failed,
             "superseded": self.superseded,
             "missing": self.missing,
+            "in_flight_images": self.in_flight_images,
             "parked": self.parked,
             "parked_chunks": self.parked_chunks,
+            "unfinished": self.unfinished,
             "duplicated": self.duplicated,
             "unexpected": self.unexpected,
             "unrecorded_chunks": self.unrecorded_chunks,
@@ -173,14 +185,10 @@ class Verification:
         }
 
 
-def parked_chunks(runs: RunStore, run_id: str, page: int = 100) -> Iterator[Chunk]:
-    """The run's parked chunks, read a page at a time and left in place (``resume`` takes them)."""
-    key = runs.keys.run_parked(run_id)
-    start = 0
-    while items := runs.r.lrange(key, start, start + page - 1):
-        for raw in items:
-            yield Chunk.from_wire(json.loads(raw))
-        start += len(items)
+def parked_chunks(runs: RunStore, run_id: str) -> Iterator[Chunk]:
+    """The run's parked chunks, left in place (``resume`` publishes them)."""
+    for _, chunk in runs.parked(run_id):
+        yield chunk
 
 
 def _ids(table: pa.Table, mask: pa.ChunkedArray | pa.Array) -> pa.Array:
@@ -235,8 +243,16 @@ def _outcomes(keys: pa.Table, compacted: bool) -> tuple[pa.Table, pa.Table, pa.A
     return outcomes, per_image, pc.unique(pa.concat_arrays([_ids(per_image, dup_rule), repeated]))
 
 
-def verify_run(dataset: Dataset, runs: RunStore, run_id: str, *, examples: int = 5) -> Verification:
-    """Reconcile ``run_id`` (see the module docstring); ``examples`` images listed per kind.
+def verify_run(
+    dataset: Dataset,
+    runs: RunStore,
+    run_id: str,
+    *,
+    live: Iterable[Chunk] = (),
+    examples: int = 5,
+) -> Verification:
+    """Reconcile ``run_id`` (see the module docstring); ``live``: the run's chunk messages alive
+    on the broker (``workers.queued.live_chunks``); ``examples`` images listed per kind.
 
     Raises :class:`InputError` when Redis does not know the run, when the run has published
     chunks but no enqueued records (an older producer, or another ``CARNUMBER_OUTPUT``), or when
@@ -276,12 +292,15 @@ def verify_run(dataset: Dataset, runs: RunStore, run_id: str, *, examples: int =
     parked = list(parked_chunks(runs, run_id))
     parked_where = {r.image_id: c.chunk_id for c in parked for r in c.images}
     parked_ids = pa.array(list(parked_where), pa.string())
+    live_ids = pa.array(sorted({r.image_id for c in live for r in c.images}), pa.string())
 
     # Classify each enqueued image, first match wins.
     is_dup = _in(enq["image_id"], dup_ids)
     is_parked = pc.and_(pc.invert(is_dup), _in(enq["image_id"], parked_ids))
     has_out = _in(enq["image_id"], out_ids)
-    is_missing = pc.and_(pc.invert(pc.or_(is_dup, is_parked)), pc.invert(has_out))
+    no_out = pc.and_(pc.invert(pc.or_(is_dup, is_parked)), pc.invert(has_out))
+    is_live = pc.and_(no_out, _in(enq["image_id"], live_ids))
+    is_missing = pc.and_(no_out, pc.invert(is_live))
     is_one = pc.and_(pc.and_(pc.invert(is_dup), pc.invert(is_parked)), has_out)
     one_ids = _ids(enq, is_one)
     unexpected_ids = pc.filter(out_ids, pc.invert(_in(out_ids, enq["image_id"].combine_chunks())))
@@ -298,7 +317,7 @@ def verify_run(dataset: Dataset, runs: RunStore, run_id: str, *, examples: int =
         .sort_by([("count_all", "descending"), ("error_code", "ascending")])
     )
 
-    kinds = {"missing": is_missing, "parked": is_parked, "duplicated": is_dup}
+    kinds = {"missing": is_missing, "in_flight": is_live, "parked": is_parked, "duplicated": is_dup}
     mismatched = pa.concat_tables(
         [
             pa.table(
@@ -329,12 +348,18 @@ def verify_run(dataset: Dataset, runs: RunStore, run_id: str, *, examples: int =
         failed=failed.num_rows,
         superseded=int(pc.sum(_in(superseded_ids, one_ids)).as_py() or 0),
         missing=int(pc.sum(is_missing).as_py() or 0),
+        in_flight_images=int(pc.sum(is_live).as_py() or 0),
         parked=int(pc.sum(is_parked).as_py() or 0),
         parked_chunks=len(parked),
         duplicated=int(pc.sum(is_dup).as_py() or 0),
         unexpected=len(unexpected_ids),
         unrecorded_chunks=len(unrecorded),
         in_flight=summary.outstanding,
+        unfinished=[
+            f"{e.source}: {e.published} images published ({e.reason or 'its producer stopped answering'});"
+            f" finish: carnumber resume {run_id} (or {e.command})"
+            for e in summary.unfinished_enqueues
+        ],
         failed_by_code=[
             FailedCode(r["error_code"] or "?", bool(r["retry"]), r["count_all"]) for r in by_code.to_pylist()
         ],
@@ -368,7 +393,7 @@ def _examples(
         return out
 
     found: dict[str, list[Example]] = {}
-    for kind in ("missing", "parked", "duplicated"):
+    for kind in ("missing", "in_flight", "parked", "duplicated"):
         rows = mismatched.filter(pc.equal(mismatched["kind"], kind)).slice(0, n).to_pylist()
         if not rows:
             continue
@@ -407,7 +432,7 @@ def _sources(dataset: Dataset, files: list[str], keys: pa.Table, ids: list[str])
     return out
 
 
-_PAUSED = ("stopped", "quota_exhausted", "circuit_open", "paused")
+_HELD = ("stopped", "quota_exhausted", "circuit_open", "paused", "cancelled", "shutdown")
 
 
 def republish_missing(
@@ -415,29 +440,27 @@ def republish_missing(
     dataset: Dataset,
     runs: RunStore,
     publish: Callable[[Chunk], None],
-    chunk_size: int,
+    outcomes: OutcomeBook,
 ) -> list[Chunk]:
-    """Publish ``v``'s missing images again (source and metadata from their records) in chunks
-    ``verify{round}-{k}`` of ``chunk_size``, and set the run running so the worker that finishes
-    the last one marks it done. The run's enqueued counter is not raised: these images were
-    counted when first enqueued. Returns the chunks published (none when nothing is missing).
-    Raises :class:`InputError` while the run is paused (``carnumber resume`` first)."""
+    """Publish ``v``'s *missing* images again (source and metadata from their records) under
+    their own chunk ids and positions. Images the run's books count as answered although their
+    rows are gone from the output are forgotten by the books first, so they are answered again.
+    Images of chunks the producer never counted belong to an enqueue that did not finish
+    (``carnumber resume`` runs it again), and are left to it. Returns the chunks published.
+    Raises :class:`InputError` while the run is held (``carnumber resume`` first)."""
     ids = v.mismatched.filter(pc.equal(v.mismatched["kind"], "missing"))["image_id"].to_pylist()
     if not ids:
         return []
     state = runs.get(v.run_id)
-    if state is not None and state.state in _PAUSED:
+    if state is not None and state.state in _HELD:
         raise InputError(
             f"run {v.run_id} is {state.state}: fix the cause and `carnumber resume {v.run_id}` first "
             "(workers would only park the images again)"
         )
-    refs = EnqueuedRecords(dataset).refs(v.run_id, ids)
-    round_no = int(runs.r.hincrby(runs.keys.run(v.run_id), "verify_rounds", 1))
-    runs.set_state(v.run_id, "running")
-    chunks = [
-        Chunk(v.run_id, f"verify{round_no}-{k:07d}", tuple(refs[i : i + chunk_size]))
-        for k, i in enumerate(range(0, len(refs), chunk_size))
-    ]
+    counted = {c.decode() for c in runs.r.hkeys(runs.keys.run_chunks(v.run_id))}
+    chunks = [c for c in EnqueuedRecords(dataset).chunks(v.run_id, ids) if c.chunk_id in counted]
     for chunk in chunks:
+        outcomes.clear(v.run_id, chunk.chunk_id, chunk.position_of())
         publish(chunk)
+    runs.touch(v.run_id, verify_republished=sum(len(c.images) for c in chunks))
     return chunks

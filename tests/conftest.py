@@ -12,6 +12,7 @@ import pytest
 import redis
 
 from carnumber.embedded_redis import EmbeddedRedis
+from ops.drills.harness import DrillRedis
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 # Tests use database 9 of a machine's Redis and only keys under their own prefix.
@@ -67,3 +68,12 @@ def shared_dir() -> Path:
     if not SHARED.exists():
         pytest.skip("../shared is not beside this clone")
     return SHARED
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[DrillRedis]:
+    """A redis-server of this test's own (AOF on), to stop and start again."""
+    server = DrillRedis(tmp_path)
+    server.start()
+    yield server
+    server.stop(kill=True)

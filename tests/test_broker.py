@@ -12,7 +12,6 @@ import socket
 import time
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import redis
@@ -32,15 +31,6 @@ def broker(redis_url: str, redis_client: redis.Redis) -> Iterator[dict[str, str]
     redis_client.delete(
         tag, names["unacked"], names["index"], f"{tag}:unacked_mutex", f"_kombu.binding.{tag}"
     )
-
-
-@pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[DrillRedis]:
-    """A redis-server of this test's own, to stop and start again."""
-    server = DrillRedis(tmp_path)
-    server.start()
-    yield server
-    server.stop(kill=True)
 
 
 def _connection(b: dict[str, str], transport: str | None = None) -> Connection:

@@ -110,7 +110,7 @@ def test_copies_across_chunks_sources_and_workers_are_called_once(
     rts[0].runs.create("d1", "test")
     for c in chunks:
         rts[0].runs.mark_enqueued("d1", c.chunk_id, c.part_name, len(c.images))
-    rts[0].runs.set_state("d1", "running")
+    rts[0].runs.touch("d1")
     try:
         threads = [
             threading.Thread(target=execute_chunk, args=(c, rts[i % len(rts)])) for i, c in enumerate(chunks)
@@ -172,7 +172,7 @@ def test_objects_in_url_mode_are_deduplicated_by_etag_and_size(
             refs = tuple(ImageRef(object_uri("s3", "cams", k)) for k in keys)
             rt.runs.mark_enqueued("d2", "0000000", "a", 3)
             rt.runs.mark_enqueued("d2", "0000001", "b", 3)
-            rt.runs.set_state("d2", "running")
+            rt.runs.touch("d2")
             result = execute_chunk(Chunk("d2", "0000000", refs[:3]), rt)
             again = execute_chunk(Chunk("d2", "0000001", refs[3:]), rt)
             rows = rt.dataset.read_run("d2").to_pylist()
@@ -195,7 +195,7 @@ def _run(
     for c in todo:
         runs.mark_enqueued(run_id, c.chunk_id, c.part_name, len(c.images))
     # As `carnumber enqueue` does: the run's setting, and the stamp of its cache update.
-    runs.set_state(run_id, "running", **{REUSE_FIELD: "1" if reuse else "0", UPDATED_FIELD: time.time()})
+    runs.touch(run_id, **{REUSE_FIELD: "1" if reuse else "0", UPDATED_FIELD: time.time()})
     results: list[Any] = [None] * len(todo)
 
     def work(i: int) -> None:

@@ -95,7 +95,7 @@ def test_chunks_from_two_threads_share_the_slots_and_overlap(
     results = {}
     with Runtime.from_settings(settings) as rt:
         rt.runs.create("eng", "test")
-        rt.runs.set_state("eng", "running")
+        rt.runs.touch("eng")
 
         def run(chunk: Chunk) -> None:
             results[chunk.chunk_id] = execute_chunk(chunk, rt)

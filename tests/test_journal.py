@@ -16,7 +16,6 @@ from ocrserver.config import ServerConfig
 from ocrserver.server import RunningServer, start_server
 from ocrserver.truth import distinct_copy, make_test_image
 from workers.config import Settings
-from workers.errors import ChunkSuperseded
 from workers.journal import Answer, MemoryJournal
 from workers.keys import Keys
 from workers.message import Chunk, ImageRef
@@ -64,7 +63,7 @@ def runtimes(
     )
     rts = [Runtime.from_settings(settings), Runtime.from_settings(settings)]  # two worker processes
     rts[0].runs.create("j1", "test")
-    rts[0].runs.set_state("j1", "running")
+    rts[0].runs.touch("j1")
     yield rts
     for rt in rts:
         rt.close()
@@ -85,6 +84,7 @@ def test_a_chunk_cut_short_is_finished_from_the_journal(
 ) -> None:
     rt = runtimes[0]
     chunk = _chunk(tmp_path / "a")
+    rt.runs.mark_enqueued("j1", chunk.chunk_id, "d", len(chunk.images))
     # The worker got every answer, then died before writing the part (no ack: redelivered).
     first = rt.engine.run(chunk)
     assert first.calls == 24 and _answers(rt) == 24
@@ -121,9 +121,11 @@ def test_a_late_holder_stops_once_the_other_wrote_the_part(
     runtimes: list[Runtime], server: RunningServer, tmp_path: Path
 ) -> None:
     chunk = _chunk(tmp_path / "c")
-    assert execute_chunk(chunk, runtimes[0]).calls == 24  # the part is written and counted
+    runtimes[0].runs.mark_enqueued("j1", chunk.chunk_id, "d", len(chunk.images))
+    assert execute_chunk(chunk, runtimes[0]).calls == 24  # written and counted: the run is done
+    assert _answers(runtimes[0]) == 0  # and its journal dropped
     late = runtimes[1].engine.run(chunk)  # a holder whose lease ran out, carrying on
-    assert isinstance(late.pause, ChunkSuperseded) and late.calls == 0
+    assert len(late.superseded) == 24 and not late.rows and not late.pending and late.calls == 0
     assert execute_chunk(chunk, runtimes[1]).calls == 0
     assert _calls(server) == 24
     _rows_once(runtimes[0], 24)

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import signal
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import redis
@@ -71,14 +69,6 @@ def test_no_sweep_until_this_node_has_reached_redis_for_a_lease(
     renewer.connected_since = None  # in an outage
     assert renewer.sweep_once() == 0
     assert restored == []
-
-
-@pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[DrillRedis]:
-    server = DrillRedis(tmp_path)
-    server.start()
-    yield server
-    server.stop(kill=True)
 
 
 def test_after_a_cut_the_renewer_waits_a_lease_before_it_sweeps(own_redis: DrillRedis) -> None:

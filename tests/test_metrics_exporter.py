@@ -20,6 +20,7 @@ import redis.asyncio as aredis
 from prometheus_client.parser import text_string_to_metric_families
 
 from carnumber.commands import metrics as metrics_cmd
+from tests.helpers.books import answer
 from workers.fleet import CircuitBreaker, FleetControl
 from workers.keys import Keys, account_tag
 from workers.message import Chunk, ImageRef
@@ -99,11 +100,13 @@ def seeded(env: dict[str, str], redis_client: redis.Redis, key_prefix: str) -> K
     runs.create("r1", "/archive/night")
     runs.mark_enqueued("r1", "c0", "d0", 200)
     runs.mark_enqueued("r1", "c1", "d1", 100)
-    runs.mark_written("r1", "part-c0", images=200, failed=12, plates=180, calls=230)
+    answer(runs, "r1", "c0", 200, failed=12, plates=180)
+    runs.touch("r1", calls=230)
     images = tuple(ImageRef("/archive/night/x.jpg", f"img{i}") for i in range(30))
     runs.park(Chunk("r1", "c1", images), "stopped")
     runs.create("r0", "/archive/older")
-    runs.set_state("r0", "done")
+    runs.mark_enqueued("r0", "c0", "d0", 1)
+    answer(runs, "r0", "c0", 1)
     redis_client.rpush(env["CARNUMBER_QUEUE"], "m1", "m2", "m3")
     counter = CallCounter(redis_client, keys, ACCOUNT)
     for code, elapsed in [("ok", 0.2), ("ok", 0.7), ("Throttling.User", 0.05), ("ok", None)]:
@@ -235,7 +238,7 @@ def test_http_scrape_reads_redis_each_time(exporter: str, seeded: Keys, redis_cl
     with httpx.Client(timeout=10) as http:
         first = _samples(http.get(exporter).raise_for_status().text)
         assert _value(first, "carnumber_run_images_written_total", run_id="r1") == 200
-        RunStore(redis_client, seeded).mark_written("r1", "part-c1", 70, 0, 60, 70)
+        answer(RunStore(redis_client, seeded), "r1", "c1", 70, plates=60)
         second = _samples(http.get(exporter).raise_for_status().text)
     assert _value(second, "carnumber_run_images_written_total", run_id="r1") == 270
     assert _value(second, "carnumber_run_images_outstanding", run_id="r1") == 0

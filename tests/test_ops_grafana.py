@@ -21,7 +21,7 @@ GRAFANA = Path(__file__).resolve().parents[1] / "ops" / "grafana"
 
 
 def _exported() -> set[str]:
-    run = RunSummary("r1", "running", {"images_enqueued": "10", "images_written": "5"})
+    run = RunSummary("r1", {"images_enqueued": "10", "images_written": "5"})
     account = AccountSnapshot(
         account="a1",
         stop={"code": "X", "message": "", "at": 1.0, "run": None},

@@ -146,7 +146,9 @@ def test_quota_parks_the_run_and_the_next_night_resumes_it(
         worker.stop()
     assert second.returncode == 0, second.stdout + second.stderr
     assert "resuming run 2026-11-22 (state quota_exhausted)" in second.stdout
-    assert f"re-enqueueing the rest of run 2026-11-22 from {archive}" in second.stdout
+    # resume finished the enqueue that stopped early, with the command recorded for it
+    finishing = f"finishing the enqueue of {archive}: carnumber enqueue {archive} --run 2026-11-22"
+    assert finishing in second.stdout
     assert "compacting run night-2" in second.stdout and "retrying" not in second.stdout
     assert "compacting run 2026-11-22" in second.stdout  # the resumed run is finished too
     assert "verify run night-2: OK, each of 3 enqueued images has exactly one outcome" in second.stdout

@@ -37,7 +37,7 @@ def _rules() -> list[dict]:
 
 def _exported_names() -> set[str]:
     """Every sample name the exporter produces for a snapshot with all fields present."""
-    run = RunSummary("r1", "running", {"images_enqueued": "10", "images_written": "5"})
+    run = RunSummary("r1", {"images_enqueued": "10", "images_written": "5"})
     stats = CallStats({"ok": 3}, 3, 0.5, ((0.1, 1),))
     account = AccountSnapshot(
         account="a1",

@@ -83,7 +83,7 @@ def test_chunk_writes_one_row_per_plate_and_failures(
     refs.append(ImageRef(pdf.as_uri()))
     rt = _runtime(server, redis_url, key_prefix, tmp_path)
     rt.runs.create("r1", "test")
-    rt.runs.set_state("r1", "running")
+    rt.runs.touch("r1")
     chunk = Chunk("r1", "0000000", tuple(refs))
     result = execute_chunk(chunk, rt)
     assert (result.answered, result.failed, result.plates, result.pending) == (12, 1, 4, [])

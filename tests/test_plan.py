@@ -169,7 +169,7 @@ def _real_run(settings: Settings, source: str, run_id: str, redis_url: str) -> t
     runs = RunStore(client, Keys(settings.key_prefix))
     chunks: list[Chunk] = []
     runs.create(run_id, source)
-    runs.set_state(run_id, "running")
+    runs.touch(run_id)
     with Ledger.open(settings.output, exclude_run=run_id) as ledger:
         enqueue(
             open_source(source, settings),

@@ -112,7 +112,7 @@ def _enqueue(rt: Runtime, run_id: str, refs: list[ImageRef]) -> queue.Queue[Chun
         chunk_size=CHUNK,
         queue_high_water=100,
     )
-    rt.runs.set_state(run_id, "running")
+    rt.runs.touch(run_id)
     assert report.images_enqueued == IMAGES
     return chunks
 

@@ -17,6 +17,7 @@ import redis
 
 from carnumber.commands import report as report_cmd
 from carnumber.report import hint
+from tests.helpers.books import answer
 from workers.api.response import Plate, Recognition
 from workers.keys import Keys, account_tag
 from workers.message import Chunk, ImageRef
@@ -73,9 +74,8 @@ def seeded(
     store.create("r", "/cams")
     redis_client.hset(Keys(key_prefix).run("r"), "created_at", time.time() - 30)
     store.mark_enqueued("r", "0000000", "d", 6)
-    store.mark_written("r", "part-a", 6, 3, 3, 17)
-    store.mark_written("r", "part-b", 0, 0, 1, 1)
-    store.set_state("r", "done")
+    answer(store, "r", "0000000", 6, failed=3, plates=4)
+    store.touch("r", calls=18)
     # counted while the run ran (15 s ago), as workers count each call before its row is written
     counter = CallCounter(redis_client, Keys(key_prefix), account_tag(KEY_ID), clock=lambda: time.time() - 15)
     for code in ("ok", "ok", "Throttling.User", "Throttling.User"):

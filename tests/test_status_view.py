@@ -21,10 +21,12 @@ from carnumber.commands import status as status_cmd
 from carnumber.monitor import Monitor
 from carnumber.runview import RunView, Sampler, WorkerInfo, parse_deadline
 from carnumber.statusview import duration, plain_line, render, summary
+from tests.helpers.books import answer
 from workers.config import Settings
 from workers.errors import ConfigError
 from workers.fleet import FleetControl
 from workers.keys import Keys, account_tag
+from workers.message import Chunk, ImageRef
 from workers.metrics import CallCounter
 from workers.runs import RunStore
 
@@ -60,8 +62,8 @@ def _seed(store: RunStore, redis_client: redis.Redis, key_prefix: str) -> None:
     redis_client.hset(Keys(key_prefix).run("r1"), "created_at", time.time() - 120)  # older than a minute
     store.mark_enqueued("r1", "c0", "d0", 200)
     store.mark_enqueued("r1", "c1", "d1", 100)
-    store.mark_written("r1", "p0", 100, 4, 90, 120)  # 1.2 calls per image
-    store.set_state("r1", "running", deadline="2099-01-01T06:00:00+00:00")
+    answer(store, "r1", "c0", 100, failed=4, plates=90)
+    store.touch("r1", calls=120, deadline="2099-01-01T06:00:00+00:00")  # 1.2 calls per image
     counter = CallCounter(redis_client, Keys(key_prefix), ACCOUNT)
     for _ in range(57):
         counter.record("ok", 0.2)
@@ -150,7 +152,8 @@ def test_figures_of_a_running_run(
     for _ in range(60):
         counter.record("ok", 0.2)
     counter.flush()
-    store.mark_written("r1", "p1", 50, 0, 50, 60)
+    answer(store, "r1", "c1", 50, plates=50)
+    redis_client.hincrby(Keys(key_prefix).run("r1"), "calls", 60)
     mono[0] = 12.0
     summary_ = store.get("r1")
     assert summary_ is not None
@@ -217,8 +220,8 @@ def test_follow_exits_with_how_the_run_ended(
 
     def finish() -> None:
         time.sleep(0.5)
-        store.mark_written("r1", "p1", 200, 0, 200, 200)
-        store.set_state("r1", "done")
+        answer(store, "r1", "c0", 100, plates=100, start=100)
+        answer(store, "r1", "c1", 100, plates=100)
 
     t = threading.Thread(target=finish)
     t.start()
@@ -228,16 +231,16 @@ def test_follow_exits_with_how_the_run_ended(
     assert "run r1 finished: 300/300 images with an outcome" in out
 
     store.create("q", "/data/q")
-    store.set_state("q", "quota_exhausted")
+    store.mark_enqueued("q", "c0", "d0", 10)
+    store.park(Chunk("q", "c0", (ImageRef("/data/q/a.jpg"),)), "quota_exhausted")
     assert status_cmd.main(_args("q", "--follow", "--no-workers")) == 3
     assert "call quota spent" in capsys.readouterr().out
-    store.set_state("q", "redis_unavailable")
+    store.park(Chunk("q", "c0", (ImageRef("/data/q/a.jpg"),)), "redis_unavailable")
     assert status_cmd.main(_args("q", "--follow", "--no-workers")) == 3
     assert "Redis was out of reach" in capsys.readouterr().out
 
     store.create("slow", "/data/s")
     store.mark_enqueued("slow", "c0", "d0", 10)
-    store.set_state("slow", "running")
     assert (
         status_cmd.main(
             _args("slow", "--follow", "--interval-s", "0.1", "--timeout-s", "0.3", "--no-workers")

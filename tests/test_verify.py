@@ -96,7 +96,7 @@ def _enqueue(rt: Runtime, refs: list[ImageRef], run_id: str = RUN, chunk_size: i
         queue_high_water=100,
         record=recorder(rt.settings.output),
     )
-    rt.runs.set_state(run_id, "running")
+    rt.runs.touch(run_id)
     return published
 
 
@@ -105,8 +105,8 @@ def _process(rt: Runtime, chunks: list[Chunk]) -> None:
         execute_chunk(chunk, rt)
 
 
-def _verify(rt: Runtime, run_id: str = RUN) -> Verification:
-    return verify_run(rt.dataset, rt.runs, run_id, examples=10)
+def _verify(rt: Runtime, run_id: str = RUN, live: list[Chunk] | None = None) -> Verification:
+    return verify_run(rt.dataset, rt.runs, run_id, live=live or [], examples=10)
 
 
 def _parts(rt: Runtime, run_id: str = RUN) -> list[Path]:
@@ -175,21 +175,19 @@ def test_deleted_part_reports_its_images_missing(
     assert {r["image_id"] for r in rows} == lost and {r["kind"] for r in rows} == {"missing"}
     assert all(r["url"].startswith("file://") and r["chunk_id"] == "0000001" for r in rows)
 
-    # `--republish` puts the missing images back on the broker under new chunk ids.
+    # `--republish` puts the missing images back on the broker under their own chunk id and
+    # positions; the run's books forget them first (their rows are gone), so the run is not done.
     queue = f"{env['CARNUMBER_KEY_PREFIX']}:queue"
-    assert (
-        _cli({**env, "CARNUMBER_QUEUE": queue, "CARNUMBER_CHUNK_SIZE": "3"}, monkeypatch, RUN, "--republish")
-        == 1
-    )
-    assert "re-published 4 missing images in 2 chunks (verify1)" in capsys.readouterr().out
-    assert rt.runs.r.llen(queue) == 2
-    # Workers skip a chunk whose part they already wrote, so the images go out under new ids.
-    published: list[Chunk] = []
-    assert len(republish_missing(v, rt.dataset, rt.runs, published.append, chunk_size=3)) == 2
-    assert [c.chunk_id for c in published] == ["verify2-0000000", "verify2-0000001"]
-    assert {r.image_id for c in published for r in c.images} == lost
+    assert _cli({**env, "CARNUMBER_QUEUE": queue}, monkeypatch, RUN, "--republish") == 1
+    assert "re-published 4 missing images in 1 chunks (their own chunk ids)" in capsys.readouterr().out
+    assert rt.runs.r.llen(queue) == 1
     assert rt.runs.get(RUN).state == "running"  # type: ignore[union-attr]
-    _process(rt, published)
+    # Published again (an operator runs it twice): the books count each image once.
+    published: list[Chunk] = []
+    assert len(republish_missing(v, rt.dataset, rt.runs, published.append, rt.outcomes)) == 1
+    assert [(c.chunk_id, c.position_of()) for c in published] == [("0000001", (0, 1, 2, 3))]
+    assert {r.image_id for c in published for r in c.images} == lost
+    _process(rt, published + published)
     v = _verify(rt)
     assert v.ok, v.reasons()
     assert rt.runs.get(RUN).state == "done"  # type: ignore[union-attr]
@@ -275,7 +273,7 @@ def test_parked_images_are_reported_with_the_reason(
     v = _verify(rt)
     assert not v.ok and v.parked == 8 and v.missing == 0 and v.exactly_one == 0
     assert v.state == "stopped" and v.stop_code == "SignatureDoesNotMatch"
-    assert v.parked_chunks == 2 and len(rt.runs.r.lrange(rt.runs.keys.run_parked(RUN), 0, -1)) == 2
+    assert v.parked_chunks == 2 and rt.runs.r.hlen(rt.runs.keys.run_parked(RUN)) == 2
     assert {e.detail for e in v.examples["parked"]} == {"parked chunk 0000000", "parked chunk 0000001"}
     assert _cli(env, monkeypatch, RUN, "--json") == 1
     captured = capsys.readouterr()
@@ -308,11 +306,14 @@ def test_json_shape_unexpected_and_a_run_still_running(
         "detail": "in part-9999999-stray.parquet",
     }
 
-    # A run whose chunks are still queued: missing, and the reason says the run is still running.
+    # A run whose chunks are still queued: in flight, not missing (never republished).
     queued = _enqueue(rt, _archive(Path(env["CARNUMBER_OUTPUT"]).parent / "b", 5), run_id="r-busy")
     assert len(queued) == 2
-    v = _verify(rt, "r-busy")
-    assert v.missing == 5 and v.reasons() == ["5 missing", "run still running (5 images queued or in flight)"]
+    v = _verify(rt, "r-busy", live=queued)
+    assert (v.missing, v.in_flight_images) == (0, 5) and v.reasons() == ["5 in_flight"]
+    assert republish_missing(v, rt.dataset, rt.runs, queued.append, rt.outcomes) == []
+    v = _verify(rt, "r-busy", live=queued[:1])  # the second chunk's message was lost
+    assert (v.missing, v.in_flight_images) == (1, 4) and v.reasons() == ["1 missing", "4 in_flight"]
 
 
 def test_bad_input_exits_2(

@@ -13,6 +13,7 @@ from celery import Celery
 from workers.broker import transport_for
 from workers.config import Settings
 from workers.leases import LeaseKeeper
+from workers.shutdown import DrainOnClose
 
 __all__ = ["app", "celery_config"]
 
@@ -70,3 +71,4 @@ def celery_config(settings: Settings) -> dict[str, Any]:
 app = Celery("carnumber", include=["workers.tasks"])
 app.add_defaults(lambda: celery_config(Settings.from_env()))
 app.steps["consumer"].add(LeaseKeeper)
+app.steps["consumer"].add(DrainOnClose)

@@ -61,6 +61,8 @@ _ENV: dict[str, str] = {
     "CARNUMBER_LEASE_S": "lease_s",
     "CARNUMBER_REDIS_OUTAGE_S": "redis_outage_s",
     "CARNUMBER_JOURNAL_TTL_S": "journal_ttl_s",
+    "CARNUMBER_RUN_RETENTION_S": "run_retention_s",
+    "CARNUMBER_SPILL_DIR": "spill_dir",
 }
 
 _CHOICES: dict[str, tuple[str, ...]] = {
@@ -142,6 +144,12 @@ class Settings:
     redis_outage_s: float = 300.0
     # Answers are kept in the journal until their part is written, at most this long.
     journal_ttl_s: int = 7 * 86400
+    # How long a finished run's books stay in Redis for status, report and verify (then they
+    # expire; the output keeps everything).
+    run_retention_s: int = 30 * 86400
+    # Where a worker keeps paid answers that Redis could not take (replayed into the journal when
+    # it is back); None: ~/.cache/carnumber/spill. Keep it on a disk that outlives the process.
+    spill_dir: str | None = None
 
     def __post_init__(self) -> None:
         if not self.endpoint.startswith(("http://", "https://")):
@@ -156,7 +164,7 @@ class Settings:
                 raise ConfigError(f"{_env_name(name)}: must be >= 1, got {getattr(self, name)}")
         if self.lease_s < 10:
             raise ConfigError(f"CARNUMBER_LEASE_S: must be >= 10 (seconds), got {self.lease_s}")
-        for name in ("redis_outage_s", "journal_ttl_s"):
+        for name in ("redis_outage_s", "journal_ttl_s", "run_retention_s"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{_env_name(name)}: must be > 0, got {getattr(self, name)}")
         if self.qps < 0:

@@ -29,6 +29,7 @@ import os
 import socket
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -40,9 +41,10 @@ from workers.api.client import AsyncClient, http_timeout
 from workers.config import Settings
 from workers.keys import Keys, account_tag
 from workers.message import Chunk
-from workers.metrics import CallCounter, write_in_flight
+from workers.metrics import CallCounter, prune_in_flight, write_in_flight
 from workers.pipeline import ChunkContext, ChunkResult, Resolver, process_chunk
 from workers.slots import Slots
+from workers.spill import AnswerSpill, default_spill_dir
 
 __all__ = ["Engine"]
 
@@ -68,6 +70,8 @@ class Engine:
         self._closers: list[Any] = []
         self._flusher: asyncio.Task[None] | None = None
         self._started_chunks = 0
+        self._spill: AnswerSpill | None = None
+        self._pruned_at = 0.0
 
     def run(self, chunk: Chunk) -> ChunkResult:
         """Process ``chunk`` on the engine's loop; blocks the calling thread until it is done
@@ -78,6 +82,14 @@ class Engine:
         except BaseException:
             future.cancel()
             raise
+
+    def drain(self) -> None:
+        """The node shuts down: calls in flight finish, images not called yet come back pending
+        (``ShuttingDown``), and chunks that start from now on call nothing. Thread-safe."""
+        with self._lock:
+            loop, ctx = self._loop, self._ctx
+        if loop is not None and ctx is not None:
+            loop.call_soon_threadsafe(ctx.drain)
 
     def close(self) -> None:
         """Close connections and stop the loop's thread. Idempotent."""
@@ -105,8 +117,11 @@ class Engine:
 
     async def _process(self, chunk: Chunk) -> ChunkResult:
         self._started_chunks += 1  # on the loop: chunks are numbered in the order they start
+        number = self._started_chunks
         try:
-            return await process_chunk(chunk, await self._context(), self._started_chunks)
+            ctx = await self._context()
+            await asyncio.to_thread(self._replay_spill)  # answers a retry of this chunk may need
+            return await process_chunk(chunk, ctx, number)
         finally:
             if self.counter is not None:
                 await asyncio.to_thread(self.counter.flush)
@@ -127,6 +142,7 @@ class Engine:
 
         s = self.settings
         creds = s.credentials()
+        self._spill = AnswerSpill(Path(s.spill_dir) if s.spill_dir else default_spill_dir())
         keys = Keys(s.key_prefix)
         account = account_tag(s.limit_group())
         # Short timeouts: an unreachable Redis must hold calls quickly, not hang a chunk.
@@ -150,6 +166,7 @@ class Engine:
             journal=AnswerJournal(ar, keys, ttl_s=s.journal_ttl_s, claim_ms=_claim_ms(s)),
             redis_outage_s=s.redis_outage_s,
             earlier=(earlier := EarlierAnswers(AnswerCache.beside(open_dataset(s.output)), ar, keys)),
+            spill=self._spill,
         )
 
         async def close_cache() -> None:
@@ -164,19 +181,35 @@ class Engine:
         assert self.counter is not None
         self.counter.record(code, elapsed_s, run_id=run_id)
 
+    def _replay_spill(self) -> None:
+        """Put spilled answers into the journal once Redis answers again (logged, never raised)."""
+        if self._spill is None or self.counter is None or not self._spill.pending():
+            return
+        from workers.journal import replay_into
+
+        put = replay_into(self.counter.r, Keys(self.settings.key_prefix), self.settings.journal_ttl_s)
+        try:
+            self._spill.replay(put)
+        except (redis.RedisError, OSError) as exc:
+            log.debug("spilled answers not replayed yet: %s", exc)
+
     async def _flush_every(self, counter: CallCounter) -> None:
         process = f"{socket.gethostname()}:{os.getpid()}"
         while True:
             await asyncio.sleep(counter.flush_s)
             await asyncio.to_thread(counter.flush)
+            await asyncio.to_thread(self._replay_spill)
             slots = self._ctx.slots if self._ctx is not None else None
             if slots is not None:  # for `carnumber status`: this process's calls in flight
                 await asyncio.to_thread(self._write_in_flight, counter, process, slots.in_use)
 
-    @staticmethod
-    def _write_in_flight(counter: CallCounter, process: str, calls: int) -> None:
+    def _write_in_flight(self, counter: CallCounter, process: str, calls: int) -> None:
+        now = time.time()
         try:
-            write_in_flight(counter.r, counter.keys, counter.account, process, calls, time.time())
+            write_in_flight(counter.r, counter.keys, counter.account, process, calls, now)
+            if now - self._pruned_at >= 60:  # one field per process ever started, else
+                self._pruned_at = now
+                prune_in_flight(counter.r, counter.keys, counter.account, now)
         except (redis.RedisError, OSError) as exc:
             log.debug("calls in flight not written: %s", exc)
 

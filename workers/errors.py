@@ -19,8 +19,8 @@
         ├── QuotaExhausted         the call quota for this window is spent
         ├── RedisUnavailable       the shared state cannot be reached: hold calls and wait for
         │                          it (a restart, a partition); never parked for it alone
-        └── ChunkSuperseded        another holder of this chunk (its lease ran out here) wrote
-                                   its part: this execution writes and parks nothing
+        └── ShuttingDown           this worker node is shutting down (SIGTERM, a rolling
+                                   restart): what it has not called yet is handed back
 
 Foreign exceptions (httpx, botocore, oss2) are translated where they enter; none leak upward.
 Messages never contain secrets or signed query strings. This module imports nothing of ours.
@@ -34,7 +34,6 @@ __all__ = [
     "ApiError",
     "BadImageError",
     "CarnumberError",
-    "ChunkSuperseded",
     "CircuitOpen",
     "ConfigError",
     "FatalApiError",
@@ -45,6 +44,7 @@ __all__ = [
     "QuotaExhausted",
     "RedisUnavailable",
     "RetryableApiError",
+    "ShuttingDown",
     "SlotMissed",
     "TransportError",
     "Verdict",
@@ -179,9 +179,9 @@ class RedisUnavailable(Paused):
     state = "redis_unavailable"
 
 
-class ChunkSuperseded(Paused):
-    """The chunk's lease ran out under this execution (a paused process, a healed partition) and
-    another holder has written its whole part since: calling on would pay twice, writing would
-    only repeat that part. The runner writes, parks and counts nothing."""
+class ShuttingDown(Paused):
+    """This worker node is shutting down (SIGTERM, a rolling restart, an unrecoverable error):
+    calls in flight finish, images not called yet are handed back to the queue at once."""
 
-    state = "superseded"
+    state = "shutdown"
+

@@ -18,7 +18,7 @@ Design note: ``ops/design/sink.md`` ("No second payment"). In short:
   (billed, and it will not change), goes into the run's answers hash with the claim released in
   the same script. Retryable errors are not answers: they are tried again.
 * **Kept for the run.** The hash lives while the run does: one compact answer per distinct
-  picture (a few hundred bytes). The runner deletes it when the run is done (:func:`drop_run`);
+  picture (a few hundred bytes). It is deleted when the run is done (``RunStore.settle``);
   it also expires ``ttl_s`` after its last write.
 
 Bound: a crash costs at most the calls in flight at that instant (sent, answer not yet back).
@@ -31,7 +31,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -41,12 +41,13 @@ from redis.exceptions import RedisError
 from workers.api.response import Recognition
 from workers.errors import RedisUnavailable
 from workers.keys import Keys
+from workers.spill import SpilledAnswer
 
 if TYPE_CHECKING:
     import redis
     from redis.asyncio import Redis
 
-__all__ = ["Answer", "AnswerJournal", "Held", "MemoryJournal", "Written", "drop_run"]
+__all__ = ["Answer", "AnswerJournal", "Held", "MemoryJournal", "Written", "replay_into"]
 
 log = logging.getLogger(__name__)
 _HERE = Path(__file__).resolve().parent
@@ -83,7 +84,8 @@ class Answer:
 
 @dataclass(frozen=True, slots=True)
 class Written:
-    """Another holder of the chunk wrote its whole part already: stop, call and write nothing."""
+    """The image has its outcome in the output already (another holder of its chunk wrote it):
+    call and write nothing for it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,18 +123,19 @@ class AnswerJournal:
         return {i: Answer.from_json(v) for i, v in zip(pictures, raw, strict=True) if v is not None}
 
     async def claim(
-        self, run_id: str, picture: str, token: str, part: str = ""
+        self, run_id: str, picture: str, token: str, where: tuple[str, int] | None = None
     ) -> Answer | Held | Written | None:
-        """``None``: the caller may call now. ``part``: the caller's chunk's part name (then
-        :class:`Written` when another holder wrote it). Raises :class:`RedisUnavailable`."""
+        """``None``: the caller may call now. ``where``: the image's chunk id and position (then
+        :class:`Written` when it has its outcome already). Raises :class:`RedisUnavailable`."""
+        chunk_id, position = where if where is not None else ("", 0)
         try:
             reply = await self._claim(
                 keys=[
                     self.keys.run_answers(run_id),
                     self.keys.claim(run_id, picture),
-                    self.keys.run_done(run_id),
+                    self.keys.run_outcomes(run_id),
                 ],
-                args=[picture, token, self.claim_ms, part],
+                args=[picture, token, self.claim_ms, chunk_id, position],
             )
         except RedisError as exc:
             raise _unreachable(exc, "claiming an image") from None
@@ -174,7 +177,7 @@ class AnswerJournal:
 
 class MemoryJournal:
     """The same claims and answers in one process's memory, for tests without Redis (it knows no
-    written parts: ``part`` is ignored)."""
+    outcomes: ``where`` is ignored)."""
 
     def __init__(self, claim_s: float = 60.0) -> None:
         self.claim_s = claim_s
@@ -185,7 +188,7 @@ class MemoryJournal:
         return {i: self.entries[(run_id, i)] for i in pictures if (run_id, i) in self.entries}
 
     async def claim(
-        self, run_id: str, picture: str, token: str, part: str = ""
+        self, run_id: str, picture: str, token: str, where: tuple[str, int] | None = None
     ) -> Answer | Held | Written | None:
         slot = (run_id, picture)
         if slot in self.entries:
@@ -208,7 +211,15 @@ class MemoryJournal:
             del self.claims[(run_id, picture)]
 
 
-def drop_run(client: redis.Redis, keys: Keys, run_id: str) -> None:
-    """Drop a finished run's answers (sync; the runner calls it when the run is done). Raises
-    ``RedisError``; a failure only leaves them to expire with the hash."""
-    client.delete(keys.run_answers(run_id))
+def replay_into(client: redis.Redis, keys: Keys, ttl_s: int) -> Callable[[SpilledAnswer], None]:
+    """A sync writer of spilled answers (``workers/spill.py``) into the journal: the first answer
+    of a picture stays, as :meth:`AnswerJournal.record` keeps it. Raises ``RedisError``."""
+
+    def put(item: SpilledAnswer) -> None:
+        key = keys.run_answers(item.run_id)
+        pipe = client.pipeline()
+        pipe.hsetnx(key, item.picture, item.answer)
+        pipe.expire(key, ttl_s)
+        pipe.execute()
+
+    return put

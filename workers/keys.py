@@ -76,9 +76,24 @@ class Keys:
         """Set of part names written for a run."""
         return f"{self.prefix}:run:{run_id}:done"
 
+    def run_outcomes(self, run_id: str) -> str:
+        """Hash chunk id -> bitmap of the chunk's images (by position) that have their outcome
+        (``workers/outcomes.py``)."""
+        return f"{self.prefix}:run:{run_id}:outcomes"
+
     def run_parked(self, run_id: str) -> str:
-        """List of chunk messages set aside while the fleet was paused (quota, stop)."""
+        """Hash remainder part name -> chunk message set aside while the run or the fleet was
+        held (pause, quota, stop); ``carnumber resume`` publishes them again."""
         return f"{self.prefix}:run:{run_id}:parked"
+
+    def run_parked_images(self, run_id: str) -> str:
+        """Hash remainder part name -> number of images in it (``run_parked``'s sizes)."""
+        return f"{self.prefix}:run:{run_id}:parked_images"
+
+    def run_enqueues(self, run_id: str) -> str:
+        """Hash source -> JSON of its enqueue: state (running, complete, incomplete), images
+        published, the command that finishes it, and a heartbeat (``workers/runs.py``)."""
+        return f"{self.prefix}:run:{run_id}:enqueues"
 
     def run_answers(self, run_id: str) -> str:
         """Hash image id -> journalled answer (``workers/journal.py``): every paid answer from the

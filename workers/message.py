@@ -14,6 +14,7 @@ same ids. This module imports nothing of ours.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -125,11 +126,35 @@ class ImageRef:
 
 @dataclass(frozen=True, slots=True)
 class Chunk:
-    """A Celery message's worth of images from one run."""
+    """A Celery message's worth of images from one run.
+
+    ``positions``: each image's place in the chunk as the producer first published it (None: in
+    order, ``0..n-1``). A remainder of a chunk (parked, handed back, republished by ``verify``)
+    keeps its images' first positions, so the run's books (``workers/outcomes.py``) know each
+    image by ``(chunk_id, position)`` however often and in whatever pieces it travels.
+    """
 
     run_id: str
     chunk_id: str
     images: tuple[ImageRef, ...]
+    positions: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.positions is not None and len(self.positions) != len(self.images):
+            raise ValueError(
+                f"chunk {self.chunk_id}: {len(self.positions)} positions for {len(self.images)} images"
+            )
+
+    def position_of(self) -> tuple[int, ...]:
+        """Every image's position, in order."""
+        return self.positions if self.positions is not None else tuple(range(len(self.images)))
+
+    def subset(self, keep: Callable[[int, ImageRef], bool]) -> Chunk:
+        """The images (with their positions) for which ``keep(position, ref)`` is true."""
+        pairs = [(p, r) for p, r in zip(self.position_of(), self.images, strict=True) if keep(p, r)]
+        positions = tuple(p for p, _ in pairs)
+        in_order = positions == tuple(range(len(pairs)))
+        return Chunk(self.run_id, self.chunk_id, tuple(r for _, r in pairs), None if in_order else positions)
 
     @property
     def part_name(self) -> str:
@@ -140,12 +165,15 @@ class Chunk:
         return f"part-{self.chunk_id}-{digest[:10]}"
 
     def to_wire(self) -> dict[str, Any]:
-        return {
+        wire: dict[str, Any] = {
             "v": FORMAT_VERSION,
             "run": self.run_id,
             "chunk": self.chunk_id,
             "images": [r.to_wire() for r in self.images],
         }
+        if self.positions is not None:
+            wire["pos"] = list(self.positions)
+        return wire
 
     @classmethod
     def from_wire(cls, data: dict[str, Any]) -> Chunk:
@@ -154,8 +182,10 @@ class Chunk:
             raise ValueError(
                 f"chunk message format v{version}: this worker reads v{FORMAT_VERSION}"
             )
+        positions = data.get("pos")
         return cls(
             run_id=data["run"],
             chunk_id=data["chunk"],
             images=tuple(ImageRef.from_wire(r) for r in data["images"]),
+            positions=tuple(int(p) for p in positions) if positions is not None else None,
         )

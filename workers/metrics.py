@@ -36,6 +36,7 @@ __all__ = [
     "CallCounter",
     "CallStats",
     "minute_bucket",
+    "prune_in_flight",
     "read_call_stats",
     "read_in_flight",
     "write_in_flight",
@@ -207,6 +208,25 @@ def write_in_flight(
     pipe.hset(key, process, f"{calls} {now_s:.0f}")
     pipe.expire(key, 3600)
     pipe.execute()
+
+
+def prune_in_flight(
+    client: redis.Redis, keys: Keys, account: str, now_s: float, older_than_s: float = 600.0
+) -> int:
+    """Forget processes that have not reported for ``older_than_s`` (dead, or restarted with a
+    new pid): the hash keeps one field per live process. Returns how many. Raises ``RedisError``."""
+    key = keys.in_flight(account)
+    stale = []
+    for process, raw in client.hgetall(key).items():
+        at = (raw.decode() if isinstance(raw, bytes) else str(raw)).partition(" ")[2]
+        try:
+            if now_s - float(at) > older_than_s:
+                stale.append(process)
+        except ValueError:
+            stale.append(process)
+    if stale:
+        client.hdel(key, *stale)
+    return len(stale)
 
 
 def read_in_flight(

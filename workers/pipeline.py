@@ -31,7 +31,6 @@ from workers.api.response import Recognition
 from workers.errors import (
     ApiError,
     CarnumberError,
-    ChunkSuperseded,
     CircuitOpen,
     ConfigError,
     FleetStopped,
@@ -39,6 +38,7 @@ from workers.errors import (
     InputError,
     Paused,
     RedisUnavailable,
+    ShuttingDown,
     SlotMissed,
     TransportError,
 )
@@ -48,6 +48,7 @@ from workers.ratelimit.limiter import MAX_REBOOKS
 from workers.retry import service_ok
 from workers.sink.rows import Failure, failure_rows, recognition_rows
 from workers.slots import Slots
+from workers.spill import AnswerSpill, SpilledAnswer
 
 __all__ = ["ChunkContext", "ChunkResult", "process_chunk"]
 
@@ -81,7 +82,7 @@ class Earlier(Protocol):
 class Journal(Protocol):
     async def answers(self, run_id: str, pictures: Sequence[str]) -> dict[str, Answer]: ...
     async def claim(
-        self, run_id: str, picture: str, token: str, part: str = ""
+        self, run_id: str, picture: str, token: str, where: tuple[str, int] | None = None
     ) -> Answer | Held | Written | None: ...
     async def record(self, run_id: str, picture: str, answer: Answer, token: str) -> bool: ...
     async def release(self, run_id: str, picture: str, token: str) -> None: ...
@@ -106,6 +107,17 @@ class ChunkContext:
     # The answer cache across runs (``workers/earlier.py``); None: every picture new to the run
     # is called.
     earlier: Earlier | None = None
+    # Where paid answers wait when the journal cannot take them (``workers/spill.py``).
+    spill: AnswerSpill | None = None
+    # Set by drain(): the node shuts down. Each running chunk's pause event, to wake its waits.
+    draining: bool = False
+    chunk_pauses: set[asyncio.Event] = field(default_factory=set)
+
+    def drain(self) -> None:
+        """Stop starting calls (on the loop): in flight ones finish, the rest come back pending."""
+        self.draining = True
+        for paused in self.chunk_pauses:
+            paused.set()
 
 
 @dataclass(slots=True)
@@ -119,6 +131,8 @@ class ChunkResult:
     plates: int = 0
     journalled: int = 0  # images written from answers already paid for, without a call
     reused: int = 0  # of those, answered by an earlier run (the cache across runs)
+    # Images another holder of the chunk wrote meanwhile: no rows here, nothing pending.
+    superseded: list[ImageRef] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -128,12 +142,25 @@ class _Outcome:
     pause: Paused | None = None
     journalled: bool = False
     reused: bool = False
+    superseded: bool = False  # the image has its outcome already (another holder wrote it)
 
 
 async def process_chunk(chunk: Chunk, ctx: ChunkContext, priority: int = 0) -> ChunkResult:
     """Every image of ``chunk`` ends as rows or as pending; never lost, never twice.
-    ``priority``: the chunk's place for call slots (lower first; the engine's start order)."""
+    ``priority``: the chunk's place for call slots (lower first; the engine's start order).
+    Once ``ctx.drain()`` is called (the node shuts down), calls in flight finish and the images
+    not called yet come back pending, with :class:`ShuttingDown`."""
+    if ctx.draining:
+        return ChunkResult(pending=list(chunk.images), pause=ShuttingDown("the worker node is shutting down"))
     paused = asyncio.Event()
+    ctx.chunk_pauses.add(paused)
+    try:
+        return await _process(chunk, ctx, priority, paused)
+    finally:
+        ctx.chunk_pauses.discard(paused)
+
+
+async def _process(chunk: Chunk, ctx: ChunkContext, priority: int, paused: asyncio.Event) -> ChunkResult:
     try:
         resolved = await asyncio.to_thread(ctx.resolver.resolve_many, list(chunk.images))
     except ConfigError as exc:
@@ -156,9 +183,12 @@ async def process_chunk(chunk: Chunk, ctx: ChunkContext, priority: int = 0) -> C
         return ChunkResult(pending=list(chunk.images), pause=pause)
     token = uuid.uuid4().hex  # this execution of the chunk, as the journal's claims know it
 
-    async def guarded(ref: ImageRef, target: Image | CarnumberError, picture: str | None) -> _Outcome:
+    async def guarded(
+        ref: ImageRef, target: Image | CarnumberError, picture: str | None, position: int
+    ) -> _Outcome:
         try:
-            call = _Call(chunk.run_id, ref, ctx, f"{token}:{ref.image_id}", chunk.part_name, picture)
+            where = (chunk.chunk_id, position)
+            call = _Call(chunk.run_id, ref, ctx, f"{token}:{ref.image_id}", where, picture)
             return await _one(call, target, paused, priority)
         except Exception as exc:  # a bug must cost one image, not the chunk
             log.exception("image %s crashed", ref.image_id)
@@ -166,8 +196,10 @@ async def process_chunk(chunk: Chunk, ctx: ChunkContext, priority: int = 0) -> C
             return _Outcome(failure_rows(chunk.run_id, ref, failure, 0), 0)
 
     todo = [
-        (ref, target, picture)
-        for ref, target, picture in zip(chunk.images, resolved, pictures, strict=True)
+        (ref, target, picture, position)
+        for ref, target, picture, position in zip(
+            chunk.images, resolved, pictures, chunk.position_of(), strict=True
+        )
         if picture not in known and picture not in earlier
     ]
     called = iter(await asyncio.gather(*(guarded(*job) for job in todo)))
@@ -182,6 +214,9 @@ async def process_chunk(chunk: Chunk, ctx: ChunkContext, priority: int = 0) -> C
         else:
             out = next(called)
         result.calls += out.calls
+        if out.superseded:
+            result.superseded.append(ref)
+            continue
         if out.rows is None:
             result.pending.append(ref)
             result.pause = result.pause or out.pause
@@ -276,7 +311,7 @@ class _Call:
     ref: ImageRef
     ctx: ChunkContext
     token: str  # this image in this execution of the chunk
-    part: str  # the whole chunk's part name: written by another holder means stop
+    where: tuple[str, int]  # its chunk id and position: the run's books know it by them
     picture: str | None  # the journal's key (``_picture``)
     attempt: int = 0
     claimed: bool = False
@@ -284,8 +319,17 @@ class _Call:
     outage_since: float | None = None  # monotonic time Redis was first found unreachable
 
     async def _paid(self, answer: Answer) -> None:
-        if self.ctx.journal is not None and self.picture:
-            self.recorded = await self.ctx.journal.record(self.run_id, self.picture, answer, self.token)
+        ctx = self.ctx
+        if ctx.journal is None or not self.picture:
+            return
+        self.recorded = await ctx.journal.record(self.run_id, self.picture, answer, self.token)
+        if not self.recorded and ctx.spill is not None:
+            # Redis is away: keep the answer on disk, replayed into the journal once Redis is
+            # back, so a retry of the chunk does not pay for it again.
+            try:
+                ctx.spill.append(SpilledAnswer(self.run_id, self.picture, answer.to_json()))
+            except OSError as exc:
+                log.warning("image %s: answer not spilled either (%s)", self.ref.image_id, exc)
 
     def _outage(self, exc: RedisUnavailable) -> _Outcome | None:
         """Wait for Redis (None), or give up after ``redis_outage_s`` (the image stays pending)."""
@@ -295,26 +339,43 @@ class _Call:
             return _Outcome(None, self.attempt, exc)
         return None
 
+    async def _claim(self) -> _Outcome | float | None:
+        """Ask the journal for the right to call: None (ours), seconds to wait (another caller
+        holds the picture), or the image's outcome (answered meanwhile, or written by another
+        holder of its chunk)."""
+        ctx = self.ctx
+        if ctx.journal is None or not self.picture:
+            return None
+        got = await ctx.journal.claim(self.run_id, self.picture, self.token, self.where)
+        if isinstance(got, Written):
+            return _Outcome(None, self.attempt, superseded=True)
+        if isinstance(got, Answer):  # another image of the picture got it meanwhile
+            return _Outcome(_answer_rows(self.run_id, self.ref, got, self.picture), 0, journalled=True)
+        if isinstance(got, Held):
+            return got.retry_s
+        self.claimed = True
+        return None
+
     async def _admit(self, paused: asyncio.Event) -> Admission | float | _Outcome:
         """A slot to call on now; or seconds to wait before asking again (another holder's claim,
         an open circuit, Redis out of reach); or the image's outcome."""
         ctx = self.ctx
         try:
-            if ctx.journal is not None and self.picture:
-                got = await ctx.journal.claim(self.run_id, self.picture, self.token, self.part)
-                if isinstance(got, Written):
-                    paused.set()
-                    return _Outcome(
-                        None, self.attempt, ChunkSuperseded(f"part {self.part} written by another holder")
-                    )
-                if isinstance(got, Answer):  # another holder of this chunk got it meanwhile
-                    return _Outcome(
-                        _answer_rows(self.run_id, self.ref, got, self.picture), 0, journalled=True
-                    )
-                if isinstance(got, Held):
-                    return got.retry_s
-                self.claimed = True
+            claimed = await self._claim()
+            if claimed is not None:
+                return claimed
             slot = await ctx.gate.admit(self.run_id)
+            # The wait for a token can outlast the claim (a long queue at the limiter, a
+            # throttled account): ask again before paying, and give the slot back if the picture
+            # was answered, or claimed by another caller, meanwhile.
+            try:
+                claimed = await self._claim()
+            except RedisUnavailable:
+                await ctx.gate.abandon(slot)
+                raise
+            if claimed is not None or ctx.draining:
+                await ctx.gate.abandon(slot)
+                return claimed or _Outcome(None, self.attempt, _shutting_down())
         except CircuitOpen:
             return ctx.circuit_wait_s  # the service looks down: wait for the breaker's probe
         except RedisUnavailable as exc:
@@ -330,7 +391,7 @@ class _Call:
         missed = 0  # slots in a row this attempt's request could not leave by (nothing sent)
         while True:
             if paused.is_set():
-                return _Outcome(None, self.attempt)
+                return _Outcome(None, self.attempt, _shutting_down() if ctx.draining else None)
             error: ApiError | TransportError | None = None
             wait_s = ctx.circuit_wait_s
             async with ctx.slots.hold(priority):
@@ -415,6 +476,10 @@ class _Call:
                 await ctx.gate.limiter.on_throttled()
         await _sleep_unless_paused(decision.delay_s, paused)
         return None
+
+
+def _shutting_down() -> ShuttingDown:
+    return ShuttingDown("the worker node is shutting down")
 
 
 def _error_doc(failure: Failure) -> dict[str, Any]:

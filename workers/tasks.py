@@ -18,7 +18,7 @@ from workers.errors import ConfigError
 from workers.message import Chunk
 from workers.runner import Runtime, execute_chunk
 
-__all__ = ["TASK_NAME", "process_chunk", "publish_chunk", "use_settings"]
+__all__ = ["TASK_NAME", "drain", "process_chunk", "publish_chunk", "use_settings"]
 
 log = logging.getLogger(__name__)
 TASK_NAME = "carnumber.process_chunk"
@@ -43,8 +43,21 @@ def runtime() -> Runtime:
     global _runtime
     with _runtime_lock:
         if _runtime is None:
-            _runtime = Runtime.from_settings(settings())
+            s = settings()
+            _runtime = Runtime.from_settings(s)
+            _runtime.hand_back = lambda chunk: publish_chunk(chunk, s.queue)
         return _runtime
+
+
+def drain() -> bool:
+    """The node shuts down: this process's running chunks finish their calls in flight and hand
+    back the rest (``workers/shutdown.py``). Returns whether there was an engine to drain."""
+    with _runtime_lock:
+        rt = _runtime
+    if rt is None:
+        return False
+    rt.engine.drain()
+    return True
 
 
 @signals.worker_process_init.connect

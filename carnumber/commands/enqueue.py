@@ -5,14 +5,20 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
 import sys
 import time
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 from carnumber.commands.common import configure_celery, connect_redis, run_store, settings_from
 from workers.errors import InputError
 
-__all__ = ["add_arguments", "main"]
+if TYPE_CHECKING:
+    from producers.enqueue import EnqueueReport
+    from workers.runs import RunStore
+
+__all__ = ["HELD", "UNFINISHED", "add_arguments", "command_line", "held", "main"]
 
 log = logging.getLogger("carnumber.enqueue")
 
@@ -24,39 +30,51 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "or a manifest (.txt, .csv, .jsonl, .parquet)",
     )
     parser.add_argument("--run", required=True, dest="run_id", help="run id, e.g. 2026-11-24")
-    parser.add_argument(
-        "--glob", help="only file names matching this pattern (folders, archives, buckets)"
-    )
-    parser.add_argument(
-        "--since", type=datetime.fromisoformat, help="only images modified/dated at or after"
-    )
-    parser.add_argument(
-        "--until", type=datetime.fromisoformat, help="only images modified/dated before"
-    )
+    parser.add_argument("--glob", help="only file names matching this pattern (folders, archives, buckets)")
+    parser.add_argument("--since", type=datetime.fromisoformat, help="only images modified/dated at or after")
+    parser.add_argument("--until", type=datetime.fromisoformat, help="only images modified/dated before")
     parser.add_argument(
         "--reprocess",
         action="store_true",
         help="call again for images answered in earlier runs (by id or by content)",
     )
     parser.add_argument("--chunk-size", type=int, help="images per message (CARNUMBER_CHUNK_SIZE)")
-    parser.add_argument(
-        "--wait", action="store_true", help="then follow the run until it is finished"
-    )
+    parser.add_argument("--wait", action="store_true", help="then follow the run until it is finished")
     parser.add_argument(
         "--deadline", help="when the run should be done, for carnumber status (ISO time or HH:MM UTC)"
     )
 
 
-def _paused(runs, run_id: str) -> str | None:  # type: ignore[no-untyped-def]
+# Run states in which publishing more would only park it (the operator's hold, a fatal stop, the
+# quota spent): the producer stops there and says what is left.
+HELD = ("paused", "cancelled", "stopped", "quota_exhausted")
+# The exit status of a command that stopped before it had done all it was asked.
+UNFINISHED = 3
+
+
+def held(runs: RunStore, run_id: str) -> str | None:
     summary = runs.get(run_id)
     state = summary.state if summary else None
-    return state if state in ("stopped", "quota_exhausted") else None
+    return state if state in HELD else None
+
+
+def command_line(args: argparse.Namespace) -> list[str]:
+    """The command that enqueues this source again (it skips what was published)."""
+    argv = ["carnumber", "enqueue", args.source, "--run", args.run_id]
+    for flag, value in (("--glob", args.glob), ("--since", args.since), ("--until", args.until)):
+        if value is not None:
+            argv += [flag, value.isoformat() if isinstance(value, datetime) else str(value)]
+    if args.reprocess:
+        argv.append("--reprocess")
+    if args.chunk_size:
+        argv += ["--chunk-size", str(args.chunk_size)]
+    return argv
 
 
 def main(args: argparse.Namespace) -> int:
     from carnumber.progress import enqueue_progress
     from producers.answer_index import update_answers
-    from producers.enqueue import enqueue_to_broker
+    from producers.enqueue import EnqueueTracker, enqueue_to_broker
     from producers.enqueued import recorder
     from producers.ledger import Ledger
     from producers.sources import open_source
@@ -83,48 +101,51 @@ def main(args: argparse.Namespace) -> int:
     # where it really is, so `./night` and `/data/night` are one source).
     where = args.source if "://" in args.source else os.path.realpath(args.source)
     chunk_prefix = runs.source_prefix(args.run_id, where)
-    if reason := _paused(runs, args.run_id):
+    again = shlex.join(command_line(args))
+    if reason := held(runs, args.run_id):
         raise InputError(
-            f"run {args.run_id} is {reason}: fix the cause, `carnumber resume {args.run_id}`, then enqueue"
+            f"run {args.run_id} is {reason}: fix the cause, `carnumber resume {args.run_id}` "
+            f"(it finishes this enqueue too), or `{again}` after it"
         )
+    # This source's enqueue is "running" (with a heartbeat) before anything else: the run is not
+    # done (nor its journal dropped) while a further source's copies may still need its answers.
     extra = {REUSE_FIELD: "0" if args.reprocess else "1"}
     if args.deadline:
         extra["deadline"] = args.deadline
-    # "enqueuing" first: a run no longer "running" is not marked done (nor its journal dropped)
-    # by its last chunk, so a further source's copies still find the answers of this run's
-    # chunks in flight; those already written are in the cache, brought up to date after this.
-    runs.set_state(args.run_id, "enqueuing", **extra)
-    ledger = None if args.reprocess else Ledger.open(settings.output, exclude_run=args.run_id)
-    if not args.reprocess:
-        # Answers of earlier runs by content: the workers answer moved and copied pictures from it.
-        cache = update_answers(settings.output)
-        log.info(
-            "answer cache: %d pictures answered in earlier runs (%d new from %d files)",
-            cache.entries,
-            cache.answers_added,
-            cache.files_ingested,
-        )
-        runs.set_state(args.run_id, "enqueuing", **{UPDATED_FIELD: time.time()})  # workers: re-read it
     started = time.monotonic()
-    progress, on_progress = enqueue_progress(args.run_id)  # a bar on a terminal, else log lines
-    report = enqueue_to_broker(
-        refs,
-        args.run_id,
-        settings=settings,
-        redis_client=client,
-        runs=runs,
-        ledger=ledger,
-        chunk_prefix=chunk_prefix,
-        paused_reason=lambda: _paused(runs, args.run_id),
-        record=recorder(settings.output),  # what `carnumber verify` reconciles the output against
-        on_progress=on_progress,
-    )
-    on_progress(report)
-    progress.close()
-    if report.stopped_by is None:  # a paused run keeps its state (resume sets it running)
-        runs.set_state(
-            args.run_id, "running", enqueue_finished_at=time.time(), lines_skipped=len(skipped)
+    with EnqueueTracker(runs, args.run_id, where, command_line(args)) as tracker:
+        runs.touch(args.run_id, **extra)
+        ledger = None if args.reprocess else Ledger.open(settings.output, exclude_run=args.run_id)
+        if not args.reprocess:
+            # Answers of earlier runs by content: the workers answer moved and copied pictures.
+            cache = update_answers(settings.output)
+            log.info(
+                "answer cache: %d pictures answered in earlier runs (%d new from %d files)",
+                cache.entries,
+                cache.answers_added,
+                cache.files_ingested,
+            )
+            runs.touch(args.run_id, **{UPDATED_FIELD: time.time()})  # workers: re-read it
+        progress, show_progress = enqueue_progress(args.run_id)  # a bar on a terminal, else log lines
+
+        def on_progress(r: EnqueueReport) -> None:
+            tracker.on_progress(r)
+            show_progress(r)
+
+        report = enqueue_to_broker(
+            refs,
+            args.run_id,
+            settings=settings,
+            redis_client=client,
+            runs=runs,
+            ledger=ledger,
+            chunk_prefix=chunk_prefix,
+            paused_reason=lambda: held(runs, args.run_id),
+            record=recorder(settings.output),  # what `carnumber verify` reconciles the output against
+            on_progress=on_progress,
         )
+        on_progress(report)
+        progress.close()
     elapsed = time.monotonic() - started
     print(
         f"run {args.run_id}: {report.images_seen} images seen, {report.images_enqueued} enqueued in "
@@ -132,9 +153,17 @@ def main(args: argparse.Namespace) -> int:
         f"{report.images_already_answered} answered in earlier runs, {report.duplicates_dropped} duplicates, "
         f"{len(skipped)} inputs skipped) in {elapsed:.1f}s, waited {report.waited_s:.1f}s for the queue"
     )
-    summary = runs.get(args.run_id)
-    if summary is not None and summary.outstanding == 0 and summary.parked == 0:
-        runs.set_state(args.run_id, "done")
+    if report.stopped_by is not None:
+        print(
+            f"carnumber enqueue: NOT FINISHED: run {args.run_id} became {report.stopped_by} after "
+            f"{report.images_seen} images of {args.source}; the rest of the source was not enqueued. "
+            f"Fix the cause, then `carnumber resume {args.run_id}` finishes it (or `{again}`: it skips "
+            "what was published).",
+            file=sys.stderr,
+        )
+        return UNFINISHED
+    runs.touch(args.run_id, enqueue_finished_at=time.time(), lines_skipped=len(skipped))
+    runs.settle(args.run_id, settings.run_retention_s)  # nothing was left to call: done already
     if args.wait:
         from carnumber.commands.status import follow
 

@@ -42,7 +42,7 @@ def hold_run(args: argparse.Namespace, control: str) -> tuple[Settings, redis.Re
     if summary.state == "done":
         raise InputError(f"run {args.run_id!r} is done already: nothing left to hold")
     set_control(client, Keys(settings.key_prefix), args.run_id, control)
-    runs.set_state(args.run_id, control)
+    runs.touch(args.run_id)
     time.sleep(SETTLE_S)  # every worker's cached read of the flag has expired by now
     return settings, client, runs
 

@@ -123,7 +123,10 @@ def main(args: argparse.Namespace) -> int:
     client = redis.Redis.from_url(settings.broker_url, socket_connect_timeout=3, socket_timeout=5)
     try:
         summary = RunStore(client, Keys(settings.key_prefix)).get(args.run_id)
-        fields = dict(summary.fields) if summary else {}
+        # The run hash, with the state and the parked images the run's books derive.
+        fields: dict[str, str] = {}
+        if summary is not None:
+            fields = {**summary.fields, "state": summary.state, "images_parked": str(summary.parked)}
         throttled = _throttled_counter(settings, client)
     except (redis.RedisError, OSError) as exc:
         print(f"carnumber report: Redis not readable ({type(exc).__name__}); Parquet only", file=sys.stderr)

@@ -1,9 +1,17 @@
-"""``carnumber resume RUN_ID`` — after a stop, a spent quota or a pause: clear the stop or the
-run's pause, re-publish parked images. A cancelled run needs ``--force``."""
+"""``carnumber resume RUN_ID`` — continue a run after a pause, a fatal stop, a spent quota or a
+cancel (``--force``): lift the operator's hold and the fleet's stop, publish every parked chunk
+again, and finish every source whose enqueue stopped early (by running its enqueue again).
+
+What it reads is the operator's control and the facts of the run, never a state another writer
+may have overwritten. Safe to Ctrl-C and to run again: a parked chunk is forgotten only once it
+is published again (published twice, its images are called once: the run's books and journal),
+and an enqueue run again skips what it published. Exits non-zero when something is left.
+"""
 
 from __future__ import annotations
 
 import argparse
+import sys
 
 from carnumber.commands.common import configure_celery, connect_redis, run_store, settings_from
 from workers.errors import InputError
@@ -19,6 +27,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="do not clear the fleet's stop flag (only re-publish)",
     )
     parser.add_argument("--force", action="store_true", help="resume a cancelled run too")
+    parser.add_argument(
+        "--no-enqueue",
+        action="store_true",
+        help="do not run again the enqueues that stopped early (only say what they are)",
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -27,6 +40,7 @@ def main(args: argparse.Namespace) -> int:
 
     import redis.asyncio as aredis
 
+    from carnumber.cli import main as carnumber_main
     from workers.fleet import FleetControl
     from workers.keys import Keys, account_tag
     from workers.runswitch import SETTLE_S, set_control
@@ -39,7 +53,7 @@ def main(args: argparse.Namespace) -> int:
     summary = runs.get(args.run_id)
     if summary is None:
         raise InputError(f"run {args.run_id!r}: not found in Redis (key prefix {settings.key_prefix!r})")
-    if summary.state == "cancelled" and not args.force:
+    if summary.control == "cancelled" and not args.force:
         raise InputError(
             f"run {args.run_id!r} was cancelled: `carnumber resume {args.run_id} --force` to continue it"
         )
@@ -60,18 +74,30 @@ def main(args: argparse.Namespace) -> int:
         if cleared:
             print(f"cleared fleet stop ({cleared.get('code')}: {cleared.get('message')})")
         runs.clear_stop(args.run_id)
-    if summary.state in ("paused", "cancelled"):
+    if summary.control is not None:
         set_control(client, Keys(settings.key_prefix), args.run_id, None)
         time.sleep(SETTLE_S)  # a chunk that saw the flag a moment ago has parked by now
-    # "running" before publishing: a worker that finishes the last chunk marks the run done.
-    runs.set_state(args.run_id, "running")
-    chunks = runs.unpark(args.run_id)
-    for chunk in chunks:
+    runs.create(args.run_id, summary.fields.get("source", ""))  # live again: no retention expiry
+    images = chunks = 0
+    for name, chunk in runs.parked(args.run_id):
         publish_chunk(chunk, settings.queue)
-    summary = runs.get(args.run_id)
-    if summary is not None and summary.outstanding == 0 and summary.parked == 0:
-        runs.set_state(args.run_id, "done")
-    print(
-        f"run {args.run_id}: re-published {sum(len(c.images) for c in chunks)} images in {len(chunks)} chunks"
-    )
-    return 0
+        runs.unpark(args.run_id, name)  # only now: a Ctrl-C in between publishes it once more
+        images += len(chunk.images)
+        chunks += 1
+    print(f"run {args.run_id}: re-published {images} images in {chunks} chunks")
+
+    code = 0
+    for enqueue in (runs.get(args.run_id) or summary).unfinished_enqueues:
+        argv = enqueue.argv
+        if args.no_enqueue or not argv:
+            print(
+                f"run {args.run_id}: {enqueue.source} was NOT enqueued to its end "
+                f"({enqueue.published} images published): run `{enqueue.command}`",
+                file=sys.stderr,
+            )
+            code = max(code, 3)
+            continue
+        print(f"run {args.run_id}: finishing the enqueue of {enqueue.source}: {enqueue.command}")
+        code = max(code, int(carnumber_main(argv[1:]) or 0))
+    runs.settle(args.run_id, settings.run_retention_s)
+    return code

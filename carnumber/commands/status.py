@@ -41,6 +41,8 @@ __all__ = ["FINAL_STATES", "add_arguments", "exit_code", "follow", "line", "main
 
 FINAL_STATES = (
     "done",
+    "incomplete",
+    "shutdown",
     "stopped",
     "quota_exhausted",
     "circuit_open",
@@ -75,10 +77,15 @@ def line(runs: RunStore, run_id: str) -> str:
     f = s.fields
     pct = 100.0 * s.written / s.enqueued if s.enqueued else 0.0
     extra = f" stop={f['stop_code']}" if f.get("stop_code") else ""
+    unfinished = "".join(
+        f" NOT ENQUEUED TO ITS END: {e.source} ({e.published} images published; {e.reason or 'no producer'};"
+        f" finish with `carnumber resume {run_id}` or `{e.command}`)"
+        for e in s.unfinished_enqueues
+    )
     return (
         f"{run_id}: {s.state}{extra} {s.written}/{s.enqueued} images ({pct:.1f}%), "
         f"failed={f.get('images_failed', 0)} plates={f.get('plates', 0)} calls={f.get('calls', 0)} "
-        f"parked={s.parked} in-flight/queued={s.outstanding}"
+        f"parked={s.parked} in-flight/queued={s.outstanding}{unfinished}"
     )
 
 

@@ -61,6 +61,7 @@ def render(v: Verification) -> str:
     ]
     labels = {
         "missing": "missing",
+        "in_flight": "in flight",
         "parked": "parked",
         "duplicated": "duplicated",
         "unexpected": "unexpected",
@@ -70,11 +71,15 @@ def render(v: Verification) -> str:
         note = ""
         if kind == "parked" and v.parked:
             note = f"  in {v.parked_chunks} chunks, run {v.state}{stop}: fix the cause, carnumber resume"
-        elif kind == "missing" and v.missing and v.in_flight and v.state in ("enqueuing", "running"):
-            note = f"  run still {v.state}: {v.in_flight} images queued or in flight"
+        elif kind == "in_flight" and n:
+            note = "  queued or held by a worker: they will still run (not republished)"
+        elif kind == "missing" and n:
+            note = "  in no live message: lost; --republish publishes them again"
         lines.append(f"  {labels[kind]:<22}{n:>9}{note}")
         for e in v.examples.get(kind, []):
             lines.append(f"      {e.image_id} {e.source or ''} ({e.detail})".replace("  (", " ("))
+    for u in v.unfinished:
+        lines.append(f"  {'NOT ENQUEUED TO ITS END':<22} {u}")
     for i, f in enumerate(v.failed_by_code):
         label = "failed by code" if i == 0 else ""
         lines.append(f"  {label:<22}{f.images:>9}  {f.code} ({'retryable' if f.retryable else 'final'})")
@@ -97,14 +102,17 @@ def main(args: argparse.Namespace) -> int:
 
     from producers.verify import verify_run
     from workers.errors import InputError
+    from workers.queued import live_chunks
     from workers.sink.dataset import check_run_id, open_dataset
 
     if args.examples < 0:
         raise InputError(f"--examples {args.examples}: give 0 or more")
     settings = settings_from(args)
     check_run_id(args.run_id)
-    runs = run_store(settings, connect_redis(settings))
-    found = verify_run(open_dataset(settings.output), runs, args.run_id, examples=args.examples)
+    client = connect_redis(settings)
+    runs = run_store(settings, client)
+    live = live_chunks(client, settings.queue, args.run_id)  # queued or held: they will still run
+    found = verify_run(open_dataset(settings.output), runs, args.run_id, live=live, examples=args.examples)
     if args.missing:
         try:
             pacsv.write_csv(found.mismatched, args.missing)
@@ -116,6 +124,7 @@ def main(args: argparse.Namespace) -> int:
         print(render(found))
     if args.republish and found.missing:
         from producers.verify import republish_missing
+        from workers.outcomes import OutcomeBook
         from workers.tasks import publish_chunk
 
         configure_celery(settings)
@@ -124,11 +133,13 @@ def main(args: argparse.Namespace) -> int:
             open_dataset(settings.output),
             runs,
             lambda chunk: publish_chunk(chunk, settings.queue),
-            settings.chunk_size,
+            OutcomeBook(client, runs.keys),
         )
+        left = found.missing - sum(len(c.images) for c in chunks)
         print(
             f"run {args.run_id}: re-published {sum(len(c.images) for c in chunks)} missing images in "
-            f"{len(chunks)} chunks ({chunks[0].chunk_id.split('-')[0]}); verify again when it is done",
+            f"{len(chunks)} chunks (their own chunk ids); verify again when it is done"
+            + (f"; {left} belong to an unfinished enqueue: carnumber resume {args.run_id}" if left else ""),
             file=sys.stderr if args.json else sys.stdout,
         )
     print(verdict(found), file=sys.stderr if args.json else sys.stdout)

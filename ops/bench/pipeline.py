@@ -131,7 +131,7 @@ def main() -> int:
             runs=runs,
             record=recorder(settings.output),
         )
-        runs.set_state(run_id, "running")
+        runs.touch(run_id)
         while True:
             s = runs.get(run_id)
             if s and s.written >= args.images:

@@ -155,7 +155,7 @@ def _enqueue(case: Case, settings: Settings, archive: Path, client: redis.Redis)
         chunk_size=settings.chunk_size,
         queue_high_water=settings.queue_high_water,
     )
-    runs.set_state(run_id, "running")
+    runs.touch(run_id)
     return run_id
 
 

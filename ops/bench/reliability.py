@@ -244,7 +244,7 @@ class Bench:
             queue_high_water=max(s.queue_high_water, self.args.images // s.chunk_size + 1),
             record=recorder(s.output),  # so `carnumber verify` can check the bench's runs too
         )
-        self.runs.set_state(run_id, "running")
+        self.runs.touch(run_id)
         return report.images_enqueued
 
     def expected_ids(self) -> set[str]:

@@ -48,13 +48,16 @@ def build(output: str, redis_url: str, prefix: str, run_id: str, images: int) ->
     from workers.api.response import Plate, Recognition
     from workers.keys import Keys
     from workers.message import Chunk, ImageRef
+    from workers.outcomes import Outcome, OutcomeBook
     from workers.runs import RunStore
     from workers.sink.dataset import open_dataset
     from workers.sink.rows import Failure, failure_rows, recognition_rows
 
     dataset = open_dataset(output)
     records = EnqueuedRecords(dataset)
-    runs = RunStore(redis.Redis.from_url(redis_url), Keys(prefix))
+    client = redis.Redis.from_url(redis_url)
+    runs = RunStore(client, Keys(prefix))
+    books = OutcomeBook(client, Keys(prefix))
     runs.create(run_id, "bench")
     now = datetime.now(UTC)
     plate = Plate(text="浙A12345", plate_type="小型汽车", prob=0.99, type_prob=0.98, polygon=((1, 2),) * 4)
@@ -74,8 +77,7 @@ def build(output: str, redis_url: str, prefix: str, run_id: str, images: int) ->
                 rec = Recognition("req", () if i % 10 == 9 else (plate,), 1920, 1080, 1920, 1080)
                 rows += recognition_rows(run_id, ref, rec, 1, now)
         dataset.write_part(run_id, chunk.part_name, rows)
-        runs.mark_written(run_id, chunk.part_name, len(refs), 0, 0, 0)
-    runs.set_state(run_id, "done")
+        books.mark(run_id, chunk.chunk_id, [Outcome(p) for p in range(len(refs))], part=chunk.part_name)
 
 
 def timed_verify(env: dict[str, str], run_id: str, work: Path) -> tuple[float, float, int, dict]:
