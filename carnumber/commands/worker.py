@@ -55,6 +55,13 @@ def main(args: argparse.Namespace) -> int:
         argv.append(f"--hostname={args.hostname}")
     if args.max_tasks_per_child:
         argv.append(f"--max-tasks-per-child={args.max_tasks_per_child}")
-    # Celery's own exit code: non-zero after an unrecoverable error or a broker that stayed
-    # away (app.worker_main would drop it, and a dead node would look like a clean exit).
-    return int(app.start(argv) or 0)
+    # Celery's own exit code: non-zero after an unrecoverable error or a broker that stayed away.
+    # app.worker_main() drops it (click returns it in non-standalone mode, and app.start() does
+    # not pass it on), and a dead node looked like a clean exit to its supervisor.
+    from celery.bin.celery import celery as celery_command
+
+    celery_command.params[0].default = app
+    try:
+        return int(celery_command.main(args=argv, standalone_mode=False) or 0)
+    finally:
+        celery_command.params[0].default = None
