@@ -118,12 +118,12 @@ def _run(env: dict[str, str], run_id: str, archive: Path, timeout_s: float) -> s
     from carnumber.commands.status import follow
     from carnumber.progress import Progress
     from producers.enqueue import EnqueueTracker, enqueue_to_broker
-    from producers.enqueued import recorder
     from producers.sources import open_source
     from workers.config import Settings
     from workers.errors import CarnumberError
     from workers.sink.compact import compact_run
     from workers.sink.dataset import open_dataset
+    from workers.sink.enqueued import recorder
 
     settings = Settings.from_env(env)
     client = connect_redis(settings)

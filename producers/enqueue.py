@@ -7,7 +7,7 @@ images differ from what was recorded (the source changed) is an error, never a s
 already answered in earlier runs are dropped from each chunk through the ledger; the chunk id
 stays the same. The broker queue is kept under ``queue_high_water`` messages: the producer
 waits instead of pushing millions of messages into Redis. Memory holds one chunk at a time.
-``record`` (see :mod:`producers.enqueued`) is handed each chunk *before* it is published, and
+``record`` (see :mod:`workers.sink.enqueued`) is handed each chunk *before* it is published, and
 chunks whose images were all dropped too, so ``carnumber verify`` knows exactly what was promised.
 """
 

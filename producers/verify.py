@@ -1,6 +1,6 @@
 """``carnumber verify``: reconcile what the producer enqueued for a run against the output.
 
-Three inputs, none of them changed: the producer's records (:mod:`producers.enqueued`, the images
+Three inputs, none of them changed: the producer's records (:mod:`workers.sink.enqueued`, the images
 the run promised to answer), the small columns of the run's output files (``image_id``,
 ``status``, ``processed_at``, ``plate_index``, ``error_code``, ``retryable``: memory is a few
 columns per row, never whole rows) and, from Redis, the run's hash and its parked chunks (read
@@ -47,13 +47,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from producers.enqueued import EnqueuedRecords, is_first_pass
 from workers.errors import InputError
 from workers.message import Chunk
 from workers.outcomes import OutcomeBook
 from workers.runs import RunStore
 from workers.sink.compact import best_outcomes, read_keys
 from workers.sink.dataset import Dataset
+from workers.sink.enqueued import EnqueuedRecords, is_first_pass
 from workers.sink.schema import SCHEMA, STATUS_FAILED
 
 __all__ = [

@@ -105,8 +105,8 @@ def test_ledger_and_duplicates_are_dropped_but_chunk_ids_stay(
 def test_records_every_chunk_before_publishing_and_a_rerun_overwrites(
     redis_client: redis.Redis, key_prefix: str, tmp_path: Path
 ) -> None:
-    from producers.enqueued import EnqueuedRecords, recorder
     from workers.sink.dataset import open_dataset
+    from workers.sink.enqueued import EnqueuedRecords, recorder
 
     runs = RunStore(redis_client, Keys(key_prefix))
     refs = _refs(9)

@@ -20,12 +20,12 @@ from ocrserver.faults import FaultConfig
 from ocrserver.server import RunningServer, start_server
 from ocrserver.truth import make_test_image
 from producers.enqueue import enqueue
-from producers.enqueued import recorder
 from producers.verify import Verification, republish_missing, verify_run
 from workers.config import Settings
 from workers.message import Chunk, ImageRef
 from workers.runner import Runtime, execute_chunk
 from workers.sink.compact import compact_run
+from workers.sink.enqueued import recorder
 from workers.sink.failures import retryable_failures
 from workers.sink.rows import recognition_rows
 

@@ -14,6 +14,7 @@ from workers.broker import transport_for
 from workers.config import Settings
 from workers.leases import LeaseKeeper
 from workers.shutdown import DrainOnClose
+from workers.watchdog import RunWatch
 
 __all__ = ["app", "celery_config"]
 
@@ -72,3 +73,4 @@ app = Celery("carnumber", include=["workers.tasks"])
 app.add_defaults(lambda: celery_config(Settings.from_env()))
 app.steps["consumer"].add(LeaseKeeper)
 app.steps["consumer"].add(DrainOnClose)
+app.steps["consumer"].add(RunWatch)

@@ -55,6 +55,10 @@ class Keys:
         """Hash worker process -> ``"calls unix_s"``: calls each has in flight, as of when."""
         return f"{self.prefix}:inflight:{account}"
 
+    def watch(self) -> str:
+        """Who runs this round of the stalled-run repair (``workers/watchdog.py``)."""
+        return f"{self.prefix}:watch"
+
     # -- per run ------------------------------------------------------------------------------
     def runs(self) -> str:
         """Sorted set of run ids by creation time."""
@@ -89,6 +93,10 @@ class Keys:
     def run_parked_images(self, run_id: str) -> str:
         """Hash remainder part name -> number of images in it (``run_parked``'s sizes)."""
         return f"{self.prefix}:run:{run_id}:parked_images"
+
+    def run_repaired(self, run_id: str) -> str:
+        """Set of chunk ids republished once by the stalled-run repair (``workers/repair.py``)."""
+        return f"{self.prefix}:run:{run_id}:repaired"
 
     def run_enqueues(self, run_id: str) -> str:
         """Hash source -> JSON of its enqueue: state (running, complete, incomplete), images

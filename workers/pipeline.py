@@ -395,6 +395,8 @@ class _Call:
             error: ApiError | TransportError | None = None
             wait_s = ctx.circuit_wait_s
             async with ctx.slots.hold(priority):
+                if paused.is_set():  # while it waited for a call slot: do not ask for a token
+                    return _Outcome(None, self.attempt, _shutting_down() if ctx.draining else None)
                 slot = await self._admit(paused)
                 if isinstance(slot, _Outcome):
                     return slot

@@ -153,7 +153,7 @@ def _handed_back(rt: Runtime, remainder: Chunk) -> bool:
     except Exception as exc:  # the broker away as the node stops: parked instead, resume takes it
         log.warning("run %s chunk %s: not handed back (%s)", remainder.run_id, remainder.chunk_id, exc)
         return False
-    log.info(
+    log.warning(
         "run %s chunk %s: %d image(s) handed back (shutting down)",
         remainder.run_id,
         remainder.chunk_id,

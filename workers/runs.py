@@ -284,6 +284,7 @@ class RunStore:
             k.run(run_id), k.run_chunks(run_id), k.run_sources(run_id), k.run_done(run_id),
             k.run_parked(run_id), k.run_parked_images(run_id), k.run_outcomes(run_id),
             k.run_enqueues(run_id), k.run_control(run_id), k.run_events(run_id), k.run_answers(run_id),
+            k.run_repaired(run_id),
         ]  # fmt: skip
 
     def retain(self, run_id: str, seconds: float) -> None:

@@ -75,11 +75,11 @@ def main(args: argparse.Namespace) -> int:
     from carnumber.progress import enqueue_progress
     from producers.answer_index import update_answers
     from producers.enqueue import EnqueueTracker, enqueue_to_broker
-    from producers.enqueued import recorder
     from producers.ledger import Ledger
     from producers.sources import open_source
     from workers.earlier import REUSE_FIELD, UPDATED_FIELD
     from workers.sink.dataset import check_run_id
+    from workers.sink.enqueued import recorder
 
     settings = settings_from(args, chunk_size=args.chunk_size)
     check_run_id(args.run_id)

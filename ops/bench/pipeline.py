@@ -78,10 +78,10 @@ def main() -> int:
     args = parser.parse_args()
 
     from producers.enqueue import enqueue_to_broker
-    from producers.enqueued import recorder
     from producers.sources import open_source
     from workers.sink.compact import compact_run
     from workers.sink.dataset import open_dataset
+    from workers.sink.enqueued import recorder
 
     work = Path(tempfile.mkdtemp(prefix="carnumber-bench-"))
     redis = None

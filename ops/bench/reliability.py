@@ -227,8 +227,8 @@ class Bench:
         """Publish every image of the archive for ``run_id``; returns images enqueued."""
         from carnumber.commands.common import configure_celery
         from producers.enqueue import enqueue
-        from producers.enqueued import recorder
         from producers.sources import open_source
+        from workers.sink.enqueued import recorder
         from workers.tasks import publish_chunk
 
         s = self.settings()

@@ -1,7 +1,7 @@
 """How long ``carnumber verify`` takes, and its peak memory, on a run of many images.
 
 Builds a synthetic finished run of ``--images`` images in chunks of 200 the way the real code
-writes them (the producer's records through :class:`producers.enqueued.EnqueuedRecords`, one part
+writes them (the producer's records through :class:`workers.sink.enqueued.EnqueuedRecords`, one part
 per chunk through ``Dataset.write_part`` with rows from ``workers.sink.rows``, the run's Redis
 bookkeeping through :class:`workers.runs.RunStore`; every 10th image has no plate, every 50th
 failed), then times ``carnumber verify RUN --json`` in a fresh process for three states:
@@ -44,13 +44,13 @@ def build(output: str, redis_url: str, prefix: str, run_id: str, images: int) ->
     """Write the records, parts and Redis bookkeeping of a finished run of ``images`` images."""
     import redis
 
-    from producers.enqueued import EnqueuedRecords
     from workers.api.response import Plate, Recognition
     from workers.keys import Keys
     from workers.message import Chunk, ImageRef
     from workers.outcomes import Outcome, OutcomeBook
     from workers.runs import RunStore
     from workers.sink.dataset import open_dataset
+    from workers.sink.enqueued import EnqueuedRecords
     from workers.sink.rows import Failure, failure_rows, recognition_rows
 
     dataset = open_dataset(output)

@@ -116,6 +116,17 @@ class EnqueuedRecords:
             for p in paths
         )
 
+    def chunk(self, run_id: str, chunk_id: str) -> Chunk | None:
+        """The recorded chunk ``chunk_id`` as it was published (None when it has no record)."""
+        path = self.files(run_id).get(chunk_id)
+        if path is None:
+            return None
+        table = pq.read_table(
+            path, filesystem=self.dataset.fs, columns=["image_id", "source", "meta"], schema=RECORD_SCHEMA
+        )
+        refs = tuple(ImageRef(r["source"], r["image_id"], dict(r["meta"] or [])) for r in table.to_pylist())
+        return Chunk(run_id, chunk_id, refs)
+
     def chunks(self, run_id: str, image_ids: Sequence[str]) -> list[Chunk]:
         """The recorded chunks that hold ``image_ids``, each cut down to those images and keeping
         their positions (a record lists a chunk's images in the order it was published), so a
