@@ -160,7 +160,8 @@ class RunStore:
         pipe.hsetnx(key, "source", source)
         pipe.hset(key, mapping={"updated_at": now})
         pipe.zadd(self.keys.runs(), {run_id: now}, nx=True)
-        pipe.persist(key)  # a run enqueued into again is live again (retention: see retain())
+        for live in self.run_keys(run_id):  # a run enqueued into again is live again (retain())
+            pipe.persist(live)
         pipe.execute()
 
     def source_prefix(self, run_id: str, source: str) -> str:

@@ -82,6 +82,8 @@ def line(runs: RunStore, run_id: str) -> str:
         f" finish with `carnumber resume {run_id}` or `{e.command}`)"
         for e in s.unfinished_enqueues
     )
+    if f.get("images_republished_auto"):  # lost by Redis, republished once (workers/repair.py)
+        extra += f" republished_auto={f['images_republished_auto']}"
     return (
         f"{run_id}: {s.state}{extra} {s.written}/{s.enqueued} images ({pct:.1f}%), "
         f"failed={f.get('images_failed', 0)} plates={f.get('plates', 0)} calls={f.get('calls', 0)} "
