@@ -22,7 +22,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from carnumber.monitor import AccountSnapshot, Snapshot
-from workers.runs import STATES, RunSummary
+from workers.books.runs import STATES, RunSummary
 
 __all__ = ["CIRCUIT_STATES", "SnapshotCollector", "families"]
 

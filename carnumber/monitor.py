@@ -1,6 +1,6 @@
 """What the fleet's Redis says right now, as plain data: the monitoring side of ``carnumber metrics``.
 
-:meth:`Monitor.snapshot` reads, and never writes: the recent runs (:class:`~workers.runs.RunStore`),
+:meth:`Monitor.snapshot` reads, and never writes: the recent runs (:class:`~workers.books.runs.RunStore`),
 the broker queue's depth and the broker's unacknowledged (in-flight) messages, and for every
 account it finds (the configured one, plus any with a stop flag, circuit, rate, quota or call
 counters under the key prefix): the fleet stop flag and the circuit breaker
@@ -23,11 +23,11 @@ from typing import Any
 import redis
 import redis.asyncio as aredis
 
+from workers.books.runs import RunStore, RunSummary
 from workers.config import Settings
 from workers.errors import CarnumberError
 from workers.keys import Keys, account_tag
 from workers.metrics import CallStats, read_call_stats
-from workers.runs import RunStore, RunSummary
 
 __all__ = ["UNACKED_KEY", "AccountSnapshot", "Monitor", "Snapshot"]
 

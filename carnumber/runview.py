@@ -1,6 +1,6 @@
 """The figures ``carnumber status RUN`` shows, gathered from Redis (and Celery) as plain data.
 
-:class:`RunView` reads, and never writes: the run hash (:class:`~workers.runs.RunStore`), the
+:class:`RunView` reads, and never writes: the run hash (:class:`~workers.books.runs.RunStore`), the
 fleet's switches, quota and call counters through :class:`~carnumber.monitor.Monitor`, the
 per-minute call counters of :mod:`workers.metrics`, and optionally which worker nodes answer a
 Celery broadcast. :class:`Sampler` keeps the last minutes of readings of one watcher, for the
@@ -33,11 +33,11 @@ from typing import Any
 import redis
 
 from carnumber.monitor import AccountSnapshot, Monitor, Snapshot
+from workers.books.runs import RunSummary
 from workers.config import Settings
 from workers.errors import ConfigError
 from workers.keys import Keys
 from workers.metrics import CallStats, read_call_stats, read_in_flight
-from workers.runs import RunSummary
 
 __all__ = [
     "ENDED_STATES",

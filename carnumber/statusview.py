@@ -16,7 +16,7 @@ from rich.table import Table
 from rich.text import Text
 
 from carnumber.runview import RunFigures
-from workers.runs import RunSummary
+from workers.books.runs import RunSummary
 
 __all__ = ["duration", "plain_line", "render", "runs_table", "summary", "when"]
 

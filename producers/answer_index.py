@@ -30,8 +30,8 @@ import pyarrow.parquet as pq
 
 from producers.ledger import dataset_files, locked
 from workers import answer_cache
+from workers.books.journal import Answer
 from workers.errors import ConfigError
-from workers.journal import Answer
 from workers.sink.dataset import open_dataset
 from workers.sink.rows import recognition_from_rows
 from workers.sink.schema import STATUS_NO_PLATE, STATUS_OK

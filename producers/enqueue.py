@@ -25,10 +25,10 @@ from typing import Any, Protocol
 
 import redis
 
+from workers.books.runs import RunStore
 from workers.config import Settings
 from workers.errors import InputError
 from workers.message import Chunk, ImageRef
-from workers.runs import RunStore
 
 __all__ = ["EnqueueReport", "EnqueueTracker", "enqueue", "enqueue_to_broker"]
 

@@ -32,7 +32,7 @@ outcome; they are reported by code, with their ``retryable`` flag, but are not a
 every source was enqueued to its end (an enqueue that stopped early promised only part of it).
 
 :func:`republish_missing` publishes the *missing* images again, from their records, under their
-own chunk ids and positions (the run's books then count each once, ``workers/outcomes.py``); an
+own chunk ids and positions (the run's books then count each once, ``workers/books/outcomes.py``); an
 image whose rows are gone from the output is first forgotten by the books. Images in flight or
 parked are never republished: they will run anyway, and a second copy would be a second holder.
 """
@@ -47,10 +47,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from workers.books.outcomes import OutcomeBook
+from workers.books.runs import RunStore
 from workers.errors import InputError
 from workers.message import Chunk
-from workers.outcomes import OutcomeBook
-from workers.runs import RunStore
 from workers.sink.compact import best_outcomes, read_keys
 from workers.sink.dataset import Dataset
 from workers.sink.enqueued import EnqueuedRecords, is_first_pass
@@ -252,7 +252,7 @@ def verify_run(
     examples: int = 5,
 ) -> Verification:
     """Reconcile ``run_id`` (see the module docstring); ``live``: the run's chunk messages alive
-    on the broker (``workers.queued.live_chunks``); ``examples`` images listed per kind.
+    on the broker (``workers.books.queued.live_chunks``); ``examples`` images listed per kind.
 
     Raises :class:`InputError` when Redis does not know the run, when the run has published
     chunks but no enqueued records (an older producer, or another ``CARNUMBER_OUTPUT``), or when

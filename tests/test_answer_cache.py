@@ -116,8 +116,8 @@ def test_a_damaged_cache_costs_calls_not_the_chunk(tmp_path: Path, redis_url: st
     import redis.asyncio as aredis
 
     from workers.api.response import Recognition
+    from workers.books.journal import Answer
     from workers.earlier import EarlierAnswers
-    from workers.journal import Answer
     from workers.keys import Keys
 
     fs, d = pafs.LocalFileSystem(), str(tmp_path / "c")

@@ -1,4 +1,4 @@
-"""The repaired Redis transport (workers/broker.py), against a real Redis, through kombu itself.
+"""The repaired Redis transport (workers/node/broker.py), against a real Redis, through kombu itself.
 
 Celery's reaction to a lost broker is ``connection.collect()`` then ``connection.close()``; on
 kombu's own transport that close crashed (``'NoneType' object has no attribute 'hostname'``)
@@ -19,7 +19,7 @@ from kombu import Connection, Exchange, Queue
 from kombu.transport import redis as kombu_redis
 
 from ops.drills.harness import DrillRedis
-from workers.broker import transport_for
+from workers.node.broker import transport_for
 
 
 @pytest.fixture

@@ -15,9 +15,9 @@ from carnumber.localstack import Child, start_worker
 from ocrserver.config import ServerConfig
 from ocrserver.server import RunningServer, start_server
 from ocrserver.truth import make_test_image
+from workers.books.runs import RunStore
 from workers.config import Settings
 from workers.keys import Keys
-from workers.runs import RunStore
 from workers.sink.dataset import open_dataset
 
 pytestmark = pytest.mark.timeout(180)

@@ -362,8 +362,8 @@ def test_as_a_user_runs_it_with_real_workers_and_compaction_between(
 
     from carnumber.cli import main as cli
     from carnumber.localstack import start_worker
+    from workers.books.runs import RunStore
     from workers.keys import Keys
-    from workers.runs import RunStore
 
     archive, moved = tmp_path / "archive", tmp_path / "moved"
     archive.mkdir()
@@ -411,8 +411,8 @@ def test_two_sources_enqueued_into_one_run_make_one_call_per_picture(
     (by another spelling of its path, too) adds nothing, and ``carnumber verify`` passes."""
     from carnumber.cli import main as cli
     from carnumber.localstack import start_worker
+    from workers.books.runs import RunStore
     from workers.keys import Keys
-    from workers.runs import RunStore
 
     folder = tmp_path / "cam"
     folder.mkdir()

@@ -9,10 +9,10 @@ import pytest
 import redis
 
 from producers.enqueue import enqueue
+from workers.books.runs import RunStore
 from workers.errors import InputError
 from workers.keys import Keys
 from workers.message import Chunk, ImageRef
-from workers.runs import RunStore
 
 
 def _refs(n: int) -> list[ImageRef]:

@@ -15,8 +15,8 @@ import pytest
 from ocrserver.config import ServerConfig
 from ocrserver.server import RunningServer, start_server
 from ocrserver.truth import distinct_copy, make_test_image
+from workers.books.journal import Answer, MemoryJournal
 from workers.config import Settings
-from workers.journal import Answer, MemoryJournal
 from workers.keys import Keys
 from workers.message import Chunk, ImageRef
 from workers.runner import Runtime, execute_chunk

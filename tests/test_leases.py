@@ -1,4 +1,4 @@
-"""Chunk leases (workers/leases.py) against a real Redis: renewals on Redis's clock, sweeps of
+"""Chunk leases (workers/node/leases.py) against a real Redis: renewals on Redis's clock, sweeps of
 leases that ran out, and no sweep before live holders have had a lease period to renew."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 import redis
 
 from ops.drills.harness import DrillRedis
-from workers.leases import LeaseRenewer
+from workers.node.leases import LeaseRenewer
 
 
 def _redis_now(client: redis.Redis) -> float:

@@ -21,12 +21,12 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from carnumber.commands import metrics as metrics_cmd
 from tests.helpers.books import answer
+from workers.books.runs import STATES, RunStore
 from workers.fleet import CircuitBreaker, FleetControl
 from workers.keys import Keys, account_tag
 from workers.message import Chunk, ImageRef
 from workers.metrics import CallCounter
 from workers.ratelimit import CallQuota, RateLimiter, RedisBackend
-from workers.runs import STATES, RunStore
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY_ID = "LTAI-metrics-test"

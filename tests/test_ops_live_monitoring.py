@@ -39,8 +39,8 @@ from ocrserver.config import ServerConfig
 from ocrserver.faults import FaultConfig
 from ocrserver.server import start_server
 from ocrserver.truth import make_test_image
+from workers.books.runs import RunStore
 from workers.keys import Keys
-from workers.runs import RunStore
 
 pytestmark = pytest.mark.timeout(240)
 

@@ -28,9 +28,9 @@ from ocrserver.config import ServerConfig
 from ocrserver.faults import FaultConfig
 from ocrserver.server import RunningServer, start_server
 from ocrserver.truth import make_test_image
+from workers.books.runs import RunStore
 from workers.fleet import FleetControl
 from workers.keys import Keys, account_tag
-from workers.runs import RunStore
 from workers.sink.dataset import open_dataset
 
 pytestmark = pytest.mark.timeout(240)

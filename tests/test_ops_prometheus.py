@@ -15,8 +15,8 @@ import yaml
 
 from carnumber.exposition import families
 from carnumber.monitor import AccountSnapshot, Snapshot
+from workers.books.runs import RunSummary
 from workers.metrics import CallStats
-from workers.runs import RunSummary
 
 OPS = Path(__file__).resolve().parents[1] / "ops" / "prometheus"
 REQUIRED = {

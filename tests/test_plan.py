@@ -25,12 +25,12 @@ from producers.enqueue import enqueue
 from producers.ledger import Ledger
 from producers.plan import DigestSet, PlanReport, QuotaView, bill, make_plan, plan_items
 from producers.sources import open_source
+from workers.books.runs import RunStore
 from workers.config import Settings
 from workers.keys import Keys
 from workers.message import Chunk
 from workers.ratelimit import from_settings
 from workers.runner import Runtime, execute_chunk
-from workers.runs import RunStore
 
 BUCKET = "cn-plan-test"
 

@@ -1,4 +1,4 @@
-"""The stalled-run repair (workers/repair.py) against a real Redis and real producer records: a
+"""The stalled-run repair (workers/books/repair.py) against a real Redis and real producer records: a
 run whose chunk messages Redis lost (a crash, a failover to a replica that lacked them) has its
 images without an outcome republished once, under their own chunk ids and positions."""
 
@@ -10,11 +10,11 @@ from pathlib import Path
 import redis
 
 from tests.helpers.books import answer
+from workers.books.outcomes import OutcomeBook
+from workers.books.repair import StalledRuns
+from workers.books.runs import RunStore
 from workers.keys import Keys
 from workers.message import Chunk, ImageRef
-from workers.outcomes import OutcomeBook
-from workers.repair import StalledRuns
-from workers.runs import RunStore
 from workers.sink.dataset import open_dataset
 from workers.sink.enqueued import EnqueuedRecords
 

@@ -19,10 +19,10 @@ from carnumber.commands import report as report_cmd
 from carnumber.report import hint
 from tests.helpers.books import answer
 from workers.api.response import Plate, Recognition
+from workers.books.runs import RunStore
 from workers.keys import Keys, account_tag
 from workers.message import Chunk, ImageRef
 from workers.metrics import CallCounter
-from workers.runs import RunStore
 from workers.sink.dataset import open_dataset
 from workers.sink.rows import Failure, failure_rows, recognition_rows
 

@@ -33,13 +33,13 @@ from ocrserver.server import RunningServer, start_server
 from ocrserver.truth import write_test_archive
 from ops.drills.harness import DrillRedis
 from tests.helpers.books import answer
+from workers.books.queued import chunk_of, queued_messages
+from workers.books.runs import RunStore
 from workers.config import Settings
 from workers.keys import Keys
 from workers.message import Chunk, ImageRef
 from workers.metrics import prune_in_flight, read_in_flight, write_in_flight
-from workers.queued import chunk_of, queued_messages
 from workers.runner import Runtime, execute_chunk
-from workers.runs import RunStore
 from workers.sink.dataset import open_dataset
 
 pytestmark = pytest.mark.timeout(180)

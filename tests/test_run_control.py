@@ -18,8 +18,8 @@ from carnumber.localstack import Child, start_worker
 from ocrserver.config import ServerConfig
 from ocrserver.server import RunningServer, start_server
 from ocrserver.truth import write_test_archive
+from workers.books.runs import RunStore
 from workers.keys import Keys
-from workers.runs import RunStore
 from workers.sink.dataset import open_dataset
 
 pytestmark = pytest.mark.timeout(180)

@@ -22,13 +22,13 @@ from carnumber.monitor import Monitor
 from carnumber.runview import RunView, Sampler, WorkerInfo, parse_deadline
 from carnumber.statusview import duration, plain_line, render, summary
 from tests.helpers.books import answer
+from workers.books.runs import RunStore
 from workers.config import Settings
 from workers.errors import ConfigError
 from workers.fleet import FleetControl
 from workers.keys import Keys, account_tag
 from workers.message import Chunk, ImageRef
 from workers.metrics import CallCounter
-from workers.runs import RunStore
 
 KEY_ID = "LTAI-status-test"
 ACCOUNT = account_tag(KEY_ID)

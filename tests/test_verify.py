@@ -357,8 +357,8 @@ def test_records_and_verify_on_an_s3_output(redis_client: redis.Redis, key_prefi
     from helpers.s3_server import moto_s3, s3_client
 
     from workers.api.response import Recognition
+    from workers.books.runs import RunStore
     from workers.keys import Keys
-    from workers.runs import RunStore
     from workers.sink.dataset import open_dataset
 
     refs = [ImageRef(f"s3://cams/2026-11-30/{i:03d}.jpg?X-Amz-Signature=abc") for i in range(5)]

@@ -46,7 +46,7 @@ class Gate:
     breaker: Switch
     limiter: Limiter
     quota: Quota
-    runs: RunSwitch | None = None  # per-run pause and cancel (``workers/runswitch.py``)
+    runs: RunSwitch | None = None  # per-run pause and cancel (``workers/books/control.py``)
 
     async def admit(self, run_id: str = "") -> Admission:
         """Wait for a token; raise ``FleetStopped``/``CircuitOpen``/``QuotaExhausted``, or

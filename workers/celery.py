@@ -10,16 +10,16 @@ from typing import Any
 
 from celery import Celery
 
-from workers.broker import transport_for
 from workers.config import Settings
-from workers.leases import LeaseKeeper
-from workers.shutdown import DrainOnClose
-from workers.watchdog import RunWatch
+from workers.node.broker import transport_for
+from workers.node.leases import LeaseKeeper
+from workers.node.shutdown import DrainOnClose
+from workers.node.watchdog import RunWatch
 
 __all__ = ["app", "celery_config"]
 
 # Kombu's own redelivery of unacknowledged messages stays out of the way: chunk leases
-# (workers/leases.py) hand a silent node's chunks back within about a minute on Redis's clock.
+# (workers/node/leases.py) hand a silent node's chunks back within about a minute on Redis's clock.
 VISIBILITY_TIMEOUT_S = 12 * 3600
 
 
@@ -30,7 +30,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     return {
         "broker_url": settings.broker_url,
         # Kombu's Redis transport, repaired: a lost connection never crashes the node, what it
-        # holds stays leased across it, and leases start on Redis's clock (workers/broker.py).
+        # holds stays leased across it, and leases start on Redis's clock (workers/node/broker.py).
         "broker_transport": transport_for(settings.broker_url),
         "broker_connection_retry_on_startup": True,
         # A Redis restart of up to CARNUMBER_REDIS_OUTAGE_S: reconnect (1 s, 2 s, ... 10 s apart),

@@ -1,7 +1,7 @@
 """Content keys: an answer depends on the picture, not on where it lives.
 
 Two files with the same bytes get the same answer from the service, so the answer journal
-(``workers/journal.py``) is keyed by a *content key* wherever one is cheap and sound, and the
+(``workers/books/journal.py``) is keyed by a *content key* wherever one is cheap and sound, and the
 first image of a run to be called answers every copy (each copy still gets its own rows, with
 ``answered_by`` naming the image whose call answered it):
 

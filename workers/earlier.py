@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING
 
 from redis.exceptions import RedisError
 
+from workers.books.journal import Answer
 from workers.errors import RedisUnavailable
-from workers.journal import Answer
 from workers.keys import Keys
 
 if TYPE_CHECKING:

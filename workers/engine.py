@@ -38,13 +38,13 @@ import redis.asyncio as aredis
 
 from workers.admission import Gate
 from workers.api.client import AsyncClient, http_timeout
+from workers.books.spill import AnswerSpill, default_spill_dir
 from workers.config import Settings
 from workers.keys import Keys, account_tag
 from workers.message import Chunk
 from workers.metrics import CallCounter, prune_in_flight, write_in_flight
 from workers.pipeline import ChunkContext, ChunkResult, Resolver, process_chunk
 from workers.slots import Slots
-from workers.spill import AnswerSpill, default_spill_dir
 
 __all__ = ["Engine"]
 
@@ -132,12 +132,12 @@ class Engine:
         if self._ctx is not None:
             return self._ctx
         from workers.answer_cache import AnswerCache
+        from workers.books.control import RunSwitch
+        from workers.books.journal import AnswerJournal
         from workers.earlier import EarlierAnswers
         from workers.fleet import CircuitBreaker, FleetControl
-        from workers.journal import AnswerJournal
         from workers.ratelimit import from_settings as limits_from_settings
         from workers.retry import RetryPolicy
-        from workers.runswitch import RunSwitch
         from workers.sink.dataset import open_dataset
 
         s = self.settings
@@ -185,7 +185,7 @@ class Engine:
         """Put spilled answers into the journal once Redis answers again (logged, never raised)."""
         if self._spill is None or self.counter is None or not self._spill.pending():
             return
-        from workers.journal import replay_into
+        from workers.books.journal import replay_into
 
         put = replay_into(self.counter.r, Keys(self.settings.key_prefix), self.settings.journal_ttl_s)
         try:

@@ -56,7 +56,7 @@ class Keys:
         return f"{self.prefix}:inflight:{account}"
 
     def watch(self) -> str:
-        """Who runs this round of the stalled-run repair (``workers/watchdog.py``)."""
+        """Who runs this round of the stalled-run repair (``workers/node/watchdog.py``)."""
         return f"{self.prefix}:watch"
 
     # -- per run ------------------------------------------------------------------------------
@@ -82,7 +82,7 @@ class Keys:
 
     def run_outcomes(self, run_id: str) -> str:
         """Hash chunk id -> bitmap of the chunk's images (by position) that have their outcome
-        (``workers/outcomes.py``)."""
+        (``workers/books/outcomes.py``)."""
         return f"{self.prefix}:run:{run_id}:outcomes"
 
     def run_parked(self, run_id: str) -> str:
@@ -95,16 +95,16 @@ class Keys:
         return f"{self.prefix}:run:{run_id}:parked_images"
 
     def run_repaired(self, run_id: str) -> str:
-        """Set of chunk ids republished once by the stalled-run repair (``workers/repair.py``)."""
+        """Set of chunk ids republished once by the stalled-run repair (``workers/books/repair.py``)."""
         return f"{self.prefix}:run:{run_id}:repaired"
 
     def run_enqueues(self, run_id: str) -> str:
         """Hash source -> JSON of its enqueue: state (running, complete, incomplete), images
-        published, the command that finishes it, and a heartbeat (``workers/runs.py``)."""
+        published, the command that finishes it, and a heartbeat (``workers/books/runs.py``)."""
         return f"{self.prefix}:run:{run_id}:enqueues"
 
     def run_answers(self, run_id: str) -> str:
-        """Hash image id -> journalled answer (``workers/journal.py``): every paid answer from the
+        """Hash image id -> journalled answer (``workers/books/journal.py``): every paid answer from the
         moment it arrives until its part is written."""
         return f"{self.prefix}:run:{run_id}:answers"
 
@@ -113,7 +113,7 @@ class Keys:
         return f"{self.prefix}:claim:{run_id}:{image_id}"
 
     def run_control(self, run_id: str) -> str:
-        """``paused`` or ``cancelled`` while an operator holds the run (``workers/runswitch.py``)."""
+        """``paused`` or ``cancelled`` while an operator holds the run (``workers/books/control.py``)."""
         return f"{self.prefix}:run:{run_id}:control"
 
     def run_events(self, run_id: str) -> str:

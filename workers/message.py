@@ -130,7 +130,7 @@ class Chunk:
 
     ``positions``: each image's place in the chunk as the producer first published it (None: in
     order, ``0..n-1``). A remainder of a chunk (parked, handed back, republished by ``verify``)
-    keeps its images' first positions, so the run's books (``workers/outcomes.py``) know each
+    keeps its images' first positions, so the run's books (``workers/books/outcomes.py``) know each
     image by ``(chunk_id, position)`` however often and in whatever pieces it travels.
     """
 

@@ -2,7 +2,7 @@
 
 Plain async functions over plain data; the engine (``workers/engine.py``) builds the
 :class:`ChunkContext` once per process and runs :func:`process_chunk` for each chunk; the runner
-hands the result to the sink. Images already answered in the journal (``workers/journal.py``) are
+hands the result to the sink. Images already answered in the journal (``workers/books/journal.py``) are
 written from it without a call, and so are pictures answered in an earlier run (the answer cache
 across runs, ``workers/earlier.py``). Per other image: claim it in the journal → admit (``Gate``) →
 call (not sent if held up past the slot's ``send_by``: admitted again) → journal the answer; on
@@ -28,6 +28,8 @@ from typing import Any, Protocol
 from workers.admission import Admission, Gate
 from workers.api.client import Image
 from workers.api.response import Recognition
+from workers.books.journal import Answer, Held, Written
+from workers.books.spill import AnswerSpill, SpilledAnswer
 from workers.errors import (
     ApiError,
     CarnumberError,
@@ -42,13 +44,11 @@ from workers.errors import (
     SlotMissed,
     TransportError,
 )
-from workers.journal import Answer, Held, Written
 from workers.message import Chunk, ImageRef
 from workers.ratelimit.limiter import MAX_REBOOKS
 from workers.retry import service_ok
 from workers.sink.rows import Failure, failure_rows, recognition_rows
 from workers.slots import Slots
-from workers.spill import AnswerSpill, SpilledAnswer
 
 __all__ = ["ChunkContext", "ChunkResult", "process_chunk"]
 
@@ -107,7 +107,7 @@ class ChunkContext:
     # The answer cache across runs (``workers/earlier.py``); None: every picture new to the run
     # is called.
     earlier: Earlier | None = None
-    # Where paid answers wait when the journal cannot take them (``workers/spill.py``).
+    # Where paid answers wait when the journal cannot take them (``workers/books/spill.py``).
     spill: AnswerSpill | None = None
     # Set by drain(): the node shuts down. Each running chunk's pause event, to wake its waits.
     draining: bool = False

@@ -4,7 +4,7 @@
 :class:`~workers.engine.Engine` that runs chunks on one long-lived event loop); :func:`execute_chunk`
 is what the Celery task calls, from any pool thread, and what tests call without Celery.
 Order matters for exactly-once rows: skip the images that have their outcome already → write the
-part (atomic rename) → set their bits in the run's books (``workers/outcomes.py``) → park what is
+part (atomic rename) → set their bits in the run's books (``workers/books/outcomes.py``) → park what is
 pending → return (the task acks). A crash anywhere before the ack redelivers the same message:
 images already in the books are not written again, and the others are rebuilt from the journal
 without paying for their answers twice. When the run is done its journal is dropped.
@@ -19,16 +19,16 @@ from typing import Any
 
 import redis
 
+from workers.books.outcomes import Outcome, OutcomeBook
+from workers.books.runs import RunStore
 from workers.config import Settings
 from workers.engine import Engine
 from workers.errors import FleetStopped, RedisUnavailable, ShuttingDown
 from workers.keys import Keys, account_tag
 from workers.message import Chunk
 from workers.metrics import CallCounter
-from workers.outcomes import Outcome, OutcomeBook
 from workers.pipeline import ChunkResult
 from workers.redis_client import resilient_redis
-from workers.runs import RunStore
 from workers.sink.dataset import Dataset, open_dataset
 from workers.storage import Resolver
 

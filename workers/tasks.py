@@ -51,7 +51,7 @@ def runtime() -> Runtime:
 
 def drain() -> bool:
     """The node shuts down: this process's running chunks finish their calls in flight and hand
-    back the rest (``workers/shutdown.py``). Returns whether there was an engine to drain."""
+    back the rest (``workers/node/shutdown.py``). Returns whether there was an engine to drain."""
     with _runtime_lock:
         rt = _runtime
     if rt is None:

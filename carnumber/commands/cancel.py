@@ -9,9 +9,9 @@ import argparse
 import redis
 
 from carnumber.commands.pause import hold_run
+from workers.books.queued import chunk_of, queued_messages
+from workers.books.runs import RunStore
 from workers.message import Chunk
-from workers.queued import chunk_of, queued_messages
-from workers.runs import RunStore
 
 __all__ = ["add_arguments", "main", "take_queued"]
 

@@ -7,10 +7,10 @@ from typing import Any
 
 import redis
 
+from workers.books.runs import RunStore
 from workers.config import Settings
 from workers.errors import ConfigError
 from workers.keys import Keys
-from workers.runs import RunStore
 
 __all__ = ["configure_celery", "connect_redis", "run_store", "settings_from"]
 

@@ -16,7 +16,7 @@ from workers.errors import InputError
 
 if TYPE_CHECKING:
     from producers.enqueue import EnqueueReport
-    from workers.runs import RunStore
+    from workers.books.runs import RunStore
 
 __all__ = ["HELD", "UNFINISHED", "add_arguments", "command_line", "held", "main"]
 

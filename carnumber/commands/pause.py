@@ -17,8 +17,8 @@ from workers.errors import InputError
 if TYPE_CHECKING:
     import redis
 
+    from workers.books.runs import RunStore
     from workers.config import Settings
-    from workers.runs import RunStore
 
 __all__ = ["add_arguments", "hold_run", "main"]
 
@@ -30,8 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def hold_run(args: argparse.Namespace, control: str) -> tuple[Settings, redis.Redis, RunStore]:
     """Set ``control`` on the run and wait until every worker has seen it; returns (settings,
     redis client, run store)."""
+    from workers.books.control import SETTLE_S, set_control
     from workers.keys import Keys
-    from workers.runswitch import SETTLE_S, set_control
 
     settings = settings_from(args)
     client = connect_redis(settings)

@@ -110,9 +110,9 @@ def main(args: argparse.Namespace) -> int:
     import redis
 
     from carnumber.report import build_report, write_failures
+    from workers.books.runs import RunStore
     from workers.errors import InputError
     from workers.keys import Keys
-    from workers.runs import RunStore
     from workers.sink.dataset import check_run_id, open_dataset
 
     settings = settings_from(args)

@@ -41,9 +41,9 @@ def main(args: argparse.Namespace) -> int:
     import redis.asyncio as aredis
 
     from carnumber.cli import main as carnumber_main
+    from workers.books.control import SETTLE_S, set_control
     from workers.fleet import FleetControl
     from workers.keys import Keys, account_tag
-    from workers.runswitch import SETTLE_S, set_control
     from workers.tasks import publish_chunk
 
     settings = settings_from(args)

@@ -30,8 +30,8 @@ from typing import TYPE_CHECKING, TextIO
 import redis
 
 from carnumber.commands.common import configure_celery, connect_redis, run_store, settings_from
+from workers.books.runs import RunStore, RunSummary
 from workers.errors import InputError
-from workers.runs import RunStore, RunSummary
 
 if TYPE_CHECKING:
     from carnumber.runview import RunFigures, RunView
@@ -82,7 +82,7 @@ def line(runs: RunStore, run_id: str) -> str:
         f" finish with `carnumber resume {run_id}` or `{e.command}`)"
         for e in s.unfinished_enqueues
     )
-    if f.get("images_republished_auto"):  # lost by Redis, republished once (workers/repair.py)
+    if f.get("images_republished_auto"):  # lost by Redis, republished once (workers/books/repair.py)
         extra += f" republished_auto={f['images_republished_auto']}"
     return (
         f"{run_id}: {s.state}{extra} {s.written}/{s.enqueued} images ({pct:.1f}%), "

@@ -101,8 +101,8 @@ def main(args: argparse.Namespace) -> int:
     import pyarrow.csv as pacsv
 
     from producers.verify import verify_run
+    from workers.books.queued import live_chunks
     from workers.errors import InputError
-    from workers.queued import live_chunks
     from workers.sink.dataset import check_run_id, open_dataset
 
     if args.examples < 0:
@@ -124,7 +124,7 @@ def main(args: argparse.Namespace) -> int:
         print(render(found))
     if args.republish and found.missing:
         from producers.verify import republish_missing
-        from workers.outcomes import OutcomeBook
+        from workers.books.outcomes import OutcomeBook
         from workers.tasks import publish_chunk
 
         configure_celery(settings)

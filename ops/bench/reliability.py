@@ -50,9 +50,9 @@ from carnumber.embedded_redis import EmbeddedRedis
 from carnumber.localstack import Child, start_server, start_worker
 from ocrserver.server import ServerProcess
 from ocrserver.truth import write_test_archive
+from workers.books.runs import RunStore, RunSummary
 from workers.config import Settings
 from workers.keys import Keys
-from workers.runs import RunStore, RunSummary
 from workers.sink.dataset import Dataset, open_dataset
 
 __all__ = ["Audit", "audit", "duplicate_rows", "main"]

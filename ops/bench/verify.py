@@ -3,7 +3,7 @@
 Builds a synthetic finished run of ``--images`` images in chunks of 200 the way the real code
 writes them (the producer's records through :class:`workers.sink.enqueued.EnqueuedRecords`, one part
 per chunk through ``Dataset.write_part`` with rows from ``workers.sink.rows``, the run's Redis
-bookkeeping through :class:`workers.runs.RunStore`; every 10th image has no plate, every 50th
+bookkeeping through :class:`workers.books.runs.RunStore`; every 10th image has no plate, every 50th
 failed), then times ``carnumber verify RUN --json`` in a fresh process for three states:
 
 * ``parts``: the run as the workers left it (one part per chunk);
@@ -45,10 +45,10 @@ def build(output: str, redis_url: str, prefix: str, run_id: str, images: int) ->
     import redis
 
     from workers.api.response import Plate, Recognition
+    from workers.books.outcomes import Outcome, OutcomeBook
+    from workers.books.runs import RunStore
     from workers.keys import Keys
     from workers.message import Chunk, ImageRef
-    from workers.outcomes import Outcome, OutcomeBook
-    from workers.runs import RunStore
     from workers.sink.dataset import open_dataset
     from workers.sink.enqueued import EnqueuedRecords
     from workers.sink.rows import Failure, failure_rows, recognition_rows

@@ -30,8 +30,8 @@ import redis
 from carnumber.embedded_redis import redis_server_binary
 from ocrserver.server import ServerProcess, spawn_server
 from ocrserver.truth import write_test_archive
+from workers.books.runs import RunStore, RunSummary
 from workers.keys import Keys
-from workers.runs import RunStore, RunSummary
 from workers.sink.compact import compact_run
 from workers.sink.dataset import open_dataset
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from workers.outcomes import Outcome, OutcomeBook
-from workers.runs import RunStore
+from workers.books.outcomes import Outcome, OutcomeBook
+from workers.books.runs import RunStore
 
 
 def answer(

@@ -3,7 +3,7 @@
 Kombu's Redis transport keeps a queue as a list of JSON messages, and every message a worker has
 taken but not acknowledged in the ``unacked`` hash (delivery tag → ``[message, exchange, routing
 key]``). A chunk found in either will still run (a dead holder's lease runs out and it is queued
-again: ``workers/leases.py``), so ``verify --republish`` and ``cancel`` must count it as alive,
+again: ``workers/node/leases.py``), so ``verify --republish`` and ``cancel`` must count it as alive,
 never as lost. Reads only; this module imports nothing of ours but :mod:`workers.message`.
 """
 

@@ -1,4 +1,4 @@
-"""The consumer bootstep that runs the stalled-run repair (``workers/repair.py``) on every node,
+"""The consumer bootstep that runs the stalled-run repair (``workers/books/repair.py``) on every node,
 one node at a time: every :data:`WATCH_S`, the node that takes the lock (``{prefix}:watch``, a
 ``SET NX`` that expires before the next round) looks at the recent runs. On a thread of its own in
 the node's main process, like the lease keeper; a Redis or output-store error is logged and the
@@ -41,12 +41,12 @@ class RunWatch(bootsteps.StartStopStep):
             self._thread.join(timeout=10)
 
     def _loop(self) -> None:
+        from workers.books.outcomes import OutcomeBook
+        from workers.books.repair import StalledRuns
+        from workers.books.runs import RunStore
         from workers.keys import Keys
-        from workers.leases import SWEEP_INTERVAL_S
-        from workers.outcomes import OutcomeBook
+        from workers.node.leases import SWEEP_INTERVAL_S
         from workers.redis_client import resilient_redis
-        from workers.repair import StalledRuns
-        from workers.runs import RunStore
         from workers.sink.dataset import open_dataset
         from workers.sink.enqueued import EnqueuedRecords
         from workers.tasks import publish_chunk, settings

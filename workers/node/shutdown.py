@@ -7,7 +7,7 @@ worker stops, never on a reconnect) drains the process's engine: no new call sta
 flight finish and are written, and the images not called yet go back to the queue as a chunk of
 their own (``workers/runner.py``), so another node takes them within a second. Messages the
 node had taken but not started are put back by the broker transport's clean close
-(``workers/broker.py``). The node then exits: 0 after SIGTERM, non-zero after an error.
+(``workers/node/broker.py``). The node then exits: 0 after SIGTERM, non-zero after an error.
 Design note: ``ops/design/sink.md`` ("Leases").
 """
 

@@ -13,7 +13,7 @@ put a *lease* on them instead (design note: ``ops/design/sink.md``, "Leases"):
   kombu's own restore. A node that dies (SIGKILL, OOM, power, cut cable) stops renewing, so its
   chunks are running elsewhere about ``lease_s + SWEEP_INTERVAL_S`` later;
 * only Redis's clock is read, so skewed worker clocks do not matter (a delivery's first lease time
-  is Redis's too: ``workers/broker.py``); and a node sweeps only once *it* has reached Redis for
+  is Redis's too: ``workers/node/broker.py``); and a node sweeps only once *it* has reached Redis for
   ``lease_s`` without a break, and Redis has been up that long: after a restart, a fleet-wide cut or
   a failover to a replica, every live node has renewed before anyone judges a lease.
 

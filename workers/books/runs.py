@@ -7,11 +7,11 @@ Design note: ``ops/design/sink.md`` ("The run's books"). Each field has one writ
   a chunk counts as enqueued once, when its id first enters), and each source's enqueue
   (``run:enqueues``: running with a heartbeat, complete, or incomplete with the command that
   finishes it);
-* **the workers**: which images have their outcome (``workers/outcomes.py``: one bit per image,
+* **the workers**: which images have their outcome (``workers/books/outcomes.py``: one bit per image,
   counted once), and the chunks they parked (``run:parked``, keyed by the remainder's part name,
   so parking the same remainder twice keeps one);
 * **the operator** (``pause``/``cancel``/``resume``): the run's control (``run:control``,
-  ``workers/runswitch.py``), which no worker ever writes.
+  ``workers/books/control.py``), which no worker ever writes.
 
 :attr:`RunSummary.state` is derived from them on every read: cancelled or paused (the operator),
 else held by whatever parked its chunks (a fatal stop, the quota), else enqueuing, else done when
@@ -100,7 +100,7 @@ class Enqueue:
 class RunSummary:
     run_id: str
     fields: dict[str, Any]
-    control: str | None = None  # paused | cancelled: the operator's, as runswitch keeps it
+    control: str | None = None  # paused | cancelled: the operator's (workers/books/control.py)
     parked: int = 0  # images in parked chunks
     enqueues: tuple[Enqueue, ...] = ()
     now: float = field(default_factory=time.time)  # Redis's time when read
@@ -111,7 +111,7 @@ class RunSummary:
 
     @property
     def written(self) -> int:
-        """Images with their outcome (each counted once: ``workers/outcomes.py``)."""
+        """Images with their outcome (each counted once: ``workers/books/outcomes.py``)."""
         return int(self.fields.get("images_written", 0))
 
     @property

@@ -5,7 +5,7 @@ failover promotes a replica that lacks the master's last writes (queued chunk me
 ``unacked``). Those chunks are in no queue and held by no worker, so no lease brings them back:
 the run would wait forever with images outstanding. Every node looks, one at a time (a lock), at
 the recent runs; a run is *stalled* when it is running (not held, every source enqueued), has images
-without an outcome, none of its chunk messages is alive on the broker (``workers/queued.py``), and
+without an outcome, none of its chunk messages is alive on the broker (``workers/books/queued.py``), and
 it stays so for longer than a lease and two sweeps (a dead holder's message is back in the queue by
 then). Its images without an outcome are then published again from the producer's records
 (``workers/sink/enqueued.py``), under their own chunk ids and positions, **once per chunk**
@@ -21,10 +21,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
+from workers.books.outcomes import OutcomeBook
+from workers.books.queued import live_chunks
+from workers.books.runs import RunStore
 from workers.message import Chunk
-from workers.outcomes import OutcomeBook
-from workers.queued import live_chunks
-from workers.runs import RunStore
 from workers.sink.enqueued import EnqueuedRecords
 
 __all__ = ["StalledRuns"]

@@ -39,9 +39,9 @@ from typing import TYPE_CHECKING, Any
 from redis.exceptions import RedisError
 
 from workers.api.response import Recognition
+from workers.books.spill import SpilledAnswer
 from workers.errors import RedisUnavailable
 from workers.keys import Keys
-from workers.spill import SpilledAnswer
 
 if TYPE_CHECKING:
     import redis
@@ -212,7 +212,7 @@ class MemoryJournal:
 
 
 def replay_into(client: redis.Redis, keys: Keys, ttl_s: int) -> Callable[[SpilledAnswer], None]:
-    """A sync writer of spilled answers (``workers/spill.py``) into the journal: the first answer
+    """A sync writer of spilled answers (``workers/books/spill.py``) into the journal: the first answer
     of a picture stays, as :meth:`AnswerJournal.record` keeps it. Raises ``RedisError``."""
 
     def put(item: SpilledAnswer) -> None:
