@@ -146,3 +146,33 @@ def test_reset_route_reseeds_and_clears_stats() -> None:
         assert httpx.post(f"{srv.url}/__carnumber/reset").json() == {"reset": True}
         assert srv.app.stats.requests_total == 0
         assert [_outcome(client) for _ in range(12)] == first
+
+
+def test_malformed_shapes_from_the_command_line() -> None:
+    """``--fault-malformed RATE[:SHAPE]``: every shape is a 200 that is not the envelope."""
+    import argparse
+    import json
+
+    from ocrserver import cli
+    from ocrserver.faults import MALFORMED_SHAPES
+    from workers.errors import ConfigError
+
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    default = cli.build_config(parser.parse_args(["--fault-malformed", "0.2"]), environ={})
+    assert (default.faults.rate_malformed, default.faults.malformed_shape) == (0.2, "truncated")
+    with pytest.raises(ConfigError, match="shape 'xml' is not one of truncated, html"):
+        cli.build_config(parser.parse_args(["--fault-malformed", "1:xml"]), environ={})
+    for shape in MALFORMED_SHAPES:
+        args = parser.parse_args(["--port", "0", "--fault-malformed", f"1:{shape}"])
+        with start_server(cli.build_config(args, environ={})) as srv, httpx.Client() as http:
+            req = Client(srv.url, CREDS, http)._prepare(Image(body=PNG))
+            answer = http.post(req.url, headers=req.headers, content=req.content)
+        assert answer.status_code == 200 and answer.headers["x-acs-request-id"], shape
+        try:
+            doc = json.loads(answer.content)
+        except ValueError:
+            assert shape in ("truncated", "html", "empty")
+        else:
+            assert shape in ("no-data", "bad-data", "wrong-types")
+            assert doc["RequestId"] == answer.headers["x-acs-request-id"]
