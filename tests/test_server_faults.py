@@ -22,6 +22,7 @@ from workers.errors import (
     FatalApiError,
     RetryableApiError,
     TransportError,
+    UnreadableAnswer,
 )
 
 CREDS = Credentials("testid", "testsecret")
@@ -55,7 +56,7 @@ def _outcome(client: Client, body: bytes = PNG) -> str:
         (FaultConfig(rate_throttle=1.0), "400 Throttling.User", RetryableApiError),
         (FaultConfig(rate_error_200=1.0, error_200_code="ServiceUnavailable"),
          "200 ServiceUnavailable", RetryableApiError),
-        (FaultConfig(rate_malformed=1.0), "local.malformed", TransportError),
+        (FaultConfig(rate_malformed=1.0), "local.unreadableAnswer", UnreadableAnswer),
         (FaultConfig(rate_reset=1.0), "local.connection", TransportError),
     ],
     ids=["500", "503", "504", "throttle", "error-200", "malformed", "reset"],
@@ -137,7 +138,7 @@ def test_seeded_faults_repeat() -> None:
         with serving(faults=faults, seed=42) as (_, client):
             runs.append([_outcome(client) for _ in range(30)])
     assert runs[0] == runs[1]
-    assert {"ok", "500 InternalError", "503 ServiceUnavailable", "local.malformed"} <= set(runs[0])
+    assert {"ok", "500 InternalError", "503 ServiceUnavailable", "local.unreadableAnswer"} <= set(runs[0])
 
 
 def test_reset_route_reseeds_and_clears_stats() -> None:
