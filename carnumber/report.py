@@ -47,6 +47,8 @@ _HINTS: dict[str, str] = {
     "local.timeout": "no answer within CARNUMBER_READ_TIMEOUT_S; retryable",
     "local.connection": "could not reach the endpoint (network, DNS, TLS); retryable",
     "local.malformed": "the answer could not be parsed; retryable",
+    "local.unreadableAnswer": "an HTTP 200 that is not the documented answer (billed, retried once "
+    "at most); error_message shows how it began; carnumber retry-failures redoes these",
     "local.unsupportedFormat": "refused before calling: not an image format the API reads; final",
     "local.corruptImage": "refused before calling: the file is not a decodable image; final",
     "local.truncatedImage": "refused before calling: the file is cut short; final",

@@ -36,7 +36,7 @@ from ocrserver.batcher import MicroBatcher
 from ocrserver.codes import error_body, reject
 from ocrserver.config import ServerConfig
 from ocrserver.envelope import success_body
-from ocrserver.faults import EXCLUSIVE_KINDS, FaultPlan
+from ocrserver.faults import EXCLUSIVE_KINDS, FaultPlan, malformed_body
 from ocrserver.intake import api_refusal, load_image
 from ocrserver.ratelimit import SecondWindowLimiter
 from ocrserver.recognizers import get_recognizer
@@ -181,7 +181,9 @@ class OcrApp:
                 await asyncio.sleep(injection.slow_ms / 1000.0)
             if injection.kind is not None:
                 self.stats.fault(injection.kind)
-                await self._inject(injection.kind, image, receive, send, request_id, host_id)
+                await self._inject(
+                    injection.kind, image, receive, send, request_id, host_id, _target(scope)
+                )
                 return
             plates = await self._recognize(image)
         except ApiError as exc:
@@ -224,7 +226,7 @@ class OcrApp:
 
     async def _inject(
         self, kind: str, image: ImageInput, receive: Receive, send: Send, request_id: str,
-        host_id: str,
+        host_id: str, target: str = "/",
     ) -> None:
         cfg = self.config.faults
         if kind == "hang":
@@ -248,7 +250,8 @@ class OcrApp:
         if kind == "malformed":
             self.stats.answer("(malformed)")
             good = success_body(request_id, [], image.width, image.height)
-            await _respond(send, 200, good[: len(good) // 2], request_id)
+            body = malformed_body(cfg.malformed_shape, good, request_id, target)
+            await _respond(send, 200, body, request_id)
             return
         if kind == "error_200":
             await self._error(send, reject(cfg.error_200_code), request_id, host_id, status=200)
@@ -256,6 +259,12 @@ class OcrApp:
         code = EXCLUSIVE_KINDS[kind]
         assert code is not None
         await self._error(send, reject(code), request_id, host_id)
+
+
+def _target(scope: Scope) -> str:
+    """The request's path and query string, as a gateway's error page would echo them."""
+    query = scope["query_string"].decode("latin-1")
+    return f"{scope['path']}?{query}" if query else scope["path"]
 
 
 def _abort(send: Send) -> bool:

@@ -45,6 +45,11 @@ def _rate_code(text: str) -> tuple[float, str]:
     return _rate(rate), code or "InternalError"
 
 
+def _rate_shape(text: str) -> tuple[float, str]:
+    rate, _, shape = text.partition(":")
+    return _rate(rate), shape or "truncated"
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     srv = parser.add_argument_group("server")
     srv.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
@@ -106,8 +111,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     flt.add_argument("--hang-s", type=float, default=60.0, help="how long a hang lasts (60)")
     flt.add_argument("--fault-reset", type=_rate, default=0.0, metavar="RATE",
                      help="drop the TCP connection (RST) instead of answering")
-    flt.add_argument("--fault-malformed", type=_rate, default=0.0, metavar="RATE",
-                     help="HTTP 200 with a truncated JSON body")
+    flt.add_argument("--fault-malformed", type=_rate_shape, default=(0.0, "truncated"),
+                     metavar="RATE[:SHAPE]", help="HTTP 200 whose body is not the envelope; SHAPE: "
+                     "truncated (default), html, empty, no-data, bad-data, wrong-types")
     flt.add_argument("--fault-error-200", type=_rate_code, default=(0.0, "InternalError"),
                      metavar="RATE[:CODE]", help="HTTP 200 whose body is an error (Code)")
     flt.add_argument("--seed", type=int, default=None, help="seed of the fault RNG")
@@ -124,6 +130,7 @@ def build_config(args: argparse.Namespace, environ: dict[str, str] | None = None
     keys = args.keys or env.get("CARNUMBER_SERVER_KEYS") or DEFAULT_KEYS
     slow_rate, slow_ms = args.fault_slow
     e200_rate, e200_code = args.fault_error_200
+    malformed_rate, malformed_shape = args.fault_malformed
     try:
         faults = FaultConfig(
             rate_500=args.fault_500,
@@ -132,7 +139,8 @@ def build_config(args: argparse.Namespace, environ: dict[str, str] | None = None
             rate_throttle=args.fault_throttle,
             rate_hang=args.fault_hang,
             rate_reset=args.fault_reset,
-            rate_malformed=args.fault_malformed,
+            rate_malformed=malformed_rate,
+            malformed_shape=malformed_shape,
             rate_error_200=e200_rate,
             error_200_code=e200_code,
             rate_slow=slow_rate,

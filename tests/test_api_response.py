@@ -4,12 +4,28 @@ from __future__ import annotations
 
 import json
 
+import httpx
 import pytest
 
-from workers.api.client import read_response
+from ocrserver.config import ServerConfig
+from ocrserver.faults import MALFORMED_SHAPES, FaultConfig
+from ocrserver.server import start_server
+from ocrserver.truth import make_test_image
+from workers.api.client import Client, Image, read_response
 from workers.api.codes import classify
-from workers.api.response import parse_envelope
-from workers.errors import BadImageError, FatalApiError, RetryableApiError, TransportError, Verdict
+from workers.api.response import RAW_MAX_CHARS, parse_envelope, scrub
+from workers.config import Credentials
+from workers.errors import (
+    BadImageError,
+    FatalApiError,
+    RetryableApiError,
+    TransportError,
+    UnreadableAnswer,
+    Verdict,
+)
+
+PNG = make_test_image(["浙A12345"])
+SHAPE = "Data does not have the documented shape"
 
 SEED_DATA = {
     "data": {
@@ -96,19 +112,92 @@ def test_no_plate_is_a_result_with_zero_plates() -> None:
     assert rec.width == 10
 
 
+def _answer(first_plate: dict[str, object]) -> bytes:
+    return json.dumps({"Data": json.dumps({"data": first_plate})}).encode()
+
+
 @pytest.mark.parametrize(
-    "body",
+    ("body", "reason"),
     [
-        b"not json",
-        b'{"RequestId": "x"}',
-        b'{"RequestId":"x","Data":"{broken"}',
-        b'{"RequestId":"x","Data":"[1]"}',
+        (b"not json", "HTTP 200 body is not JSON"),
+        (b"", "HTTP 200 body is not JSON"),
+        (b"<html><body>Request blocked</body></html>", "HTTP 200 body is not JSON"),
+        (b"[1, 2]", "response body is not a JSON object"),
+        (b'{"RequestId":"x"}', "response has no Data field"),
+        (b'{"RequestId":"x","Data":"{broken"}', "Data is not valid JSON"),
+        (b'{"RequestId":"x","Data":"[1]"}', "Data is not a JSON object"),
+        (b'{"RequestId":"x","Data":"{\\"width\\": \\"wide\\"}"}', SHAPE),
+        (b'{"RequestId":"x","Data":"{\\"structure_list\\": [7]}"}', SHAPE),
+        # A number as plate type used to reach the part's string column and fail the chunk's write.
+        (_answer({"data": {"车牌": "A1"}, "secondary_cls": {"type_str": 7}}), SHAPE),
+        (_answer({"data": {"车牌": 12345}}), SHAPE),
+    ],
+    ids=["text", "empty", "html", "list", "no-data", "data-text", "data-list", "wrong-int", "wrong-entry",
+         "wrong-type", "wrong-plate"],
+)
+def test_a_2xx_that_is_not_the_envelope_is_an_unreadable_answer(body: bytes, reason: str) -> None:
+    with pytest.raises(UnreadableAnswer) as info:
+        read_response(200, {"x-acs-request-id": "hdr-1"}, body)
+    err = info.value
+    assert isinstance(err, TransportError)  # no usable answer, for whoever only asks that
+    assert (err.code, err.status, err.size) == ("local.unreadableAnswer", 200, len(body))
+    assert err.message.startswith(reason)
+    assert err.raw == body.decode()  # as received, not re-serialised
+    # The body's own RequestId, else the header's: support can find the call either way.
+    assert err.request_id == ("x" if b'"RequestId":"x"' in body else "hdr-1")
+
+
+def test_the_kept_answer_is_bounded_and_a_large_body_is_not_decoded_whole() -> None:
+    body = b"<html>" + "车".encode() * 3_000_000 + b"</html>"  # 9 MB
+    with pytest.raises(UnreadableAnswer) as info:
+        read_response(200, {}, body)
+    assert info.value.size == len(body)
+    assert len(info.value.raw) == RAW_MAX_CHARS and info.value.raw.startswith("<html>车车")
+    # Bytes cut inside a character become one replacement character, not an error.
+    with pytest.raises(UnreadableAnswer) as cut:
+        read_response(200, {}, "车".encode()[:2])
+    assert cut.value.raw == "\ufffd"
+
+
+@pytest.mark.parametrize(
+    "leak",
+    [
+        "GET /?Url=https://b.oss-cn-hangzhou.aliyuncs.com/a.jpg?OSSAccessKeyId=AK&Signature=S3CR3T&Expires=9",
+        "POST /?Url=http%3A%2F%2Fh%2Fa.png%3FX-Amz-Signature%3DS3CR3T%26X-Amz-Date%3D1",
+        "x-acs-security-token: S3CR3T\nx-acs-date: 2026",
+        "Authorization: ACS3-HMAC-SHA256 Credential=AKID,SignedHeaders=host,Signature=S3CR3T",
+        '{"SecurityToken": "S3CR3T", "n": 1}',
+        '{"Data": "{\\"AccessKeySecret\\":\\"S3CR3T\\"}"}',
+        "see https://user:S3CR3T@host/x and http%3A%2F%2Fuser%3AS3CR3T%40host",
     ],
 )
-def test_malformed_bodies_are_transport_errors(body: bytes) -> None:
-    with pytest.raises(TransportError) as info:
-        read_response(200, {}, body)
-    assert info.value.code == "local.malformed"
+def test_secrets_an_answer_echoes_are_scrubbed_from_what_is_kept(leak: str) -> None:
+    with pytest.raises(UnreadableAnswer) as info:
+        read_response(200, {}, f"<html><p>{leak}</p></html>".encode())
+    assert "S3CR3T" not in info.value.raw and "***" in info.value.raw
+    assert scrub("SignatureDoesNotMatch, a token of 3 words") == "SignatureDoesNotMatch, a token of 3 words"
+
+
+@pytest.mark.parametrize("shape", MALFORMED_SHAPES)
+def test_the_local_server_s_unreadable_answers_over_real_http(shape: str) -> None:
+    """Every ``--fault-malformed`` shape, through our client and httpx on loopback."""
+    faults = FaultConfig(rate_malformed=0.5, malformed_shape=shape)
+    with start_server(ServerConfig(keys="testid:testsecret", faults=faults, seed=2)) as srv, httpx.Client(
+        timeout=5
+    ) as http:
+        client = Client(srv.url, Credentials("testid", "testsecret"), http)
+        unreadable: list[UnreadableAnswer] = []
+        for _ in range(8):
+            try:
+                assert client.recognize(Image(body=PNG)).plates[0].text == "浙A12345"
+            except UnreadableAnswer as exc:
+                unreadable.append(exc)
+        stats = srv.app.stats.to_json()
+    assert 0 < len(unreadable) < 8 and stats["answers"]["(malformed)"] == len(unreadable)
+    for err in unreadable:
+        assert err.code == "local.unreadableAnswer"
+        # from the body, or else the x-acs-request-id header
+        assert err.request_id and (err.request_id in err.raw or shape in ("truncated", "empty"))
 
 
 @pytest.mark.parametrize(

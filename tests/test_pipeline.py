@@ -115,7 +115,9 @@ def test_chunk_writes_one_row_per_plate_and_failures(
 def test_retryable_faults_are_retried_and_counted(redis_url: str, key_prefix: str, tmp_path: Path) -> None:
     from ocrserver.faults import FaultConfig
 
-    faults = FaultConfig(rate_503=0.4, rate_malformed=0.1)
+    # Resets, not malformed bodies: an unreadable answer is retried once only
+    # (tests/test_unreadable_answer.py).
+    faults = FaultConfig(rate_503=0.4, rate_reset=0.1)
     with start_server(ServerConfig(keys=KEYS, faults=faults, seed=3)) as srv:
         refs = _images(tmp_path / "b", 30)
         rt = _runtime(srv, redis_url, key_prefix, tmp_path, CARNUMBER_MAX_ATTEMPTS="8")

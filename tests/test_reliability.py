@@ -184,7 +184,10 @@ def test_faults_leave_every_image_exactly_once_within_max_attempts(
     # Every call the server received is an attempt written down, and counted once in the run.
     assert sum(attempts) == stats["requests_total"] == int(summary.fields["calls"])
     failed = [r for r in images.values() if r["status"] == "failed"]
-    assert all(r["retryable"] and r["attempts"] == MAX_ATTEMPTS for r in failed)
+    # Out of attempts, or an unreadable answer at the second call or later (retried once only).
+    unreadable = [r for r in failed if r["error_code"] == "local.unreadableAnswer"]
+    assert all(r["retryable"] and r["attempts"] >= 2 for r in unreadable)
+    assert all(r["retryable"] and r["attempts"] == MAX_ATTEMPTS for r in failed if r not in unreadable)
     assert len(failed) == int(summary.fields["images_failed"]) <= 3
     plates = {r["plate"] for r in rows if r["status"] == "ok"}
     assert len(plates) == 28 + 2  # 28 pictures with a plate, 2 of them with a second one

@@ -20,6 +20,7 @@ from workers.errors import (
     InputError,
     QuotaExhausted,
     TransportError,
+    UnreadableAnswer,
 )
 from workers.retry import Decision, RetryPolicy, backoff, safe_message, service_ok
 
@@ -128,7 +129,8 @@ def test_image_timeout_is_retried_only_a_few_times() -> None:
 @pytest.mark.parametrize(("status", "code"), BAD_INPUT)
 def test_bad_input_codes_fail_at_once_not_retryable(status: int, code: str) -> None:
     d = policy().decide(1, api_error(status, code, "bad image"))
-    assert d == Decision("fail", 0.0, False, code, "bad image")
+    # The service's verdict on the picture, billed: copies of it in the run reuse it.
+    assert d == Decision("fail", 0.0, False, code, "bad image", journal=True)
     assert not d.stops_fleet
 
 
@@ -160,13 +162,45 @@ def test_a_plain_api_error_is_classified_by_code_not_by_its_python_class() -> No
     assert policy().decide(1, ApiError(400, "illegalImageSize")).action == "fail"
 
 
-@pytest.mark.parametrize("code", ["local.timeout", "local.connection", "local.malformed"])
+@pytest.mark.parametrize("code", ["local.timeout", "local.connection"])
 def test_transport_errors_retry_then_fail_retryable(code: str) -> None:
     p = policy(max_attempts=3)
     err = TransportError(code, "no usable answer")
     assert [p.decide(a, err).action for a in (1, 2, 3)] == ["retry", "retry", "fail"]
-    assert p.decide(3, err).retryable is True
+    assert p.decide(3, err).retryable is True and p.decide(3, err).journal is False
     assert p.decide(1, err).code == code
+
+
+def test_an_unreadable_answer_is_retried_once_then_fails_journalled() -> None:
+    """It was billed and will most likely read the same: two calls, not ``max_attempts``."""
+    with pytest.raises(UnreadableAnswer) as caught:
+        read_response(200, {"x-acs-request-id": "rid-9"}, b"<html>\r\n<b>maintenance</b></html>")
+    err = caught.value
+    p = policy(max_attempts=6)
+    first, second = p.decide(1, err), p.decide(2, err)
+    assert (first.action, first.code, first.journal) == ("retry", "local.unreadableAnswer", False)
+    assert 0 <= first.delay_s <= p.cap_s
+    assert (second.action, second.retryable, second.journal) == ("fail", True, True)
+    assert second.code == "local.unreadableAnswer" and not second.stops_fleet
+    # What came back is in the row, on one line, after what was wrong with it.
+    assert second.message == (
+        "HTTP 200 body is not JSON (gave up after 2 calls); "
+        "the answer, 33 bytes: <html>\\x0d\\x0a<b>maintenance</b></html>"
+    )
+    # Counted like imageTimeOut's cap: a first unreadable answer after other failed calls ends it.
+    assert p.decide(4, err).action == "fail" and "gave up after 4 calls" in p.decide(4, err).message
+    assert policy(max_attempts=1).decide(1, err).action == "fail"
+    assert "an empty answer" in p.decide(2, UnreadableAnswer("HTTP 200 body is not JSON")).message
+
+
+def test_an_unreadable_answer_s_message_is_bounded_and_keeps_no_signed_url() -> None:
+    page = "<p>GET /?Url=https://b.oss-cn-hangzhou.aliyuncs.com/a.jpg?OSSAccessKeyId=LTAIabc&Signature=s3cr3t"
+    with pytest.raises(UnreadableAnswer) as caught:
+        read_response(200, {}, (page + "</p>" + "x" * 5000).encode())
+    message = policy().decide(2, caught.value).message
+    assert len(message) <= 300 and message.endswith("...")
+    assert "s3cr3t" not in message and "LTAIabc" not in message
+    assert "b.oss-cn-hangzhou.aliyuncs.com/a.jpg" in message
 
 
 def test_local_errors_fail_or_stop_without_a_call() -> None:
@@ -223,6 +257,8 @@ def test_policy_from_settings_and_validation() -> None:
     assert p.decide(2, api_error(500, "InternalError")).action == "fail"
     with pytest.raises(ValueError):
         RetryPolicy(max_attempts=0)
+    with pytest.raises(ValueError, match="unreadable_attempts"):
+        RetryPolicy(unreadable_attempts=0)
     with pytest.raises(ValueError):
         p.decide(0, api_error(500, "InternalError"))
 
@@ -246,6 +282,8 @@ def test_messages_carry_no_signed_query_strings_and_are_bounded() -> None:
         (api_error(503, "ServiceUnavailable"), False),
         (api_error(504, "ServiceTimeout"), False),
         (TransportError("local.timeout", "read timeout"), False),
+        # answered, but nothing usable: every answer unreadable must open the breaker
+        (UnreadableAnswer("response has no Data field"), False),
         (api_error(403, "Forbidden.RAM"), None),
         (ImageRejected("local.too_small", "tiny"), None),
     ],

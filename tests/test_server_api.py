@@ -6,17 +6,17 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import threading
 import time
 import uuid
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import ClassVar
 from urllib.parse import quote, unquote, urlsplit
 
 import httpx
 import pytest
+from helpers.http_host import http_host
 from PIL import Image as PILImage
 
 from ocrserver.server import RunningServer, ServerConfig, start_server
@@ -55,13 +55,8 @@ class _Images(BaseHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def image_host() -> Iterator[str]:
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Images)
-    httpd.daemon_threads = True
-    t = threading.Thread(target=httpd.serve_forever, daemon=True)
-    t.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
-    httpd.server_close()
+    with http_host(_Images) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

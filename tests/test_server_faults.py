@@ -22,6 +22,7 @@ from workers.errors import (
     FatalApiError,
     RetryableApiError,
     TransportError,
+    UnreadableAnswer,
 )
 
 CREDS = Credentials("testid", "testsecret")
@@ -55,7 +56,7 @@ def _outcome(client: Client, body: bytes = PNG) -> str:
         (FaultConfig(rate_throttle=1.0), "400 Throttling.User", RetryableApiError),
         (FaultConfig(rate_error_200=1.0, error_200_code="ServiceUnavailable"),
          "200 ServiceUnavailable", RetryableApiError),
-        (FaultConfig(rate_malformed=1.0), "local.malformed", TransportError),
+        (FaultConfig(rate_malformed=1.0), "local.unreadableAnswer", UnreadableAnswer),
         (FaultConfig(rate_reset=1.0), "local.connection", TransportError),
     ],
     ids=["500", "503", "504", "throttle", "error-200", "malformed", "reset"],
@@ -137,7 +138,7 @@ def test_seeded_faults_repeat() -> None:
         with serving(faults=faults, seed=42) as (_, client):
             runs.append([_outcome(client) for _ in range(30)])
     assert runs[0] == runs[1]
-    assert {"ok", "500 InternalError", "503 ServiceUnavailable", "local.malformed"} <= set(runs[0])
+    assert {"ok", "500 InternalError", "503 ServiceUnavailable", "local.unreadableAnswer"} <= set(runs[0])
 
 
 def test_reset_route_reseeds_and_clears_stats() -> None:
@@ -146,3 +147,33 @@ def test_reset_route_reseeds_and_clears_stats() -> None:
         assert httpx.post(f"{srv.url}/__carnumber/reset").json() == {"reset": True}
         assert srv.app.stats.requests_total == 0
         assert [_outcome(client) for _ in range(12)] == first
+
+
+def test_malformed_shapes_from_the_command_line() -> None:
+    """``--fault-malformed RATE[:SHAPE]``: every shape is a 200 that is not the envelope."""
+    import argparse
+    import json
+
+    from ocrserver import cli
+    from ocrserver.faults import MALFORMED_SHAPES
+    from workers.errors import ConfigError
+
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    default = cli.build_config(parser.parse_args(["--fault-malformed", "0.2"]), environ={})
+    assert (default.faults.rate_malformed, default.faults.malformed_shape) == (0.2, "truncated")
+    with pytest.raises(ConfigError, match="shape 'xml' is not one of truncated, html"):
+        cli.build_config(parser.parse_args(["--fault-malformed", "1:xml"]), environ={})
+    for shape in MALFORMED_SHAPES:
+        args = parser.parse_args(["--port", "0", "--fault-malformed", f"1:{shape}"])
+        with start_server(cli.build_config(args, environ={})) as srv, httpx.Client() as http:
+            req = Client(srv.url, CREDS, http)._prepare(Image(body=PNG))
+            answer = http.post(req.url, headers=req.headers, content=req.content)
+        assert answer.status_code == 200 and answer.headers["x-acs-request-id"], shape
+        try:
+            doc = json.loads(answer.content)
+        except ValueError:
+            assert shape in ("truncated", "html", "empty")
+        else:
+            assert shape in ("no-data", "bad-data", "wrong-types")
+            assert doc["RequestId"] == answer.headers["x-acs-request-id"]

@@ -10,7 +10,10 @@
     │   ├── RetryableApiError      throttling, 5xx, imageTimeOut: back off and try again
     │   ├── BadImageError          the service refused this image: terminal row with the code
     │   └── FatalApiError          credentials, signature, permission, billing: stop the fleet
-    ├── TransportError             timeout, reset, malformed body: no usable answer, retry
+    ├── TransportError             timeout, reset: no answer, retry
+    │   └── UnreadableAnswer       a 2xx whose body is not the documented envelope: answered and
+    │                              billed; retried once, then the image fails with the start of
+    │                              the answer kept (local.unreadableAnswer)
     ├── SlotMissed                 a request could not leave by its rate-limit slot's deadline:
     │                              nothing was sent; book a new slot
     └── Paused                     the fleet may not call now; the image stays pending
@@ -47,6 +50,7 @@ __all__ = [
     "ShuttingDown",
     "SlotMissed",
     "TransportError",
+    "UnreadableAnswer",
     "Verdict",
 ]
 
@@ -117,9 +121,10 @@ class FatalApiError(ApiError):
 
 
 class TransportError(CarnumberError):
-    """No usable answer: timeout, connection error, or a body that is not the documented JSON.
+    """No usable answer: a timeout, a connection error, or (:class:`UnreadableAnswer`) a body that
+    is not the documented JSON.
 
-    ``code`` is a stable local name (``local.timeout``, ``local.connection``, ``local.malformed``).
+    ``code`` is a stable local name (``local.timeout``, ``local.connection``).
     """
 
     verdict = Verdict.RETRY
@@ -128,6 +133,32 @@ class TransportError(CarnumberError):
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
+
+
+class UnreadableAnswer(TransportError):
+    """A 2xx answer whose body is not the documented envelope: not JSON, an HTML page, no ``Data``,
+    ``Data`` not JSON, fields of the wrong type.
+
+    Unlike a lost connection, the call was answered and billed, and the same picture is most
+    likely answered the same way again: the retry policy calls once more, then fails the image.
+    ``raw`` is the start of the body as text, bounded and with secrets scrubbed by the parser
+    (:func:`workers.api.response.unreadable`); ``size`` the body's length in bytes; ``status``
+    and ``request_id`` the answer's, when known.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        raw: str = "",
+        size: int = 0,
+        status: int = 200,
+        request_id: str | None = None,
+    ) -> None:
+        super().__init__("local.unreadableAnswer", message)
+        self.raw = raw
+        self.size = size
+        self.status = status
+        self.request_id = request_id
 
 
 class SlotMissed(CarnumberError):

@@ -465,8 +465,9 @@ class _Call:
                 getattr(error, "request_id", None),
             )
             by: str | None = None
-            if isinstance(error, ApiError) and not decision.retryable:
-                # The service's own verdict on this picture: paid for, and it will not change.
+            if decision.journal:
+                # The service's own verdict on this picture (bad input, an answer still unreadable
+                # after its retry): paid for, and it will not change within this run.
                 await self._paid(Answer(self.attempt, error=_error_doc(failure), by=ref.image_id))
                 by = ref.image_id
             rows = failure_rows(

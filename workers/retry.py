@@ -5,7 +5,9 @@ Pure: no I/O, no clock, no Redis. The pipeline makes a call, and on an error ask
 
 ``retry``  sleep ``delay_s``, pass the gate again, call again (a fresh date and nonce).
 ``fail``   write a terminal ``failed`` row with ``code`` / ``message``; ``retryable`` says whether a
-           later run might succeed (attempts ran out on a transient error) or not (bad input).
+           later run might succeed (attempts ran out on a transient error) or not (bad input);
+           :attr:`Decision.journal` whether the failure is the picture's paid answer for this run
+           (bad input, an answer still unreadable after its retry), which copies reuse.
 ``stop``   make no further call for this image; it stays pending. When :attr:`Decision.stops_fleet`
            (a fatal code: credentials, signature, billing) the caller also stops the fleet with
            :meth:`workers.fleet.FleetControl.stop`; every other worker halts within seconds.
@@ -31,6 +33,7 @@ from workers.errors import (
     InputError,
     Paused,
     TransportError,
+    UnreadableAnswer,
     Verdict,
 )
 from workers.message import redact_url
@@ -40,6 +43,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "IMAGE_TIMEOUT_ATTEMPTS",
+    "UNREADABLE_ATTEMPTS",
     "Action",
     "Decision",
     "RetryPolicy",
@@ -53,9 +57,13 @@ Action = Literal["retry", "fail", "stop"]
 # ``imageTimeOut``: the service could not fetch our URL in time. A slow origin rarely recovers
 # within seconds, so it gets a few calls only, however many ``max_attempts`` allows.
 IMAGE_TIMEOUT_ATTEMPTS = 3
+# An answer we cannot read (``UnreadableAnswer``) was billed, and the same picture is most likely
+# answered the same way again: one more call tells a glitch from a rule, and no more is spent.
+UNREADABLE_ATTEMPTS = 2
 
 _MESSAGE_MAX_CHARS = 300
 _URL = re.compile(r"https?://[^\s\"'<>]+")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def backoff(
@@ -80,7 +88,9 @@ class Decision:
     """What to do after one failed call. ``delay_s`` is in seconds (0 unless ``retry``).
 
     ``code`` is the service's error code or a local one (``local.timeout``, ``local.internal``);
-    ``message`` is short and free of secrets and signed query strings.
+    ``message`` is short and free of secrets and signed query strings. ``journal`` (with ``fail``):
+    the failure is what the service answered for this picture, billed, and a new call in this run
+    would answer the same: the caller journals it so copies of the picture do not pay again.
     """
 
     action: Action
@@ -88,6 +98,7 @@ class Decision:
     retryable: bool
     code: str
     message: str
+    journal: bool = False
 
     @property
     def stops_fleet(self) -> bool:
@@ -100,21 +111,24 @@ class RetryPolicy:
     """Backoff parameters (seconds) and the number of calls one image may cost.
 
     ``max_attempts`` counts calls, the first included: 6 means one call and at most five retries.
+    ``image_timeout_attempts`` and ``unreadable_attempts`` cap the calls of an image whose latest
+    call ended in ``imageTimeOut`` / an unreadable answer, counted like ``max_attempts``.
     """
 
     base_s: float = 0.5
     cap_s: float = 30.0
     max_attempts: int = 6
     image_timeout_attempts: int = IMAGE_TIMEOUT_ATTEMPTS
+    unreadable_attempts: int = UNREADABLE_ATTEMPTS
     rng: random.Random | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.base_s <= 0 or self.cap_s <= 0:
             raise ValueError(f"base_s and cap_s must be > 0, got {self.base_s}, {self.cap_s}")
-        if self.max_attempts < 1 or self.image_timeout_attempts < 1:
+        if min(self.max_attempts, self.image_timeout_attempts, self.unreadable_attempts) < 1:
             raise ValueError(
-                "max_attempts and image_timeout_attempts must be >= 1, "
-                f"got {self.max_attempts}, {self.image_timeout_attempts}"
+                "max_attempts, image_timeout_attempts and unreadable_attempts must be >= 1, got "
+                f"{self.max_attempts}, {self.image_timeout_attempts}, {self.unreadable_attempts}"
             )
 
     @classmethod
@@ -136,6 +150,8 @@ class RetryPolicy:
             raise ValueError(f"attempt counts from 1, got {attempt}")
         if isinstance(error, ApiError):
             return self._api(attempt, error)
+        if isinstance(error, UnreadableAnswer):
+            return self._unreadable(attempt, error)
         if isinstance(error, TransportError):
             return self._transient(attempt, error.code, error.message, None, self.max_attempts)
         if isinstance(error, ImageRejected):
@@ -162,11 +178,22 @@ class RetryPolicy:
         if verdict is Verdict.FATAL:
             return Decision("stop", 0.0, False, error.code, message)
         if verdict is Verdict.BAD_INPUT:
-            return Decision("fail", 0.0, False, error.code, message)
+            return Decision("fail", 0.0, False, error.code, message, journal=True)
         limit = self.max_attempts
         if error.code.lower() == "imagetimeout":
             limit = min(limit, self.image_timeout_attempts)
         return self._transient(attempt, error.code, message, error.retry_after_s, limit)
+
+    def _unreadable(self, attempt: int, error: UnreadableAnswer) -> Decision:
+        """Call once more; then fail, retryable by a later run (the parser or the service may be
+        fixed by then), with the start of the answer in the message, and journalled."""
+        if attempt < min(self.max_attempts, self.unreadable_attempts):
+            return self._transient(attempt, error.code, error.message, None, self.max_attempts)
+        answer = "an empty answer"
+        if error.size:
+            answer = f"the answer, {error.size} bytes: {_printable(error.raw)}"
+        message = safe_message(f"{error.message} (gave up after {attempt} calls); {answer}")
+        return Decision("fail", 0.0, True, error.code, message, journal=True)
 
     def _transient(
         self, attempt: int, code: str, message: str, retry_after_s: float | None, limit: int
@@ -185,7 +212,9 @@ def service_ok(error: BaseException | None) -> bool | None:
     """What a call's outcome says about the service, for :meth:`CircuitBreaker.record`.
 
     ``True``: the service answered (a result, a bad-input refusal, or throttling, which the rate
-    limiter handles); ``False``: it looks down (5xx, service timeouts, no usable answer);
+    limiter handles); ``False``: it looks down (5xx, service timeouts, no usable answer: an
+    unreadable answer too, so that when every answer is unreadable, as after an API change, the
+    breaker stops paying for them);
     ``None``: nothing to record (fatal codes stop the fleet anyway; local errors made no call).
     """
     if error is None:
@@ -202,6 +231,11 @@ def service_ok(error: BaseException | None) -> bool | None:
             verdict is Verdict.BAD_INPUT or code.startswith("throttling") or code == "imagetimeout"
         )
     return None
+
+
+def _printable(text: str) -> str:
+    """``text`` on one line: control characters (line breaks included) as ``\\xNN``."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
 def safe_message(text: str) -> str:

@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from workers.api.codes import api_error
-from workers.api.response import Recognition, parse_envelope
+from workers.api.response import Recognition, parse_envelope, unreadable
 from workers.api.signing import canonical_query, sha256_hex, sign
 from workers.config import Credentials, Settings
 from workers.errors import ImageRejected, SlotMissed, TransportError
@@ -127,7 +127,8 @@ def build_request(
 
 
 def read_response(status: int, headers: httpx.Headers | dict[str, str], body: bytes) -> Recognition:
-    """The parsed result of a 2xx answer; otherwise raise the classified :class:`ApiError`."""
+    """The parsed result of a 2xx answer; otherwise raise the classified :class:`ApiError`
+    (:class:`UnreadableAnswer` for a 2xx that is not the documented envelope)."""
     doc: Any = None
     try:
         doc = json.loads(body) if body else None
@@ -135,9 +136,11 @@ def read_response(status: int, headers: httpx.Headers | dict[str, str], body: by
         doc = None
     code, message, request_id = _error_fields(doc)
     if status < 300 and (code is None or code in ("200", "OK", "Success")):
+        # Not the envelope: UnreadableAnswer, keeping the start of the body as received.
+        rid = headers.get("x-acs-request-id")
         if doc is None:
-            raise TransportError("local.malformed", f"HTTP {status} body is not valid JSON")
-        return parse_envelope(doc)
+            raise unreadable(f"HTTP {status} body is not JSON", body, status=status, request_id=rid)
+        return parse_envelope(doc, raw=body, request_id=rid)
     retry_after_s = _retry_after_s(headers)
     if code is None:
         # A gateway page, or JSON without a Code: classify by status alone.

@@ -2,8 +2,11 @@
 
 The envelope's ``Data`` is a JSON *string*. Inside, ``structure_list`` holds one entry per plate,
 and entries may be fastjson back-references such as ``{"$ref": "$.data"}``, which the parser
-resolves. Anything that is not the documented shape raises :class:`TransportError`
-(``local.malformed``): a body we cannot read is no answer, and is retried like one.
+resolves. Anything that is not the documented shape (not JSON, an HTML page, no ``Data``, ``Data``
+not JSON, a field of the wrong type) raises :class:`UnreadableAnswer` (``local.unreadableAnswer``)
+carrying the start of the body, at most :data:`RAW_MAX_CHARS` characters with secrets scrubbed:
+the call was answered and billed, and the same picture will most likely be answered the same way,
+so the retry policy calls once more only (``ops/design/retries.md``).
 """
 
 from __future__ import annotations
@@ -13,13 +16,36 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from workers.errors import TransportError
+from workers.errors import UnreadableAnswer
 
-__all__ = ["PLATE_KEY", "Plate", "Recognition", "parse_data", "parse_envelope"]
+__all__ = [
+    "PLATE_KEY",
+    "RAW_MAX_CHARS",
+    "Plate",
+    "Recognition",
+    "parse_data",
+    "parse_envelope",
+    "scrub",
+    "unreadable",
+]
 
 PLATE_KEY = "车牌"
+# How much of an unreadable body is kept: enough to tell an HTML page, a cut-off envelope or a
+# changed field from each other; an answer is 1-3 KiB.
+RAW_MAX_CHARS = 1024
 Point = tuple[int, int]
 _REF_STEP = re.compile(r"\.([^.\[]+)|\[(\d+)\]")
+# A value named like a credential (query parameter, header or JSON field, plain or URL-encoded,
+# as a gateway page may echo our request line or headers), and URL user info.
+_SECRET_VALUE = re.compile(
+    r"(?i)(signature|token|credential|secret|password|authorization)"
+    r"(\\?[\"']?\s*(?:=|%3D|:)\s*\\?[\"']?)[^\s\"'&<>,;\\]+"
+)
+_USER_INFO = re.compile(r"(?i)(://|%3A%2F%2F)[^/\s\"'<>@]+?(?:@|%40)")
+
+
+class _Shape(ValueError):
+    """The body is not the documented envelope (internal: becomes :class:`UnreadableAnswer`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,19 +107,65 @@ class Recognition:
         return cls(plates=plates, **{k: doc.get(k) for k in fields_})
 
 
-def parse_envelope(body: bytes | str | dict[str, Any]) -> Recognition:
-    """Parse a success body (``RequestId`` + ``Data``) into a :class:`Recognition`."""
-    envelope = _load(body, "response body") if not isinstance(body, dict) else body
-    if not isinstance(envelope, dict):
-        raise TransportError("local.malformed", "response body is not a JSON object")
-    request_id = envelope.get("RequestId") or envelope.get("requestId")
-    data = envelope.get("Data", envelope.get("data"))
-    if data is None:
-        raise TransportError("local.malformed", "response has no Data field")
-    return parse_data(data, request_id)
+def parse_envelope(
+    body: Any,
+    *,
+    raw: bytes | str | None = None,
+    request_id: str | None = None,
+) -> Recognition:
+    """Parse a success body (``RequestId`` + ``Data``) into a :class:`Recognition`.
+
+    ``body``: the bytes or text as received, or the JSON already decoded from them (then ``raw``
+    is the body as received, kept in the error). ``request_id``: the answer's
+    ``x-acs-request-id``, used when the body has none. Raises :class:`UnreadableAnswer`.
+    """
+    try:
+        envelope = _load(body, "response body") if isinstance(body, (bytes, str)) else body
+        if not isinstance(envelope, dict):
+            raise _Shape("response body is not a JSON object")
+        found = envelope.get("RequestId") or envelope.get("requestId")
+        request_id = str(found) if found is not None else request_id
+        data = envelope.get("Data", envelope.get("data"))
+        if data is None:
+            raise _Shape("response has no Data field")
+        return _parse_data(data, request_id)
+    except _Shape as exc:
+        kept = raw if raw is not None else body
+        raise unreadable(str(exc), kept, request_id=request_id) from None
 
 
 def parse_data(data: str | dict[str, Any], request_id: str | None = None) -> Recognition:
+    """Parse ``Data`` alone (the official SDK hands it over decoded from the envelope).
+    Raises :class:`UnreadableAnswer` keeping the start of ``data``."""
+    try:
+        return _parse_data(data, request_id)
+    except _Shape as exc:
+        raise unreadable(str(exc), data, request_id=request_id) from None
+
+
+def unreadable(
+    reason: str, body: Any, *, status: int = 200, request_id: str | None = None
+) -> UnreadableAnswer:
+    """The :class:`UnreadableAnswer` for ``body`` (bytes, text or decoded JSON): ``reason`` says
+    what is wrong; the error keeps at most :data:`RAW_MAX_CHARS` characters of it, scrubbed."""
+    if isinstance(body, bytes):
+        size = len(body)
+        # Decode only what can be kept: a multi-megabyte page costs no more than a short one.
+        text = body[: RAW_MAX_CHARS * 4].decode("utf-8", "replace")
+    else:
+        text = body if isinstance(body, str) else json.dumps(body, ensure_ascii=False, default=repr)
+        size = len(text.encode("utf-8", "replace"))
+    return UnreadableAnswer(reason, scrub(text[:RAW_MAX_CHARS]), size, status, request_id)
+
+
+def scrub(text: str) -> str:
+    """``text`` with every value named like a credential (``Signature=``, ``security-token:``,
+    ``"AccessKeySecret":``, URL-encoded too) and URL user info replaced by ``***``."""
+    text = _SECRET_VALUE.sub(r"\1\2***", text)
+    return _USER_INFO.sub(r"\1***@", text)
+
+
+def _parse_data(data: Any, request_id: str | None) -> Recognition:
     doc: Any = data
     # Data is a JSON string; some published examples quote it twice.
     for _ in range(3):
@@ -101,7 +173,7 @@ def parse_data(data: str | dict[str, Any], request_id: str | None = None) -> Rec
             break
         doc = _load(doc, "Data")
     if not isinstance(doc, dict):
-        raise TransportError("local.malformed", "Data is not a JSON object")
+        raise _Shape("Data is not a JSON object")
     try:
         plates = tuple(_plates(doc))
         return Recognition(
@@ -115,14 +187,14 @@ def parse_data(data: str | dict[str, Any], request_id: str | None = None) -> Rec
             raw=doc,
         )
     except (TypeError, ValueError, KeyError, AttributeError, IndexError) as exc:
-        raise TransportError("local.malformed", f"Data does not have the documented shape ({exc})") from None
+        raise _Shape(f"Data does not have the documented shape ({type(exc).__name__}: {exc})") from None
 
 
 def _load(text: bytes | str, what: str) -> Any:
     try:
         return json.loads(text)
     except (ValueError, UnicodeDecodeError):
-        raise TransportError("local.malformed", f"{what} is not valid JSON") from None
+        raise _Shape(f"{what} is not valid JSON") from None
 
 
 def _resolve(root: dict[str, Any], node: Any, depth: int = 0) -> Any:
@@ -164,9 +236,9 @@ def _plate(s: dict[str, Any], prism: dict[str, Any] | None) -> Plate | None:
     if prob is None and prism and prism.get("valueProb") is not None:
         prob = float(prism["valueProb"]) / 100.0
     return Plate(
-        text=str(text),
+        text=_text(text),
         prob=prob,
-        plate_type=cls.get("type_str") or None,
+        plate_type=_text(cls.get("type_str")),
         type_prob=_float(cls.get("prob")),
         polygon=polygon,
     )
@@ -187,6 +259,16 @@ def _polygon_from_points(points: Any) -> tuple[Point, Point, Point, Point] | Non
         return None
     pts = [(round(float(p["x"])), round(float(p["y"]))) for p in points]
     return (pts[0], pts[1], pts[2], pts[3])
+
+
+def _text(v: Any) -> str | None:
+    # A number or a list where the documented answer has text would reach the output's string
+    # columns and fail the whole part's write: refuse it here, for this answer only.
+    if v is None or v == "":
+        return None
+    if not isinstance(v, str):
+        raise TypeError(f"{type(v).__name__} where text was expected")
+    return v
 
 
 def _int(v: Any) -> int | None:

@@ -15,8 +15,9 @@ Design note: ``ops/design/sink.md`` ("No second payment"). In short:
   and two holders of one chunk (a lease that ran out under a paused process, a partition that
   healed) never pay twice; a dead holder's claim simply runs out.
 * **Write on every answer.** A recognition, or a terminal error the service gave for the picture
-  (billed, and it will not change), goes into the run's answers hash with the claim released in
-  the same script. Retryable errors are not answers: they are tried again.
+  (billed, and it will not change within the run: a bad-input code, an answer still unreadable
+  after its one retry), goes into the run's answers hash with the claim released in the same
+  script. Other retryable errors are not answers: they are tried again.
 * **Kept for the run.** The hash lives while the run does: one compact answer per distinct
   picture (a few hundred bytes). It is deleted when the run is done (``RunStore.settle``);
   it also expires ``ttl_s`` after its last write.
