@@ -187,7 +187,10 @@ def test_an_unreadable_answer_is_retried_once_then_fails_journalled() -> None:
         "HTTP 200 body is not JSON (gave up after 2 calls); "
         "the answer, 33 bytes: <html>\\x0d\\x0a<b>maintenance</b></html>"
     )
-    # Counted like imageTimeOut's cap: a first unreadable answer after other failed calls ends it.
+    # Counted by unreadable answers when the caller counts them: a first one after three other
+    # failed calls is retried once; uncounted, every call counts.
+    assert p.decide(4, err, unreadable=1).action == "retry"
+    assert p.decide(5, err, unreadable=2).action == "fail"
     assert p.decide(4, err).action == "fail" and "gave up after 4 calls" in p.decide(4, err).message
     assert policy(max_attempts=1).decide(1, err).action == "fail"
     assert "an empty answer" in p.decide(2, UnreadableAnswer("HTTP 200 body is not JSON")).message

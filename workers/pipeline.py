@@ -43,6 +43,7 @@ from workers.errors import (
     ShuttingDown,
     SlotMissed,
     TransportError,
+    UnreadableAnswer,
 )
 from workers.message import Chunk, ImageRef
 from workers.ratelimit.limiter import MAX_REBOOKS
@@ -64,7 +65,7 @@ class Resolver(Protocol):
 
 
 class Policy(Protocol):
-    def decide(self, attempt: int, error: BaseException) -> Any: ...
+    def decide(self, attempt: int, error: BaseException, unreadable: int | None = None) -> Any: ...
 
 
 class Fleet(Protocol):
@@ -314,6 +315,7 @@ class _Call:
     where: tuple[str, int]  # its chunk id and position: the run's books know it by them
     picture: str | None  # the journal's key (``_picture``)
     attempt: int = 0
+    unreadable: int = 0  # answers that could not be read: retried once, not once per call
     claimed: bool = False
     recorded: bool = False
     outage_since: float | None = None  # monotonic time Redis was first found unreachable
@@ -446,7 +448,9 @@ class _Call:
     async def _after_error(self, error: ApiError | TransportError, paused: asyncio.Event) -> _Outcome | None:
         """Stop, fail or back off after a failed attempt; None: try again."""
         ctx, run_id, ref = self.ctx, self.run_id, self.ref
-        decision = ctx.policy.decide(self.attempt, error)
+        if isinstance(error, UnreadableAnswer):
+            self.unreadable += 1
+        decision = ctx.policy.decide(self.attempt, error, unreadable=self.unreadable)
         if decision.action == "stop":
             with contextlib.suppress(RedisUnavailable):  # this worker has halted either way
                 await ctx.fleet.stop(error.code, error.message, run_id)

@@ -141,8 +141,10 @@ class RetryPolicy:
             rng=rng,
         )
 
-    def decide(self, attempt: int, error: BaseException) -> Decision:
-        """The next step after call number ``attempt`` (from 1) for one image raised ``error``.
+    def decide(self, attempt: int, error: BaseException, unreadable: int | None = None) -> Decision:
+        """The next step after call number ``attempt`` (from 1) for one image raised ``error``;
+        ``unreadable``: how many of the image's calls gave an unreadable answer, this one
+        included (None: count every call as one, as before a caller counts them).
 
         Never raises for any ``error``; raises ``ValueError`` only for ``attempt < 1``.
         """
@@ -151,7 +153,7 @@ class RetryPolicy:
         if isinstance(error, ApiError):
             return self._api(attempt, error)
         if isinstance(error, UnreadableAnswer):
-            return self._unreadable(attempt, error)
+            return self._unreadable(attempt, error, attempt if unreadable is None else unreadable)
         if isinstance(error, TransportError):
             return self._transient(attempt, error.code, error.message, None, self.max_attempts)
         if isinstance(error, ImageRejected):
@@ -184,10 +186,10 @@ class RetryPolicy:
             limit = min(limit, self.image_timeout_attempts)
         return self._transient(attempt, error.code, message, error.retry_after_s, limit)
 
-    def _unreadable(self, attempt: int, error: UnreadableAnswer) -> Decision:
+    def _unreadable(self, attempt: int, error: UnreadableAnswer, unreadable: int) -> Decision:
         """Call once more; then fail, retryable by a later run (the parser or the service may be
         fixed by then), with the start of the answer in the message, and journalled."""
-        if attempt < min(self.max_attempts, self.unreadable_attempts):
+        if unreadable < self.unreadable_attempts and attempt < self.max_attempts:
             return self._transient(attempt, error.code, error.message, None, self.max_attempts)
         answer = "an empty answer"
         if error.size:
