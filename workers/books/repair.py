@@ -54,7 +54,9 @@ class StalledRuns:
         self.stall_s = stall_s
 
     def check_all(self, limit: int = 50) -> int:
-        """One round over the most recent runs; returns the images republished."""
+        """One round over the most recent runs (after dropping those whose books expired from
+        the list of runs); returns the images republished."""
+        self.runs.prune()
         return sum(self.check(run_id) for run_id in self.runs.runs(limit=limit))
 
     def check(self, run_id: str) -> int:
