@@ -1,7 +1,7 @@
 """The internals of kombu, Celery and redis-py that our code relies on, pinned by shape.
 
-The leases (workers/leases.py), the repaired transport (workers/broker.py) and the live-chunk
-scan (workers/queued.py) reach past these libraries' public APIs: kombu's ``unacked`` hash and
+The leases (workers/node/leases.py), the repaired transport (workers/node/broker.py) and the live-chunk
+scan (workers/books/queued.py) reach past these libraries' public APIs: kombu's ``unacked`` hash and
 ``unacked_index`` sorted set, ``QoS._delivered``, ``QoS.restore_by_tag``, the Channel and QoS
 methods we override, ``Connection.collect``'s ``_collect`` hook, Celery's worker state and the
 ``Tasks`` bootstep's ``task_consumer``. A release that renames, removes or reshapes any of them
@@ -23,8 +23,8 @@ from kombu import Connection, Exchange, Queue
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
 
-from workers import broker
-from workers.broker import transport_for
+from workers.node import broker
+from workers.node.broker import transport_for
 
 
 def _params(func: Any) -> list[str]:
@@ -89,7 +89,7 @@ def test_celery_worker_internals_the_lease_keeper_reads() -> None:
     assert "c.task_consumer" in inspect.getsource(tasks.Tasks.start)
     for hook in ("start", "stop"):
         assert hasattr(bootsteps.StartStopStep, hook)
-    # Our steps' close() hook (workers/shutdown.py) is called by name.
+    # Our steps' close() hook (workers/node/shutdown.py) is called by name.
     assert "'close'" in inspect.getsource(bootsteps.Blueprint.close)
 
 
@@ -119,12 +119,12 @@ def test_a_held_message_lives_where_leases_and_the_scan_look(
         message = channel.basic_get(names["queue"], no_ack=False)
         assert message is not None
         tag = message.delivery_tag
-        # workers/leases.py: what the node holds, and the lease's score (Redis's clock).
+        # workers/node/leases.py: what the node holds, and the lease's score (Redis's clock).
         assert tag in channel.qos._delivered
         score = redis_client.zscore(names["index"], tag)
         redis_now = float(".".join(str(x) for x in redis_client.time()))
         assert score is not None and abs(score - redis_now) < 5
-        # workers/queued.py: the held message is [message, exchange, routing_key] in JSON.
+        # workers/books/queued.py: the held message is [message, exchange, routing_key] in JSON.
         raw = redis_client.hget(names["unacked"], tag)
         held = json.loads(raw)
         assert isinstance(held, list) and len(held) == 3 and isinstance(held[0], dict)
@@ -133,7 +133,7 @@ def test_a_held_message_lives_where_leases_and_the_scan_look(
         transport = conn.transport
         assert hasattr(transport, "channels") and hasattr(transport, "_avail_channels")
         assert hasattr(transport, "cycle") and hasattr(transport, "default_port")
-        # workers/leases.py's KombuRestorer: restore_by_tag puts it back on its queue.
+        # workers/node/leases.py's KombuRestorer: restore_by_tag puts it back on its queue.
         channel.qos.restore_by_tag(tag)
         assert redis_client.hget(names["unacked"], tag) is None
         assert redis_client.zscore(names["index"], tag) is None
