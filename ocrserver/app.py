@@ -11,7 +11,9 @@ Per API call (``POST /`` or ``GET /``), in the real service's order:
 5. recognition and the success envelope (:mod:`ocrserver.envelope`).
 
 Every refusal is an :class:`~workers.errors.ApiError` rendered by :func:`ocrserver.codes.error_body`.
-``GET /__carnumber/stats`` and ``POST /__carnumber/reset`` are not part of the real API.
+``GET /__carnumber/stats`` and ``POST /__carnumber/reset`` are not part of the real API, nor are
+the server's own STS routes (:mod:`ocrserver.sts`, loopback clients only):
+``GET /__carnumber/sts/credentials`` (a credentials URI) and ``POST /__carnumber/sts/revoke``.
 No framework: the whole request path is a few dict look-ups, one HMAC and one JSON dump.
 """
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import json
 import logging
 import socket
@@ -42,6 +45,7 @@ from ocrserver.ratelimit import SecondWindowLimiter
 from ocrserver.recognizers import get_recognizer
 from ocrserver.recognizers.base import DetectedPlate, ImageInput, Recognizer
 from ocrserver.stats import Stats
+from ocrserver.sts import StsIssuer
 from workers.errors import ApiError, ImageRejected
 from workers.imagecheck import MAX_BYTES
 
@@ -70,7 +74,8 @@ class OcrApp:
     ) -> None:
         self.config = config
         self.clock = clock
-        self.verifier = Verifier(config.access_keys(), clock=clock)
+        self.sts = StsIssuer(config.access_keys())
+        self.verifier = Verifier(config.access_keys(), clock=clock, sts=self.sts)
         self.limiter = SecondWindowLimiter(int(config.qps))
         self.account_of = config.account_of()
         self.faults = FaultPlan(config.faults, config.seed)
@@ -131,13 +136,38 @@ class OcrApp:
         await _read_body(receive, 1 << 20)
         route = (scope["method"], scope["path"])
         if route == ("GET", "/__carnumber/stats"):
-            await _respond(send, 200, json.dumps(self.stats.to_json()).encode())
+            doc = {**self.stats.to_json(), "sts_issued": self.sts.issued}
+            await _respond(send, 200, json.dumps(doc).encode())
         elif route == ("POST", "/__carnumber/reset"):
             self.stats.reset()
             self.faults.reseed()
             await _respond(send, 200, b'{"reset":true}')
+        elif scope["path"].startswith("/__carnumber/sts/"):
+            status, doc = self._sts(scope)
+            await _respond(send, status, json.dumps(doc).encode())
         else:
             await _respond(send, 404, b'{"Code":"NotFound","Message":"unknown admin route"}')
+
+    def _sts(self, scope: Scope) -> tuple[int, dict[str, Any]]:
+        """The server's own STS (``ocrserver/sts.py``): issue or revoke, for loopback clients."""
+        client = (scope.get("client") or ("",))[0]
+        if not is_loopback(client):
+            return 403, {"Code": "Forbidden", "Message": "the local STS answers loopback clients only"}
+        query = dict(parse_qsl(scope["query_string"].decode("utf-8", "replace")))
+        route = (scope["method"], scope["path"])
+        key = query.get("key") or next(iter(self.config.access_keys()))
+        try:
+            if route == ("GET", "/__carnumber/sts/credentials"):
+                return 200, self.sts.issue(
+                    key, int(query.get("duration_s", "3600")), self.clock(),
+                    int(query.get("extra_s", "0")),
+                )
+            if route == ("POST", "/__carnumber/sts/revoke"):
+                self.sts.revoke(key, self.clock())
+                return 200, {"Code": "Success", "revoked": key}
+        except ValueError as exc:
+            return 400, {"Code": "InvalidParameter", "Message": str(exc)}
+        return 404, {"Code": "NotFound", "Message": "unknown admin route"}
 
     # -- the API ------------------------------------------------------------------------------
 
@@ -162,7 +192,7 @@ class OcrApp:
             )
             key = self.verifier.verify(scope["method"], params, headers, body)
             now = self.clock()
-            account = self.account_of.get(key.access_key_id, key.access_key_id)
+            account = self.account_of.get(key.owner, key.owner)
             if not self.limiter.try_acquire(account, now):
                 self.stats.throttled += 1
                 extra = {}
@@ -170,7 +200,7 @@ class OcrApp:
                     extra["x-acs-retry-after"] = str(self.limiter.retry_after_ms(now))
                 await self._error(send, reject("Throttling.User"), request_id, host_id, extra)
                 return
-            self.stats.accepted(key.access_key_id, now)
+            self.stats.accepted(key.owner, now)
             image = await load_image(
                 params, body, self.http_client(), self.config.allowed_url_hosts,
                 self.config.url_timeout_s,
@@ -265,6 +295,16 @@ def _target(scope: Scope) -> str:
     """The request's path and query string, as a gateway's error page would echo them."""
     query = scope["query_string"].decode("latin-1")
     return f"{scope['path']}?{query}" if query else scope["path"]
+
+
+def is_loopback(host: str) -> bool:
+    """True for a loopback address (127.0.0.0/8, ::1, an IPv4-mapped loopback)."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)
+    return bool((mapped or address).is_loopback)
 
 
 def _abort(send: Send) -> bool:

@@ -6,12 +6,15 @@ The checks run in the gateway's order and stop at the first failure:
    ``x-acs-version`` is ``2021-07-07`` (else ``InvalidVersion``);
 2. ``Authorization`` is present (else ``MissingAccessKeyId``) and well formed, signing at least
    ``x-acs-date``, ``x-acs-signature-nonce`` and ``x-acs-content-sha256`` (else
-   ``IncompleteSignature``); the key is known (else ``InvalidAccessKeyId.NotFound``, 404);
+   ``IncompleteSignature``); the key is known (else ``InvalidAccessKeyId.NotFound``, 404), or
+   is a temporary ``STS.`` key this server issued whose token is good and not expired (the
+   ``InvalidSecurityToken.*`` codes, :mod:`ocrserver.sts`);
 3. ``x-acs-date`` parses (``InvalidTimeStamp.Format``) and is within 15 minutes of the server's
    clock (``InvalidTimeStamp.Expired``);
 4. ``x-acs-content-sha256`` equals the body's SHA-256 and the signature, recomputed from the
    signed-header list the client names, matches (else ``SignatureDoesNotMatch``);
-5. an STS token, when the key has one configured, matches (``invalidStsToken``);
+5. an STS token, when the key has one configured (``--keys ID:SECRET:TOKEN``), matches
+   (``invalidStsToken``);
 6. the nonce is new for this key (``SignatureNonceUsed``). Nonces are remembered for the 15-minute
    window only, so memory is bounded by the request rate times the window (and by ``max_nonces``).
 
@@ -26,9 +29,13 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from ocrserver.codes import reject
 from workers.api.signing import canonical_request, parse_authorization, sha256_hex, signature
+
+if TYPE_CHECKING:
+    from ocrserver.sts import StsIssuer
 
 __all__ = ["ACTION", "VERSION", "AccessKey", "NonceCache", "Verifier", "parse_keys"]
 
@@ -40,11 +47,18 @@ _REQUIRED_SIGNED = ("x-acs-content-sha256", "x-acs-date", "x-acs-signature-nonce
 
 @dataclass(frozen=True, slots=True)
 class AccessKey:
-    """One AccessKey the server accepts; ``security_token`` set means STS calls must carry it."""
+    """One AccessKey the server accepts; ``security_token`` set means STS calls must carry it.
+    ``parent``: for a temporary key, the server's key it was issued for (its account)."""
 
     access_key_id: str
     access_key_secret: str = field(repr=False)
     security_token: str | None = field(default=None, repr=False)
+    parent: str | None = None
+
+    @property
+    def owner(self) -> str:
+        """The key whose account this one counts against: its parent, else itself."""
+        return self.parent or self.access_key_id
 
 
 def parse_keys(spec: str) -> dict[str, AccessKey]:
@@ -111,11 +125,13 @@ class Verifier:
         keys: Mapping[str, AccessKey],
         clock: Callable[[], float] = time.time,
         window_s: float = WINDOW_S,
+        sts: StsIssuer | None = None,
     ) -> None:
         self.keys = dict(keys)
         self.clock = clock
         self.window_s = window_s
         self.nonces = NonceCache(window_s)
+        self.sts = sts
 
     def verify(
         self,
@@ -147,10 +163,12 @@ class Verifier:
                 "IncompleteSignature",
                 "x-acs-date, x-acs-signature-nonce and x-acs-content-sha256 must be sent and signed.",
             )
+        now = self.clock()
         key = self.keys.get(auth.access_key_id)
+        if key is None and self.sts is not None and auth.access_key_id.startswith("STS."):
+            key = self.sts.check(auth.access_key_id, headers.get("x-acs-security-token"), now)
         if key is None:
             raise reject("InvalidAccessKeyId.NotFound")
-        now = self.clock()
         when = _parse_date(headers["x-acs-date"])
         if when is None:
             raise reject("InvalidTimeStamp.Format")

@@ -30,6 +30,13 @@ ERRORS: dict[str, tuple[int, str]] = {
     "InvalidTimeStamp.Expired": (400, "Specified time stamp or date value is expired."),
     "InvalidTimeStamp.Format": (400, "Specified time stamp or date value is not well formatted."),
     "invalidStsToken": (400, "The security token you provided is invalid."),
+    # gateway: temporary (STS) credentials, Alibaba Cloud's common error codes
+    "MissingSecurityToken": (400, "SecurityToken is mandatory for this action."),
+    "InvalidSecurityToken.Malformed": (400, "Specified SecurityToken is malformed."),
+    "InvalidSecurityToken.MismatchWithAccessKey": (
+        400, "Specified SecurityToken mismatch with the AccessKey.",
+    ),
+    "InvalidSecurityToken.Expired": (400, "Specified SecurityToken is expired."),
     # gateway: flow control
     "Throttling.User": (400, "Request was denied due to user flow control."),
     # service: image intake

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from workers.config import Settings
+from workers.credentials import provider_from_settings
 from workers.errors import ConfigError
 from workers.message import Chunk, ImageRef, has_secret_params, image_id_for, redact_url
 
@@ -20,7 +21,7 @@ def test_defaults_and_environment() -> None:
 
 def test_missing_credentials_name_the_variables() -> None:
     with pytest.raises(ConfigError) as info:
-        Settings.from_env({}).credentials()
+        provider_from_settings(Settings(aliyun_config_file="/nonexistent/config.json"))
     assert "ALIBABA_CLOUD_ACCESS_KEY_ID" in str(info.value)
     assert "ALIBABA_CLOUD_ACCESS_KEY_SECRET" in str(info.value)
 
@@ -49,7 +50,7 @@ def test_secret_never_in_repr() -> None:
         {"ALIBABA_CLOUD_ACCESS_KEY_ID": "id", "ALIBABA_CLOUD_ACCESS_KEY_SECRET": "topsecret"}
     )
     assert "topsecret" not in repr(s)
-    assert "topsecret" not in repr(s.credentials())
+    assert "topsecret" not in repr(s.static_credentials())
 
 
 def test_redaction_and_stable_ids() -> None:

@@ -141,10 +141,12 @@ def test_dockerfile_base_image_offline_wheelhouse_extras_and_non_root() -> None:
         "FROM ${BASE_IMAGE} AS build",
         "FROM ${BASE_IMAGE}",
     ]
-    assert "ARG EXTRAS=s3,oss,monitor" in lines and "ARG WITH_ONNX=false" in lines
+    assert "ARG EXTRAS=s3,oss,cloud,monitor" in lines and "ARG WITH_ONNX=false" in lines
     assert "ARG OFFLINE=false" in lines and "COPY ops/wheelhouse ./wheelhouse" in lines
     assert "--no-index --find-links ./wheelhouse" in text
-    assert '/opt/carnumber/bin/pip install "$@" ".[${extras}]"' in text
+    # The lock the tests passed with (constraints.txt), in the image as in CI and the README.
+    assert '/opt/carnumber/bin/pip install "$@" -c constraints.txt ".[${extras}]"' in text
+    assert "COPY pyproject.toml README.md constraints.txt ./" in lines
     # Plain syntax, so that the classic builder and docker-compose 1.29 build it too.
     assert not any("--mount" in line or line.startswith("# syntax") for line in lines)
     # The run-time stage takes only the virtual environment: no wheels, no sources.
@@ -156,7 +158,7 @@ def test_dockerfile_base_image_offline_wheelhouse_extras_and_non_root() -> None:
     assert lines[user] == "USER carnumber"
     assert not any(line.startswith(("RUN pip", "RUN extras")) for line in lines[user:])
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
-    assert {"s3", "oss", "monitor", "onnx"} <= set(extras)
+    assert {"s3", "oss", "cloud", "monitor", "onnx"} <= set(extras)
     # One ignore file at the context root: every builder reads it (BuildKit would also read
     # ops/Dockerfile.dockerignore, the classic builder and docker-compose 1.29 would not).
     assert not (OPS / "Dockerfile.dockerignore").exists()

@@ -16,7 +16,7 @@ from typing import Any
 
 from workers.errors import ConfigError
 
-__all__ = ["DEFAULT_ENDPOINT", "DEFAULT_REDIS_URL", "Credentials", "Settings"]
+__all__ = ["CREDENTIAL_SOURCES", "DEFAULT_ENDPOINT", "DEFAULT_REDIS_URL", "Credentials", "Settings"]
 
 DEFAULT_ENDPOINT = "https://ocr-api.cn-hangzhou.aliyuncs.com"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -27,6 +27,17 @@ _ENV: dict[str, str] = {
     "ALIBABA_CLOUD_ACCESS_KEY_ID": "access_key_id",
     "ALIBABA_CLOUD_ACCESS_KEY_SECRET": "access_key_secret",
     "ALIBABA_CLOUD_SECURITY_TOKEN": "security_token",
+    "CARNUMBER_CREDENTIALS": "credential_source",
+    "ALIBABA_CLOUD_CREDENTIALS_URI": "credentials_uri",
+    "ALIBABA_CLOUD_ROLE_ARN": "role_arn",
+    "ALIBABA_CLOUD_OIDC_PROVIDER_ARN": "oidc_provider_arn",
+    "ALIBABA_CLOUD_OIDC_TOKEN_FILE": "oidc_token_file",
+    "ALIBABA_CLOUD_ROLE_SESSION_NAME": "role_session_name",
+    "ALIBABA_CLOUD_STS_REGION": "sts_region",
+    "CARNUMBER_STS_ENDPOINT": "sts_endpoint",
+    "ALIBABA_CLOUD_ECS_METADATA": "ecs_ram_role",
+    "ALIBABA_CLOUD_PROFILE": "profile",
+    "CARNUMBER_ALIYUN_CONFIG_FILE": "aliyun_config_file",
     "CARNUMBER_CONNECT_TIMEOUT_S": "connect_timeout_s",
     "CARNUMBER_READ_TIMEOUT_S": "read_timeout_s",
     "REDIS_URL": "redis_url",
@@ -65,7 +76,14 @@ _ENV: dict[str, str] = {
     "CARNUMBER_SPILL_DIR": "spill_dir",
 }
 
+# Where signing credentials come from (workers/credentials.py): ``auto`` walks Alibaba Cloud's
+# default chain in its order; any other value uses that one source only.
+CREDENTIAL_SOURCES = (
+    "auto", "static", "sts", "oidc_role_arn", "profile", "ecs_ram_role", "credentials_uri",
+)
+
 _CHOICES: dict[str, tuple[str, ...]] = {
+    "credential_source": CREDENTIAL_SOURCES,
     "quota_window": ("day", "total"),
     "s3_mode": ("url", "bytes"),
     "oss_mode": ("url", "bytes"),
@@ -74,11 +92,16 @@ _CHOICES: dict[str, tuple[str, ...]] = {
 
 @dataclass(frozen=True, slots=True)
 class Credentials:
-    """An AccessKey pair, with an STS token when the key is temporary. ``repr`` hides the secret."""
+    """An AccessKey pair, with an STS token when the key is temporary, and when it expires
+    (``expiration``: Unix seconds; None for a key that does not). ``repr`` hides the secrets.
+
+    A value, not a source: signers ask a provider (:mod:`workers.credentials`) for the current one
+    at each signing and never keep it."""
 
     access_key_id: str
     access_key_secret: str = field(repr=False)
     security_token: str | None = field(default=None, repr=False)
+    expiration: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +112,20 @@ class Settings:
     access_key_id: str | None = None
     access_key_secret: str | None = field(default=None, repr=False)
     security_token: str | None = field(default=None, repr=False)
+    # The credential chain (workers/credentials.py): which source, and the settings of each.
+    # Alibaba Cloud's own variable names; values are read here once, the credentials themselves
+    # at each signing from the provider.
+    credential_source: str = "auto"
+    credentials_uri: str | None = field(default=None, repr=False)
+    role_arn: str | None = None
+    oidc_provider_arn: str | None = None
+    oidc_token_file: str | None = None
+    role_session_name: str | None = None
+    sts_region: str | None = None
+    sts_endpoint: str | None = None
+    ecs_ram_role: str | None = None
+    profile: str | None = None
+    aliyun_config_file: str | None = None
     connect_timeout_s: float = 5.0
     read_timeout_s: float = 10.0
 
@@ -222,36 +259,48 @@ class Settings:
 
     def limit_group(self) -> str:
         """The name of the group that shares one rate limit, quota, stop flag and breaker:
-        ``CARNUMBER_ACCOUNT`` when set, else the AccessKeyId. Pass it to
-        :func:`workers.keys.account_tag` for Redis keys. Raises :class:`ConfigError` when neither
-        is set (without a key there is nothing to limit; the secret is not needed here).
+        ``CARNUMBER_ACCOUNT`` when set, else the AccessKeyId of a fixed key, else the account in
+        ``ALIBABA_CLOUD_ROLE_ARN`` (``acs:ram::ACCOUNT:role/NAME``). Pass it to
+        :func:`workers.keys.account_tag` for Redis keys. Raises :class:`ConfigError` otherwise:
+        without a key there is nothing to limit, and credentials that rotate (a credentials URI,
+        an ECS RAM role, a profile) change their AccessKeyId at each refresh.
         """
         if self.account:
             return self.account.strip()
-        if not self.access_key_id:
-            raise ConfigError(
-                "ALIBABA_CLOUD_ACCESS_KEY_ID (or CARNUMBER_ACCOUNT): needed to key the account's "
-                "rate limit, quota and stop flag"
-            )
-        return self.access_key_id
+        if self.access_key_id and self.credential_source in ("auto", "static", "sts"):
+            return self.access_key_id
+        if self.role_arn and self.credential_source in ("auto", "oidc_role_arn"):
+            account = _arn_account(self.role_arn)
+            if account:
+                return account
+        raise ConfigError(
+            "CARNUMBER_ACCOUNT: needed to key the account's rate limit, quota and stop flag "
+            "(set it to the main account's id); without it only a fixed "
+            "ALIBABA_CLOUD_ACCESS_KEY_ID or the account in ALIBABA_CLOUD_ROLE_ARN can key them, "
+            "because rotating credentials change their AccessKeyId at each refresh"
+        )
 
-    def credentials(self) -> Credentials:
-        """The AccessKey pair, or a :class:`ConfigError` naming the missing variables."""
-        missing = [
-            var
-            for var, value in (
-                ("ALIBABA_CLOUD_ACCESS_KEY_ID", self.access_key_id),
-                ("ALIBABA_CLOUD_ACCESS_KEY_SECRET", self.access_key_secret),
+    def static_credentials(self) -> Credentials | None:
+        """The fixed key from ``ALIBABA_CLOUD_ACCESS_KEY_ID`` / ``_SECRET`` (with
+        ``ALIBABA_CLOUD_SECURITY_TOKEN`` for an STS token), or None when neither is set. Raises
+        :class:`ConfigError` naming the missing variable when only one of the pair is set."""
+        if not self.access_key_id and not self.access_key_secret:
+            return None
+        if not self.access_key_id or not self.access_key_secret:
+            missing = (
+                "ALIBABA_CLOUD_ACCESS_KEY_ID" if not self.access_key_id
+                else "ALIBABA_CLOUD_ACCESS_KEY_SECRET"
             )
-            if not value
-        ]
-        if missing:
-            raise ConfigError(
-                f"missing credentials: set {' and '.join(missing)} "
-                "(and ALIBABA_CLOUD_SECURITY_TOKEN for STS credentials)"
-            )
-        assert self.access_key_id and self.access_key_secret
-        return Credentials(self.access_key_id, self.access_key_secret, self.security_token)
+            raise ConfigError(f"incomplete credentials: set {missing} too")
+        return Credentials(self.access_key_id, self.access_key_secret, self.security_token or None)
+
+
+def _arn_account(arn: str) -> str | None:
+    """The account id in a RAM role ARN ``acs:ram::1234567890123456:role/name``."""
+    parts = arn.split(":")
+    if len(parts) >= 5 and parts[0] == "acs" and parts[1] == "ram" and parts[3].isdigit():
+        return parts[3]
+    return None
 
 
 def _env_name(field_name: str) -> str:

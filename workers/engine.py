@@ -40,6 +40,7 @@ from workers.admission import Gate
 from workers.api.client import AsyncClient, http_timeout
 from workers.books.spill import AnswerSpill, default_spill_dir
 from workers.config import Settings
+from workers.credentials import provider_from_settings
 from workers.keys import Keys, account_tag
 from workers.message import Chunk
 from workers.metrics import CallCounter, prune_in_flight, write_in_flight
@@ -141,7 +142,7 @@ class Engine:
         from workers.sink.dataset import open_dataset
 
         s = self.settings
-        creds = s.credentials()
+        creds = provider_from_settings(s)  # asked at each signing; shared by the process's calls
         self._spill = AnswerSpill(Path(s.spill_dir) if s.spill_dir else default_spill_dir())
         keys = Keys(s.key_prefix)
         account = account_tag(s.limit_group())

@@ -22,6 +22,7 @@ import redis
 from workers.books.outcomes import Outcome, OutcomeBook
 from workers.books.runs import RunStore
 from workers.config import Settings
+from workers.credentials import provider_from_settings
 from workers.engine import Engine
 from workers.errors import FleetStopped, RedisUnavailable, ShuttingDown
 from workers.keys import Keys, account_tag
@@ -53,7 +54,7 @@ class Runtime:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Runtime:
-        settings.credentials()  # fail fast, naming the variables
+        provider_from_settings(settings)  # fail fast, naming the variables
         # Bookkeeping rides out a Redis restart (the chunk's answers wait in memory meanwhile).
         client = resilient_redis(settings.broker_url, settings.redis_outage_s)
         keys = Keys(settings.key_prefix)

@@ -14,6 +14,7 @@ from celery.exceptions import WorkerShutdown
 
 from workers.celery import app
 from workers.config import Settings
+from workers.credentials import check_credentials
 from workers.errors import ConfigError
 from workers.message import Chunk
 from workers.runner import Runtime, execute_chunk
@@ -81,7 +82,8 @@ def _close_runtime(**_: Any) -> None:
 def _check_settings(**_: Any) -> None:
     """Refuse to start a worker that could only fail every chunk."""
     try:
-        settings().credentials()
+        source = check_credentials(settings())  # fetched once: an unreachable source fails here
+        log.info("carnumber worker: credentials from %s", source)
     except ConfigError as exc:
         log.critical("carnumber worker cannot start: %s", exc)
         raise WorkerShutdown(str(exc)) from None

@@ -21,12 +21,13 @@ def main(args: argparse.Namespace) -> int:
     import httpx
 
     from workers.api.client import Client, Image, http_timeout
+    from workers.credentials import provider_from_settings
     from workers.errors import ApiError, InputError, TransportError
     from workers.imagecheck import check_image, check_url
     from workers.message import redact_url
 
     settings = settings_from(args, endpoint=args.endpoint)
-    creds = settings.credentials()
+    creds = provider_from_settings(settings)
     if args.image.startswith(("http://", "https://")):
         check_url(args.image)
         image = Image(url=args.image)

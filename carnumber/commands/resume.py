@@ -42,12 +42,13 @@ def main(args: argparse.Namespace) -> int:
 
     from carnumber.cli import main as carnumber_main
     from workers.books.control import SETTLE_S, set_control
+    from workers.credentials import provider_from_settings
     from workers.fleet import FleetControl
     from workers.keys import Keys, account_tag
     from workers.tasks import publish_chunk
 
     settings = settings_from(args)
-    settings.credentials()  # fail fast, naming the variables
+    provider_from_settings(settings)  # fail fast, naming the variables
     client = connect_redis(settings)
     runs = run_store(settings, client)
     summary = runs.get(args.run_id)

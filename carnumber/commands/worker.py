@@ -35,7 +35,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     settings = settings_from(args)
-    settings.credentials()  # a clear error now, not a failed chunk later
+    from workers.credentials import provider_from_settings
+
+    provider_from_settings(settings)  # a clear error now, not a failed chunk later
+    settings.limit_group()  # rotating credentials need CARNUMBER_ACCOUNT
     configure_celery(settings)
     from workers.celery import app
     from workers.tasks import use_settings

@@ -99,8 +99,8 @@ def install(trace_dir: str) -> None:
         _slot.set((entered, slot, woke, max(0, count[0] - 1), given_back[0]))
         return admitted
 
-    def traced_prepare(self: AsyncClient, image: Any) -> Any:
-        req = prepare(self, image)
+    def traced_prepare(self: AsyncClient, image: Any, *used: Any) -> Any:
+        req = prepare(self, image, *used)
         admitted = _slot.get()
         _slot.set(None)
         entered, slot, woke, rebooked, returned = admitted or (_NAN, _NAN, _NAN, 0, 0)

@@ -5,12 +5,20 @@
 plus the translation of httpx's exceptions, done once in :func:`_translate`. Both take their
 ``httpx`` client as an argument, so tests and benchmarks hand in their own transport or pool.
 
-Each attempt gets a fresh ``x-acs-date`` and nonce. Exceptions and logs never carry the secret
-or a signed URL's query string: URLs in messages pass through :func:`redact_url`.
+Each attempt gets a fresh ``x-acs-date`` and nonce, and credentials asked of the credential
+provider (``workers/credentials.py``) at that moment, so a rotating STS token is picked up the
+moment it is refreshed. An answer ``InvalidSecurityToken.Expired`` (the token ran out between
+signing and the service's check) renews the provider: when that yields a new token the attempt
+counts as a transient failure (``local.tokenExpired``, retried with backoff); when it cannot, the
+service's code stands and stops the fleet. Any other fatal answer (a revoked token, an unknown
+key) stops the fleet too, and the provider drops those credentials, so that the calls after
+``carnumber resume`` are signed with fresh ones. Exceptions and logs never carry the secret, a token or
+a signed URL's query string: URLs in messages pass through :func:`redact_url`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
@@ -27,7 +35,8 @@ from workers.api.codes import api_error
 from workers.api.response import Recognition, parse_envelope, unreadable
 from workers.api.signing import canonical_query, sha256_hex, sign
 from workers.config import Credentials, Settings
-from workers.errors import ImageRejected, SlotMissed, TransportError
+from workers.credentials import Provider, as_provider
+from workers.errors import ApiError, FatalApiError, ImageRejected, SlotMissed, TransportError
 from workers.message import redact_url
 
 __all__ = [
@@ -189,36 +198,60 @@ def http_timeout(settings: Settings) -> httpx.Timeout:
     )
 
 
-class _Base:
-    def __init__(self, endpoint: str, credentials: Credentials) -> None:
-        self.endpoint = endpoint.rstrip("/")
-        self.credentials = credentials
+# The gateway's answer to a token past its expiry (Alibaba Cloud's common error codes).
+TOKEN_EXPIRED = "InvalidSecurityToken.Expired"
 
-    def _prepare(self, image: Image) -> PreparedRequest:
-        return build_request(self.endpoint, self.credentials, image)
+
+class _Base:
+    """``credentials``: a fixed :class:`Credentials` or a provider asked at each signing."""
+
+    def __init__(self, endpoint: str, credentials: Credentials | Provider) -> None:
+        self.endpoint = endpoint.rstrip("/")
+        self.credentials = as_provider(credentials)
+
+    def _prepare(self, image: Image, used: Credentials | None = None) -> PreparedRequest:
+        """The signed request, with ``used`` or the provider's current credentials."""
+        return build_request(self.endpoint, used or self.credentials.current(), image)
+
+    def _read(self, resp: httpx.Response, used: Credentials) -> Recognition:
+        try:
+            return read_response(resp.status_code, resp.headers, resp.content)
+        except ApiError as exc:
+            if exc.code == TOKEN_EXPIRED and self.credentials.renew(used):
+                raise TransportError(
+                    "local.tokenExpired",
+                    "the STS token expired before the service checked it; renewed, call again",
+                ) from None
+            if isinstance(exc, FatalApiError):
+                # It stops the fleet; after `carnumber resume` sign with fresh credentials.
+                self.credentials.discard(used)
+            raise
 
 
 class Client(_Base):
     """Synchronous client over an ``httpx.Client`` you own (pooling, proxies, transport)."""
 
-    def __init__(self, endpoint: str, credentials: Credentials, http: httpx.Client) -> None:
+    def __init__(self, endpoint: str, credentials: Credentials | Provider, http: httpx.Client) -> None:
         super().__init__(endpoint, credentials)
         self.http = http
 
     def recognize(self, image: Image) -> Recognition:
         """One attempt. Raises :class:`ApiError` subclasses or :class:`TransportError`."""
-        req = self._prepare(image)
+        used = self.credentials.current()
+        req = self._prepare(image, used)
         try:
             resp = self.http.request(req.method, req.url, headers=req.headers, content=req.content)
         except httpx.HTTPError as exc:
             raise _translate(exc, self.endpoint) from None
-        return read_response(resp.status_code, resp.headers, resp.content)
+        return self._read(resp, used)
 
 
 class AsyncClient(_Base):
     """Asynchronous client over an ``httpx.AsyncClient`` you own."""
 
-    def __init__(self, endpoint: str, credentials: Credentials, http: httpx.AsyncClient) -> None:
+    def __init__(
+        self, endpoint: str, credentials: Credentials | Provider, http: httpx.AsyncClient
+    ) -> None:
         super().__init__(endpoint, credentials)
         self.http = http
 
@@ -229,7 +262,8 @@ class AsyncClient(_Base):
         checked by the HTTP connection right before it writes (after signing, connection pooling
         and any stall of this process); past it nothing is sent and :class:`SlotMissed` is
         raised. The rate limiter's slot sets it (``workers.ratelimit.Slot``)."""
-        req = self._prepare(image)
+        used = await self.credentials.acurrent()
+        req = self._prepare(image, used)
         extensions = {} if math.isinf(send_by) else {"trace": _deadline(send_by)}
         try:
             resp = await self.http.request(
@@ -238,7 +272,10 @@ class AsyncClient(_Base):
             )
         except httpx.HTTPError as exc:
             raise _translate(exc, self.endpoint) from None
-        return read_response(resp.status_code, resp.headers, resp.content)
+        if resp.status_code >= 300 and b"InvalidSecurityToken.Expired" in resp.content:
+            # renew() may fetch over the network: not on the event loop.
+            return await asyncio.to_thread(self._read, resp, used)
+        return self._read(resp, used)
 
 
 def _deadline(send_by: float) -> Callable[[str, Any], Awaitable[None]]:

@@ -57,6 +57,13 @@ FATAL_CODES = frozenset(
         "InvalidAccessKeyId.NotFound",
         "InvalidAccessKeyId.Inactive",
         "invalidStsToken",
+        # Alibaba Cloud's common gateway codes for STS tokens. An expired token is renewed and
+        # called again by the client first (workers/api/client.py); it stops the fleet only when
+        # the credential source has nothing newer.
+        "InvalidSecurityToken.Expired",
+        "InvalidSecurityToken.Malformed",
+        "InvalidSecurityToken.MismatchWithAccessKey",
+        "MissingSecurityToken",
         "MissingAccessKeyId",
         "Forbidden.RAM",
         "noPermission",
@@ -78,6 +85,7 @@ _BY_LOWER: dict[str, Verdict] = {
 _PREFIXES: tuple[tuple[str, Verdict], ...] = (
     ("throttling", Verdict.RETRY),
     ("invalidaccesskeyid", Verdict.FATAL),
+    ("invalidsecuritytoken", Verdict.FATAL),
     ("forbidden", Verdict.FATAL),
     ("invalidtimestamp", Verdict.FATAL),
     ("signature", Verdict.FATAL),

@@ -4,7 +4,11 @@ oss2 is imported when the first ``oss://`` URI is used (``pip install 'carnumber
 Endpoint: ``settings.oss_endpoint`` (``CARNUMBER_OSS_ENDPOINT``), e.g.
 ``oss-cn-hangzhou.aliyuncs.com`` or the internal ``oss-cn-hangzhou-internal.aliyuncs.com``
 (``https://`` is added when no scheme is given). Credentials: ``OSS_ACCESS_KEY_ID`` /
-``OSS_ACCESS_KEY_SECRET`` (+ ``OSS_SESSION_TOKEN`` for STS), else the ``ALIBABA_CLOUD_*`` pair.
+``OSS_ACCESS_KEY_SECRET`` (+ ``OSS_SESSION_TOKEN`` for STS), else the same credential chain as the
+API's (``workers/credentials.py``: a fixed key, a profile, an ECS or OIDC role, a credentials
+URI), asked at each request through oss2's ``ProviderAuth``, so rotating tokens are picked up.
+A signed URL carries the token it was signed with: it works until the earlier of its own expiry
+and the token's (refreshed with at least ``min(15 min, half its lifetime)`` left).
 
 Reads (HEAD, GET, listings) use the configured endpoint, internal ones included. Signed URLs are
 fetched by the OCR service, which is not inside your VPC, so they are signed for the *public*
@@ -20,7 +24,8 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
-from workers.config import Settings
+from workers.config import Credentials, Settings
+from workers.credentials import Provider, StaticProvider, provider_from_settings
 from workers.errors import CarnumberError, ConfigError, ImageRejected, InputError, TransportError
 from workers.storage.objects import ObjectInfo, RangeRead
 from workers.storage.optional import require
@@ -55,15 +60,7 @@ class OssStore:
             endpoint = "https://" + endpoint
         self.endpoint = endpoint.rstrip("/")
         self.sign_endpoint = public_endpoint(self.endpoint)
-        key_id = settings.oss_access_key_id or settings.access_key_id
-        secret = settings.oss_access_key_secret or settings.access_key_secret
-        token = settings.oss_security_token if settings.oss_access_key_id else settings.security_token
-        if not key_id or not secret:
-            raise ConfigError(
-                "oss:// sources need credentials: OSS_ACCESS_KEY_ID and OSS_ACCESS_KEY_SECRET "
-                "(or ALIBABA_CLOUD_ACCESS_KEY_ID and ALIBABA_CLOUD_ACCESS_KEY_SECRET)"
-            )
-        self.auth = self.oss2.StsAuth(key_id, secret, token) if token else self.oss2.Auth(key_id, secret)
+        self.auth = self.oss2.ProviderAuth(_OssCredentials(self.oss2, _provider(settings)))
         self.connect_timeout_s = settings.connect_timeout_s
         self.session = self.oss2.Session()
         self._buckets: dict[tuple[str, str], Any] = {}
@@ -163,6 +160,36 @@ class OssStore:
                 yield ObjectInfo(obj.key, int(obj.size), modified, etag)
         except Exception as exc:
             raise _translate(self.oss2, exc, f"oss://{bucket}/{prefix}") from None
+
+
+def _provider(settings: Settings) -> Provider:
+    """``OSS_ACCESS_KEY_ID`` / ``_SECRET`` (+ ``OSS_SESSION_TOKEN``) when set, else the chain."""
+    if settings.oss_access_key_id or settings.oss_access_key_secret:
+        if not settings.oss_access_key_id or not settings.oss_access_key_secret:
+            raise ConfigError("oss:// sources: set both OSS_ACCESS_KEY_ID and OSS_ACCESS_KEY_SECRET")
+        return StaticProvider(Credentials(
+            settings.oss_access_key_id, settings.oss_access_key_secret,
+            settings.oss_security_token or None,
+        ), "oss")  # fmt: skip
+    try:
+        return provider_from_settings(settings)
+    except ConfigError as exc:
+        raise ConfigError(f"oss:// sources need credentials: OSS_ACCESS_KEY_ID and "
+                          f"OSS_ACCESS_KEY_SECRET, or {exc}") from None
+
+
+class _OssCredentials:
+    """oss2's ``CredentialsProvider`` over ours: oss2 asks at each request and signed URL."""
+
+    def __init__(self, oss2: Any, provider: Provider) -> None:
+        self._oss2 = oss2
+        self._provider = provider
+
+    def get_credentials(self) -> Any:
+        c = self._provider.current()
+        return self._oss2.credentials.Credentials(
+            c.access_key_id, c.access_key_secret, c.security_token or ""
+        )
 
 
 def _where(bucket: str, key: str) -> str:
