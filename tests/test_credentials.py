@@ -300,3 +300,13 @@ def test_an_ecs_ram_role_from_the_metadata_service(monkeypatch: pytest.MonkeyPat
         server.shutdown()
         server.server_close()
     assert "GET http://100.100.100.200/latest/meta-data/ram/security-credentials/" in _Metadata.seen
+
+
+def test_a_node_that_sees_the_fleet_stopped_signs_with_fresh_credentials_after_resume() -> None:
+    # Another node's call was refused (a revoked token): this node, which made no call, must not
+    # sign the first call after `carnumber resume` with the token it holds.
+    p, source, _clock = _provider(30.0)
+    assert p.current().access_key_id == "STS.1"
+    p.forget()
+    assert p.current().access_key_id == "STS.2" and source.fetches == 2
+    StaticProvider(p.current()).forget()  # a fixed key stays the key

@@ -88,6 +88,11 @@ class Provider(Protocol):
         for fresh credentials instead of using them again (after ``carnumber resume``)."""
         ...
 
+    def forget(self) -> None:
+        """The fleet stopped (another node's call was refused): sign the next call, after
+        ``carnumber resume``, with fresh credentials. Never blocks."""
+        ...
+
 
 class StaticProvider:
     """A fixed key (or a fixed STS token, which nothing can renew)."""
@@ -107,6 +112,9 @@ class StaticProvider:
 
     def discard(self, used: Credentials) -> None:
         pass  # a fixed key stays the key: the operator changes it and restarts
+
+    def forget(self) -> None:
+        pass
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,6 +206,11 @@ class RefreshingProvider:
     def discard(self, used: Credentials) -> None:
         held = self._held
         if held is not None and _same(held.credentials, used):
+            self._held = _Held(held.credentials, -math.inf, -math.inf)
+
+    def forget(self) -> None:
+        held = self._held
+        if held is not None:
             self._held = _Held(held.credentials, -math.inf, -math.inf)
 
     def _refresh(self, held: _Held | None, now: float) -> _Held:

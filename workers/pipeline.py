@@ -384,6 +384,12 @@ class _Call:
             return self._outage(exc) or ctx.circuit_wait_s
         except Paused as pause:
             paused.set()
+            if isinstance(pause, FleetStopped):
+                # Another node's call was refused (a revoked token, a wrong key): after
+                # `carnumber resume` this node signs with fresh credentials too.
+                forget = getattr(ctx.client, "forget_credentials", None)
+                if forget is not None:
+                    forget()
             return _Outcome(None, self.attempt, pause)
         self.outage_since = None
         return slot

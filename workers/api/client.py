@@ -209,6 +209,10 @@ class _Base:
         self.endpoint = endpoint.rstrip("/")
         self.credentials = as_provider(credentials)
 
+    def forget_credentials(self) -> None:
+        """The fleet stopped: the next signing (after ``carnumber resume``) fetches fresh ones."""
+        self.credentials.forget()
+
     def _prepare(self, image: Image, used: Credentials | None = None) -> PreparedRequest:
         """The signed request, with ``used`` or the provider's current credentials."""
         return build_request(self.endpoint, used or self.credentials.current(), image)
