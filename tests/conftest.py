@@ -15,8 +15,10 @@ from carnumber.embedded_redis import EmbeddedRedis
 from ops.drills.harness import DrillRedis
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-# Tests use database 9 of a machine's Redis and only keys under their own prefix.
-TEST_DB = 9
+# Tests use database 9 of a machine's Redis (9 + n for pytest-xdist's worker n, so that Celery's
+# broadcasts, kombu's unacked bookkeeping and the queues of two workers' tests never meet) and
+# only keys under their own prefix.
+TEST_DB = 9 + int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
 
 
 def _machine_redis() -> str | None:
