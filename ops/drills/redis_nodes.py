@@ -127,7 +127,8 @@ def tls_redis(
 class SentinelDeployment:
     """One master, ``replicas`` replicas and ``sentinels`` Sentinels on loopback, monitoring the
     master as ``master_name`` with a quorum of 2. ``down_after_ms``: how long a silent master
-    stays up in the Sentinels' eyes (the failover starts after it)."""
+    stays up in the Sentinels' eyes (the failover starts after it). ``password``: the servers'
+    (``requirepass``; replicas and Sentinels use it too); ``sentinel_password``: the Sentinels'."""
 
     workdir: Path
     master_name: str = "mymaster"
@@ -136,43 +137,66 @@ class SentinelDeployment:
     down_after_ms: int = 2000
     failover_timeout_ms: int = 10000
     appendonly: bool = True
+    password: str | None = None
+    sentinel_password: str | None = None
     nodes: list[RedisProcess] = field(default_factory=list)
     sentinel_nodes: list[RedisProcess] = field(default_factory=list)
 
     def start(self) -> SentinelDeployment:
         aof = ["--appendonly", "yes", "--appendfsync", "everysec"] if self.appendonly else []
         base = ["--bind", HOST, "--save", "", *aof, "--maxmemory-policy", "noeviction"]
-        master = RedisProcess(self.workdir, "node0", [])
+        if self.password:  # every server may become the master, or a replica of another
+            base += ["--requirepass", self.password, "--masterauth", self.password]
+        auth = {"password": self.password} if self.password else {}
+        master = RedisProcess(self.workdir, "node0", [], client_kwargs=auth)
         master.args = ["--port", str(master.port), *base]
         self.nodes = [master.start()]
         for i in range(1, self.replicas + 1):
-            node = RedisProcess(self.workdir, f"node{i}", [])
+            node = RedisProcess(self.workdir, f"node{i}", [], client_kwargs=auth)
             node.args = ["--port", str(node.port), *base, "--replicaof", HOST, str(master.port)]
             self.nodes.append(node.start())
         for i in range(self.sentinels):
-            sentinel = RedisProcess(self.workdir, f"sentinel{i}", [])
+            sentinel = RedisProcess(self.workdir, f"sentinel{i}", [], client_kwargs=self._sentinel_auth())
             conf = sentinel.dir / "sentinel.conf"
             conf.parent.mkdir(parents=True, exist_ok=True)
-            conf.write_text(
-                f"port {sentinel.port}\nbind {HOST}\ndir {sentinel.dir}\n"
-                f"sentinel monitor {self.master_name} {HOST} {master.port} 2\n"
-                f"sentinel down-after-milliseconds {self.master_name} {self.down_after_ms}\n"
-                f"sentinel failover-timeout {self.master_name} {self.failover_timeout_ms}\n"
-                f"sentinel parallel-syncs {self.master_name} 1\n"
-            )
+            lines = [
+                f"port {sentinel.port}", f"bind {HOST}", f"dir {sentinel.dir}",
+                f"sentinel monitor {self.master_name} {HOST} {master.port} 2",
+                f"sentinel down-after-milliseconds {self.master_name} {self.down_after_ms}",
+                f"sentinel failover-timeout {self.master_name} {self.failover_timeout_ms}",
+                f"sentinel parallel-syncs {self.master_name} 1",
+            ]  # fmt: skip
+            if self.password:
+                lines.append(f"sentinel auth-pass {self.master_name} {self.password}")
+            if self.sentinel_password:  # clients and the other Sentinels log in with it
+                pw = self.sentinel_password
+                lines += [f"requirepass {pw}", f"sentinel sentinel-pass {pw}"]
+            conf.write_text("\n".join(lines) + "\n")
             sentinel.args = [str(conf), "--sentinel"]
             self.sentinel_nodes.append(sentinel.start())
         self.wait_ready()
         return self
 
+    def _sentinel_auth(self) -> dict:
+        return {"password": self.sentinel_password} if self.sentinel_password else {}
+
     @property
     def url(self) -> str:
-        """``REDIS_URL`` for this deployment, database 0 (Celery's form)."""
-        return ";".join(f"sentinel://{HOST}:{s.port}" for s in self.sentinel_nodes) + "/0"
+        """``REDIS_URL`` for this deployment, database 0 (Celery's form, the servers' password on
+        the first entry); the Sentinels' password goes to ``CARNUMBER_SENTINEL_PASSWORD``."""
+        auth = f":{self.password}@" if self.password else ""
+        ports = [s.port for s in self.sentinel_nodes]
+        entries = [f"sentinel://{auth if i == 0 else ''}{HOST}:{port}" for i, port in enumerate(ports)]
+        return ";".join(entries) + "/0"
 
     def sentinel_client(self) -> redis.Redis:
         alive = next(s for s in self.sentinel_nodes if s.alive())
-        return redis.Redis(host=HOST, port=alive.port, socket_timeout=2, socket_connect_timeout=1)
+        return redis.Redis(host=HOST, port=alive.port, socket_timeout=2, socket_connect_timeout=1,
+                           **self._sentinel_auth())  # fmt: skip
+
+    def node_client(self, node: RedisProcess) -> redis.Redis:
+        auth = {"password": self.password} if self.password else {}
+        return redis.Redis(host=HOST, port=node.port, socket_timeout=2, socket_connect_timeout=1, **auth)
 
     def master_port(self) -> int:
         """The master's port as the Sentinels say now."""
@@ -191,13 +215,14 @@ class SentinelDeployment:
         while time.monotonic() < deadline:
             ok = True
             for node in self.sentinel_nodes:
-                with contextlib.closing(redis.Redis(host=HOST, port=node.port, socket_timeout=2)) as s:
+                client = redis.Redis(host=HOST, port=node.port, socket_timeout=2, **self._sentinel_auth())
+                with contextlib.closing(client) as s:
                     state = s.sentinel_master(self.master_name)
                     if (int(state["num-slaves"]) < self.replicas
                             or int(state["num-other-sentinels"]) < self.sentinels - 1):  # fmt: skip
                         ok = False
             if ok:
-                with contextlib.closing(redis.Redis(host=HOST, port=self.nodes[0].port)) as m:
+                with contextlib.closing(self.node_client(self.nodes[0])) as m:
                     info = m.info("replication")
                     if int(info.get("connected_slaves", 0)) >= self.replicas:
                         return
