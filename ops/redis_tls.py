@@ -171,15 +171,22 @@ def fleet_rules(prefix: str = "carnumber", queue: str = "carnumber", db: int = 0
     channels = [f"&/{db}.celeryev/*", f"&/{db}.celeryev/worker.*", f"&/{db}.celery.pidbox"]
     return [
         "resetkeys", *dict.fromkeys(keys), "resetchannels", *channels,
-        "-@all", "+@read", "+@write", "+@scripting", "+@transaction", "+@pubsub", "+@connection",
-        "-@dangerous", "-@admin", "+info", "+time",
+        "-@all", "+@read", "+@write", "+@transaction", "+@pubsub", "+@connection",
+        "-@dangerous", "-@admin", *_SCRIPTS, "+info", "+time",
     ]  # fmt: skip
 
 
+# Running Lua, not managing it (no SCRIPT FLUSH, no FUNCTION): each command a script runs is
+# checked against the user's own rules, so a read-only user's scripts can only read.
+_SCRIPTS = ["+eval", "+evalsha", "+eval_ro", "+evalsha_ro", "+script|load", "+script|exists"]
+
+
 def monitor_rules(prefix: str = "carnumber", queue: str = "carnumber") -> list[str]:
-    """ACL rules for ``carnumber metrics``: read-only commands on the fleet's keys."""
+    """ACL rules for the metrics exporter (``carnumber metrics``): read-only commands, and
+    scripts that can only read, on the fleet's keys."""
     keys = [r for r in fleet_rules(prefix, queue) if r.startswith("~") or r == "resetkeys"]
-    return [*keys, "resetchannels", "-@all", "+@read", "+@connection", "-@dangerous", "-@admin", "+info"]
+    return [*keys, "resetchannels", "-@all", "+@read", "+@connection", "-@dangerous", "-@admin",
+            *_SCRIPTS, "+info", "+time"]  # fmt: skip
 
 
 def _user_line(user: str, password: str, rules: list[str]) -> str:

@@ -33,6 +33,7 @@ pytestmark = pytest.mark.timeout(180)
 
 PASSWORD = "fleet-pw-5f1c2a9e"
 ADMIN_PASSWORD = "admin-pw-77d0"
+MONITOR_PASSWORD = "monitor-pw-31c1"
 PREFIX = "tlsfleet"
 QUEUE = "tlsfleet-queue"
 
@@ -42,6 +43,7 @@ class TLSRedis:
         self.certs = write_certs(work / "certs")
         self.acl = work / "users.acl"
         env = {"REDIS_URL": f"rediss://carnumber:{PASSWORD}@127.0.0.1:1/0", "REDIS_PASSWORD": ADMIN_PASSWORD,
+               "REDIS_MONITOR_PASSWORD": MONITOR_PASSWORD,
                "CARNUMBER_KEY_PREFIX": PREFIX, "CARNUMBER_QUEUE": QUEUE}  # fmt: skip
         self.acl.write_text(acl_file(env))
         self.server: RedisProcess = tls_redis(work, self.certs.ca.parent, self.acl, client_certs).start()
@@ -201,6 +203,17 @@ def test_worker_enqueue_status_metrics_and_flower_under_the_fleet_acl(
         with pytest.raises(redis.exceptions.NoPermissionError):
             fleet.execute_command(*forbidden)
     fleet.close()
+    # The exporter's read-only user reads everything it exports, and can write nothing.
+    as_monitor = {**env, "REDIS_URL": tls.url("carnumber-monitor", MONITOR_PASSWORD)}
+    admin.acl_log_reset()
+    monitored = carnumber(["metrics", "--once"], as_monitor)
+    assert monitored.returncode == 0, monitored.stderr
+    assert 'carnumber_run_images_written_total{run_id="tls-night"} 12.0' in monitored.stdout
+    assert admin.acl_log() == [], admin.acl_log()
+    reader = sync_client(as_monitor["REDIS_URL"])
+    with pytest.raises(redis.exceptions.NoPermissionError):
+        reader.set(f"{PREFIX}:x", 1)
+    reader.close()
     admin.acl_log_reset()
     admin.close()
     outputs = [enqueue.stdout, enqueue.stderr, status.stdout, status.stderr, metrics.stdout, metrics.stderr,

@@ -124,23 +124,33 @@ class FailoverResult:
         )
 
 
-def _lag_bytes(d: SentinelDrill) -> int:
-    """How far the furthest replica is behind the master now, in replication-stream bytes."""
+def _offset(d: SentinelDrill, node: Any, field: str) -> int | None:
     assert d.deployment is not None
-    master = d.deployment.master()
-    with contextlib.closing(d.deployment.node_client(master)) as m:
-        master_offset = int(m.info("replication")["master_repl_offset"])
-    offsets = []
-    for node in d.deployment.nodes:
-        if node is master or not node.alive():
-            continue
-        with contextlib.closing(d.deployment.node_client(node)) as r, contextlib.suppress(Exception):
-            offsets.append(int(r.info("replication")["slave_repl_offset"]))
+    with contextlib.closing(d.deployment.node_client(node)) as c, contextlib.suppress(Exception):
+        return int(c.info("replication")[field])
+    return None
+
+
+def _replicas_behind(d: SentinelDrill, master: Any, hold_s: float) -> int:
+    """Replication lag in stream bytes: how much of the master's history the most advanced
+    replica lacks now. With ``hold_s`` the replicas are first cut off the master for that long
+    (:meth:`SentinelDeployment.hold_replication`), as a slow or broken link would hold them back."""
+    assert d.deployment is not None
+    if hold_s > 0:
+        d.deployment.hold_replication(master)
+        time.sleep(hold_s)
+    master_offset = _offset(d, master, "master_repl_offset") or 0
+    replicas = [n for n in d.deployment.nodes if n is not master and n.alive()]
+    offsets = [o for n in replicas if (o := _offset(d, n, "slave_repl_offset")) is not None]
     return max(0, master_offset - max(offsets, default=0))
 
 
 def failover(
-    d: SentinelDrill, nodes: int = 2, restart_old: bool = True, timeout_s: float = 900.0
+    d: SentinelDrill,
+    nodes: int = 2,
+    restart_old: bool = True,
+    hold_s: float = 0.0,
+    timeout_s: float = 900.0,
 ) -> FailoverResult:
     assert d.deployment is not None
     started = time.monotonic()
@@ -149,7 +159,7 @@ def failover(
     producer = d.start_producer()
     d.wait_for("a third written", lambda s: s.written >= d.images // 3, timeout_s)
     victim = d.deployment.master()
-    lag = _lag_bytes(d)
+    lag = _replicas_behind(d, victim, hold_s)
     victim.kill()
     killed_at = time.monotonic()
     print(f"  master {victim.name} (port {victim.port}) SIGKILLed; replication lag {lag} bytes", flush=True)
@@ -243,6 +253,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--lease-s", type=float, default=45.0, help="CARNUMBER_LEASE_S for the workers")
     p.add_argument("--chunk-size", type=int, default=200)
     p.add_argument("--no-restart", action="store_true", help="leave the old master down")
+    p.add_argument(
+        "--hold-replicas-s", type=float, default=0.0,
+        help="cut the replicas off the master this long before the kill, so that the promoted one "
+        "lacks that much of the master's last writes (default 0: only the lag there is)",
+    )  # fmt: skip
     p.add_argument("--keep", action="store_true", help="keep the work directory (logs, Redis data)")
     p.add_argument("--json", action="store_true", help="print the result as JSON too")
     return p
@@ -257,7 +272,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         print(f"failover: {args.images} images, {args.nodes} nodes, down-after {args.down_after_ms} ms, "
               f"lease {args.lease_s:.0f} s, work dir {d.work}", flush=True)  # fmt: skip
-        result = failover(d, nodes=args.nodes, restart_old=not args.no_restart)
+        result = failover(
+            d, nodes=args.nodes, restart_old=not args.no_restart, hold_s=args.hold_replicas_s
+        )
     finally:
         d.close()
         if not args.keep:

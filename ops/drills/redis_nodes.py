@@ -146,7 +146,10 @@ class SentinelDeployment:
         aof = ["--appendonly", "yes", "--appendfsync", "everysec"] if self.appendonly else []
         base = ["--bind", HOST, "--save", "", *aof, "--maxmemory-policy", "noeviction"]
         if self.password:  # every server may become the master, or a replica of another
-            base += ["--requirepass", self.password, "--masterauth", self.password]
+            # Replicas log in as a user of their own, so that hold_replication() can refuse them.
+            base += ["--requirepass", self.password, "--masteruser", "replicator", "--masterauth",
+                     self.password, "--user", "replicator", "on", f">{self.password}", "+psync",
+                     "+replconf", "+ping"]  # fmt: skip
         auth = {"password": self.password} if self.password else {}
         master = RedisProcess(self.workdir, "node0", [], client_kwargs=auth)
         master.args = ["--port", str(master.port), *base]
@@ -207,6 +210,14 @@ class SentinelDeployment:
     def master(self) -> RedisProcess:
         port = self.master_port()
         return next(n for n in self.nodes if n.port == port)
+
+    def hold_replication(self, master: RedisProcess) -> None:
+        """Cut the replicas off ``master`` (their user refused, their links closed): from now on
+        they lack what it writes, as behind a slow or broken link. Needs ``password``."""
+        assert self.password, "hold_replication needs a deployment with a password"
+        with contextlib.closing(self.node_client(master)) as m:
+            m.acl_setuser("replicator", enabled=False)
+            m.client_kill_filter(user="replicator")
 
     def wait_ready(self, timeout_s: float = 30.0) -> None:
         """Until every Sentinel knows the replicas and the other Sentinels (else a failover
