@@ -126,7 +126,7 @@ def test_celery_config_carries_the_broker_options() -> None:
         Settings(redis_url="sentinel://:pw@s1;sentinel://s2/2", redis_master="m2", sentinel_password="sp")
     )
     assert conf["broker_url"] == "sentinel://:pw@s1:26379/2;sentinel://:pw@s2:26379/2"
-    assert conf["broker_transport"] == "workers.broker:SentinelTransport"
+    assert conf["broker_transport"] == "workers.node.broker:SentinelTransport"
     assert conf["broker_transport_options"]["master_name"] == "m2"
     assert conf["broker_transport_options"]["visibility_timeout"] > 0  # ours are kept
     shown = filter_hidden_settings(conf)

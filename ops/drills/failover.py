@@ -188,10 +188,14 @@ def failover(
     s = d.summary()
     result_audit = audit(d)
     counters = {
+        # The producer's own count, written when its enqueue completes (after the failover),
+        # beside what Redis counted per chunk (the promotion may have lost some of those).
+        "published": sum(e.published for e in s.enqueues) if s else None,
         "enqueued": s.enqueued if s else None,
         "written": s.written if s else None,
         "parked": s.parked if s else None,
         "state": s.state if s else None,
+        "republished_auto": int(s.fields.get("images_republished_auto", 0)) if s else None,
         "unacked_left": d.client.hlen("unacked"),
         "queued_left": d.client.llen(d.env()["CARNUMBER_QUEUE"]),
     }
