@@ -2,7 +2,7 @@
 (the ``redis-setup`` service), what the tests start their TLS Redis with, and what an operator
 can run by hand.
 
-    python ops/redis_tls.py certs DIR [--host redis --host 10.0.0.5 ...]
+    python ops/redis_tls.py certs DIR [HOST ...]   # e.g. certs /tls redis 10.0.0.5 redis.internal
     python ops/redis_tls.py acl FILE        # from REDIS_URL, REDIS_PASSWORD, CARNUMBER_KEY_PREFIX,
                                             # CARNUMBER_QUEUE, REDIS_MONITOR_PASSWORD (optional)
 
@@ -220,15 +220,17 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="what", required=True)
     certs = sub.add_parser("certs", help="write a CA, a server and a client certificate")
     certs.add_argument("dir", type=Path)
-    certs.add_argument("--host", action="append", default=[], help="a server name or address (repeat)")
+    certs.add_argument("hosts", nargs="*", help="the server's names and addresses (the first is its CN)")
     certs.add_argument("--days", type=int, default=825)
     acl = sub.add_parser("acl", help="write the ACL file for the settings in the environment")
     acl.add_argument("file", type=Path)
     args = parser.parse_args(argv)
     if args.what == "certs":
-        files = write_certs(args.dir, args.host, args.days)
+        files = write_certs(args.dir, args.hosts, args.days)
         print(f"redis_tls.py: certificates in {files.ca.parent} (CA: {files.ca})")
         return 0
+    if not os.environ.get("REDIS_PASSWORD"):
+        raise SystemExit("redis_tls.py acl: set REDIS_PASSWORD (the administrator, Redis's default user)")
     text = acl_file(os.environ)
     fd = os.open(args.file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as fh:
