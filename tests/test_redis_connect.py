@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from celery.app.utils import filter_hidden_settings
+from kombu import Connection
 from kombu.utils.json import dumps
 
 from workers.config import Settings
@@ -104,6 +105,13 @@ def test_sentinel_broker_options_repeat_the_credentials_on_every_entry_and_hide_
     assert opts["broker_url"] == (
         f"sentinel://fleet:pw@s1:26379/3?ssl_ca_certs={ca};sentinel://fleet:pw@s2:26380/3?ssl_ca_certs={ca}"
     )
+    # As kombu does when a connection fails: the next entry, with the same login.
+    raw = Connection("sentinel://fleet:pw@s1:26379/3;sentinel://s2:26380")
+    raw.maybe_switch_next()
+    assert (raw.userid, raw.password) == (None, None)  # what Celery's form alone leads to
+    ours = Connection(opts["broker_url"])
+    ours.maybe_switch_next()
+    assert (ours.hostname, ours.userid, ours.password, ours.virtual_host) == ("s2", "fleet", "pw", "3")
     transport = opts["broker_transport_options"]
     assert transport["master_name"] == "prod"
     kwargs = transport["sentinel_kwargs"]
