@@ -31,6 +31,7 @@ import json
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -186,6 +187,11 @@ def failover(
     drained = _wait_until(lambda: d.client.hlen("unacked") == 0, 3 * d.lease_s + 30)
     total = time.monotonic() - started
     s = d.summary()
+    # What the operator's check says (before the audit compacts the run).
+    verify = subprocess.run(
+        [sys.executable, "-m", "carnumber.cli", "verify", d.run_id, "--json"], env=d.env(),
+        capture_output=True, text=True, timeout=600, check=False,
+    )  # fmt: skip
     result_audit = audit(d)
     counters = {
         # The producer's own count, written when its enqueue completes (after the failover),
@@ -203,6 +209,8 @@ def failover(
         "producer_rc": rc,
         "nodes_exited": sum(1 for n in d.nodes if not n.alive()),
         "unacked_drained_s": drained,
+        "verify_rc": verify.returncode,
+        "verify": _verify_counts(verify.stdout),
         "old_master_replica_after_s": (
             _wait_until(lambda: _role(d, victim) == "slave", 120) if restart_old else None
         ),
@@ -210,6 +218,13 @@ def failover(
     in_flight = d.concurrency if d.pool == "threads" else d.processes * d.concurrency
     bound = nodes * in_flight
     return FailoverResult(result_audit, bound, finished, lag, promotion, recovery, total, counters, notes)
+
+
+def _verify_counts(stdout: str) -> dict[str, Any]:
+    with contextlib.suppress(ValueError):
+        doc = json.loads(stdout)
+        return {k: v for k, v in doc.items() if isinstance(v, int)}
+    return {}
 
 
 def _role(d: SentinelDrill, node: Any) -> str | None:
