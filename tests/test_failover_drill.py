@@ -36,6 +36,7 @@ def test_the_fleet_follows_a_promotion_mid_run(drill: failover.SentinelDrill) ->
     assert result.finished and 0 <= a.extra_calls <= result.bound_extra_calls, result.line()
     assert result.notes["producer_rc"] == 0 and result.notes["nodes_exited"] == 0, result.notes
     assert result.notes["unacked_drained_s"] is not None, result.counters
+    assert result.notes["verify_rc"] == 0 and result.notes["verify"]["exactly_one"] == 600, result.notes
     assert result.notes["old_master_replica_after_s"] is not None, result.notes
     # down-after 2 s, then the election: promoted and writing again within seconds.
     assert result.promotion_s < 30 and result.recovery_s < 60, result.line()
