@@ -58,7 +58,7 @@ def test_plain_tls_unix_and_sentinel_urls() -> None:
 )
 def test_a_bad_url_is_a_config_error_naming_redis_url_without_its_password(url: str, rule: str) -> None:
     with pytest.raises(ConfigError, match=rule) as caught:
-        Settings(redis_url=url)
+        parse(url)
     assert str(caught.value).startswith("REDIS_URL=")
     assert "pw@" not in str(caught.value) and ":x@" not in str(caught.value)
 
@@ -140,3 +140,18 @@ def test_celery_config_carries_the_broker_options() -> None:
     shown = filter_hidden_settings(conf)
     assert "pw" not in str(shown["broker_url"]) and "sp" not in dumps(shown["broker_transport_options"])
 
+
+
+@pytest.mark.parametrize("command", [["status"], ["worker"], ["metrics", "--once"]])
+def test_commands_stop_at_start_up_on_a_bad_url(
+    command: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from carnumber.cli import main as cli
+
+    monkeypatch.setenv("REDIS_URL", "rediss://fleet:hunter2@h:6380/0?ssl_verify=yes")
+    monkeypatch.setenv("ALIBABA_CLOUD_ACCESS_KEY_ID", "id")
+    monkeypatch.setenv("ALIBABA_CLOUD_ACCESS_KEY_SECRET", "secret")
+    assert cli(command) == 2
+    err = capsys.readouterr().err
+    assert "REDIS_URL='rediss://fleet:***@h:6380/0?ssl_verify=yes'" in err and "unknown parameter" in err
+    assert "hunter2" not in err

@@ -27,7 +27,7 @@ from ops.drills.redis_nodes import RedisProcess, tls_redis
 from ops.redis_tls import acl_file, write_certs
 from workers.config import Settings
 from workers.errors import ConfigError
-from workers.redis_connect import async_client, sync_client
+from workers.redis_connect import async_client, parse, sync_client
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -110,11 +110,11 @@ def test_a_client_certificate_from_the_url(tmp_path: Path) -> None:
 
 def test_bad_tls_urls_are_config_errors_naming_redis_url(tls: TLSRedis) -> None:
     with pytest.raises(ConfigError, match=r"REDIS_URL.*ssl_\* parameters need rediss://"):
-        Settings(redis_url=f"redis://127.0.0.1:{tls.port}/0?ssl_ca_certs=/x")
+        parse(f"redis://127.0.0.1:{tls.port}/0?ssl_ca_certs=/x")
     with pytest.raises(ConfigError, match="ssl_cert_reqs must be required, optional or none"):
-        Settings(redis_url=tls.url(ssl_cert_reqs="maybe"))
+        parse(tls.url(ssl_cert_reqs="maybe"))
     with pytest.raises(ConfigError, match=r"unknown parameter\(s\) ssl_ca_cert "):
-        Settings(redis_url=f"rediss://127.0.0.1:{tls.port}/0?ssl_ca_cert=/x")
+        parse(f"rediss://127.0.0.1:{tls.port}/0?ssl_ca_cert=/x")
     with pytest.raises(ConfigError, match=r"ssl_ca_certs=/nowhere/ca\.pem: no such file") as caught:
         sync_client(tls.url(ssl_ca_certs="/nowhere/ca.pem"))
     assert PASSWORD not in str(caught.value)

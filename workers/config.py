@@ -2,8 +2,7 @@
 
 Nothing else in the project reads ``os.environ`` for its own settings: entry points build one
 :class:`Settings` with :meth:`Settings.from_env` and pass it down. Units are in the names.
-This module imports nothing of ours but :mod:`workers.errors`, which imports nothing at all, and
-:mod:`workers.redis_connect` (which imports only that) to check ``REDIS_URL``.
+This module imports nothing of ours but :mod:`workers.errors`, which imports nothing at all.
 """
 
 from __future__ import annotations
@@ -132,7 +131,8 @@ class Settings:
     connect_timeout_s: float = 5.0
     read_timeout_s: float = 10.0
 
-    # May hold a password: never in repr. Parsed and checked by workers/redis_connect.py.
+    # May hold a password: never in repr. Parsed and checked (a ConfigError naming REDIS_URL) by
+    # workers/redis_connect.py, which every client and the broker's settings go through.
     redis_url: str | None = field(default=None, repr=False)
     # With REDIS_URL=sentinel://...: the master's name and the Sentinels' own password.
     redis_master: str = "mymaster"
@@ -196,9 +196,6 @@ class Settings:
     spill_dir: str | None = None
 
     def __post_init__(self) -> None:
-        from workers.redis_connect import parse
-
-        parse(self.broker_url)  # ConfigError naming REDIS_URL
         if not self.redis_master.strip():
             raise ConfigError("CARNUMBER_REDIS_MASTER: must not be blank")
         if not self.endpoint.startswith(("http://", "https://")):
