@@ -19,6 +19,8 @@ import pytest
 import redis
 from helpers.fleet_cli import ROOT, carnumber, flower, write_archive
 from kombu import Connection
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from carnumber.localstack import start_worker
 from ocrserver.config import ServerConfig
@@ -34,6 +36,7 @@ pytestmark = pytest.mark.timeout(180)
 PASSWORD = "fleet-pw-5f1c2a9e"
 ADMIN_PASSWORD = "admin-pw-77d0"
 MONITOR_PASSWORD = "monitor-pw-31c1"
+NO_RETRY = Retry(NoBackoff(), 0)  # a refusal is the answer: no retries to wait for
 PREFIX = "tlsfleet"
 QUEUE = "tlsfleet-queue"
 
@@ -79,7 +82,7 @@ def test_our_clients_verify_the_certificate_and_log_in_as_the_acl_user(tls: TLSR
     assert asyncio.run(ping()) == "carnumber"
     # A certificate from another CA is refused by default...
     other = write_certs(tmp_path / "other")
-    stranger = sync_client(tls.url(ssl_ca_certs=str(other.ca)))
+    stranger = sync_client(tls.url(ssl_ca_certs=str(other.ca)), retry=NO_RETRY)
     with pytest.raises(redis.ConnectionError, match="CERTIFICATE_VERIFY_FAILED"):
         stranger.ping()
     stranger.close()
@@ -87,7 +90,7 @@ def test_our_clients_verify_the_certificate_and_log_in_as_the_acl_user(tls: TLSR
     lax = sync_client(tls.url(ssl_ca_certs=str(other.ca), ssl_cert_reqs="none"))
     assert lax.ping()
     lax.close()
-    wrong = sync_client(tls.url(password="wrong"))
+    wrong = sync_client(tls.url(password="wrong"), retry=NO_RETRY)
     with pytest.raises(redis.AuthenticationError):
         wrong.ping()
     wrong.close()
@@ -96,7 +99,7 @@ def test_our_clients_verify_the_certificate_and_log_in_as_the_acl_user(tls: TLSR
 def test_a_client_certificate_from_the_url(tmp_path: Path) -> None:
     strict = TLSRedis(tmp_path, client_certs="yes")
     try:
-        without = sync_client(strict.url())
+        without = sync_client(strict.url(), retry=NO_RETRY)
         with pytest.raises(redis.ConnectionError):
             without.ping()
         without.close()
