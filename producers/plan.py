@@ -264,15 +264,17 @@ def quota_view(settings: Settings, redis_url: str | None = None) -> QuotaView:
     view = QuotaView(limit=settings.quota, window=settings.quota_window)
     if settings.quota is None:
         return view
-    import redis.asyncio as aredis
-
     from workers.ratelimit import from_settings
+    from workers.redis_connect import async_client
 
     settings.limit_group()  # ConfigError before touching Redis
 
     async def read() -> tuple[int, int | None]:
-        client = aredis.Redis.from_url(
-            redis_url or settings.broker_url, socket_connect_timeout=3, socket_timeout=5
+        client = async_client(
+            redis_url or settings.broker_url,
+            **settings.redis_access(),
+            socket_connect_timeout=3,
+            socket_timeout=5,
         )
         try:
             _, quota = from_settings(settings, client)

@@ -20,6 +20,7 @@ LOW_LEVEL = {
     "workers/message.py": (),
     "workers/keys.py": (),
     "workers/config.py": ("workers.errors",),
+    "workers/redis_connect.py": ("workers.errors",),
 }
 
 

@@ -64,6 +64,7 @@ def test_services_and_profiles() -> None:
         "grafana",
         "localapi",
         "producer",
+        "redis-setup",
     }
     profiles = {name: s.get("profiles") for name, s in SERVICES.items()}
     assert profiles == {
@@ -75,6 +76,7 @@ def test_services_and_profiles() -> None:
         "grafana": ["monitoring"],
         "localapi": ["local"],
         "producer": ["job"],
+        "redis-setup": ["tls"],
     }
     assert SERVICES["redis"]["image"] == "${REDIS_IMAGE:-redis:7}"
     assert SERVICES["prometheus"]["image"] == "${PROMETHEUS_IMAGE:-prom/prometheus:v2.53.0}"
@@ -227,9 +229,12 @@ def test_env_examples_name_only_known_variables() -> None:
         "CARNUMBER_WORKER_PROCESSES",
         "CARNUMBER_SERVER_KEYS",
         "REDIS_PASSWORD",
+        "REDIS_TLS",
+        "REDIS_TLS_HOSTS",
+        "REDIS_MONITOR_PASSWORD",
         "FLOWER_BASIC_AUTH",
     }
-    for path in (ENV_EXAMPLE, LOCAL_ENV):
+    for path in (ENV_EXAMPLE, LOCAL_ENV, OPS / "compose.tls.env"):
         names = set(re.findall(r"^#? ?([A-Z][A-Z0-9_]+)=", path.read_text(), re.MULTILINE))
         assert {"REDIS_URL", "ALIBABA_CLOUD_ACCESS_KEY_ID", "ALIBABA_CLOUD_ACCESS_KEY_SECRET"} <= names
         assert names - ops_only <= set(_ENV), (path.name, names - ops_only - set(_ENV))
@@ -280,7 +285,7 @@ def test_redis_snippet_starts_aof_noeviction_redis_with_password_off_the_command
             assert oct(conf.stat().st_mode & 0o777) == "0o600"
         if shutil.which("redis-cli"):
             check = service["healthcheck"]["test"][1].replace("$$", "$")
-            check = check.replace("redis-cli ping", f"redis-cli -p {port} ping")
+            check = check.replace('redis-cli "$@" ping', f'redis-cli "$@" -p {port} ping')
             assert subprocess.run(["sh", "-c", check], env=env, timeout=10).returncode == 0
         client.close()
     finally:
@@ -327,7 +332,8 @@ PROFILES = {
     ("local",): {"redis", "worker", "flower", "metrics", "localapi"},
     ("job",): {"redis", "worker", "flower", "metrics", "producer"},
     ("monitoring",): {"redis", "worker", "flower", "metrics", "prometheus"},
-    ("local", "job", "monitoring"): set(SERVICES),
+    ("tls",): {"redis", "worker", "flower", "metrics", "redis-setup"},
+    ("local", "job", "monitoring", "tls"): set(SERVICES),
 }
 
 
@@ -370,7 +376,7 @@ def test_compose_config_passes_on_a_fresh_checkout_for_every_profile(tmp_path: P
 @pytest.mark.skipif(not _compose_clis(), reason="neither docker compose nor docker-compose installed")
 def test_compose_config_with_the_production_env_file() -> None:
     env = {**os.environ, "CARNUMBER_ENV_FILE": str(ENV_EXAMPLE)}
-    profiles = ["--profile", "local", "--profile", "job", "--profile", "monitoring"]
+    profiles = ["--profile", "local", "--profile", "job", "--profile", "monitoring", "--profile", "tls"]
     for cli in _compose_clis():
         done = subprocess.run(
             [*cli, *profiles, "config"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60

@@ -15,6 +15,7 @@ from workers.node.broker import transport_for
 from workers.node.leases import LeaseKeeper
 from workers.node.shutdown import DrainOnClose
 from workers.node.watchdog import RunWatch
+from workers.redis_connect import broker_options
 
 __all__ = ["app", "celery_config"]
 
@@ -27,8 +28,12 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     """Celery settings for a reliable Redis broker: late acks, requeue on a lost worker, leases
     on held chunks, one chunk prefetched per process, no result backend (results go to Parquet),
     and connections that notice a dead Redis instead of hanging on it."""
+    # TLS with certificate verification on unless the URL turns it off; Sentinel's master name
+    # and password (workers/redis_connect.py).
+    broker = broker_options(settings.broker_url, **settings.redis_access())
     return {
-        "broker_url": settings.broker_url,
+        "broker_url": broker["broker_url"],
+        "broker_use_ssl": broker.get("broker_use_ssl", False),
         # Kombu's Redis transport, repaired: a lost connection never crashes the node, what it
         # holds stays leased across it, and leases start on Redis's clock (workers/node/broker.py).
         "broker_transport": transport_for(settings.broker_url),
@@ -43,6 +48,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             "socket_connect_timeout": 5,
             "socket_keepalive": True,
             "health_check_interval": 10,
+            **broker.get("broker_transport_options", {}),
         },
         # Producers publishing during a Redis restart wait for it instead of failing.
         "task_publish_retry": True,

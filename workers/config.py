@@ -41,6 +41,8 @@ _ENV: dict[str, str] = {
     "CARNUMBER_CONNECT_TIMEOUT_S": "connect_timeout_s",
     "CARNUMBER_READ_TIMEOUT_S": "read_timeout_s",
     "REDIS_URL": "redis_url",
+    "CARNUMBER_REDIS_MASTER": "redis_master",
+    "CARNUMBER_SENTINEL_PASSWORD": "sentinel_password",
     "CARNUMBER_KEY_PREFIX": "key_prefix",
     "CARNUMBER_QUEUE": "queue",
     "CARNUMBER_OUTPUT": "output",
@@ -129,7 +131,12 @@ class Settings:
     connect_timeout_s: float = 5.0
     read_timeout_s: float = 10.0
 
-    redis_url: str | None = None
+    # May hold a password: never in repr. Parsed and checked (a ConfigError naming REDIS_URL) by
+    # workers/redis_connect.py, which every client and the broker's settings go through.
+    redis_url: str | None = field(default=None, repr=False)
+    # With REDIS_URL=sentinel://...: the master's name and the Sentinels' own password.
+    redis_master: str = "mymaster"
+    sentinel_password: str | None = field(default=None, repr=False)
     key_prefix: str = "carnumber"
     queue: str = "carnumber"
     output: str = "carnumber-output"
@@ -189,6 +196,8 @@ class Settings:
     spill_dir: str | None = None
 
     def __post_init__(self) -> None:
+        if not self.redis_master.strip():
+            raise ConfigError("CARNUMBER_REDIS_MASTER: must not be blank")
         if not self.endpoint.startswith(("http://", "https://")):
             raise ConfigError(
                 f"CARNUMBER_ENDPOINT={self.endpoint!r}: must start with http:// or https://"
@@ -252,6 +261,11 @@ class Settings:
     def broker_url(self) -> str:
         """``REDIS_URL``, or the local default: the broker and every piece of shared state."""
         return self.redis_url or DEFAULT_REDIS_URL
+
+    def redis_access(self) -> dict[str, Any]:
+        """What a Redis client needs besides the URL: ``sync_client(s.broker_url,
+        **s.redis_access())`` (``workers/redis_connect.py``)."""
+        return {"master_name": self.redis_master, "sentinel_password": self.sentinel_password}
 
     def with_(self, **changes: Any) -> Settings:
         """A copy with some fields changed (validated again)."""

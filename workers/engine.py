@@ -34,7 +34,6 @@ from typing import Any
 
 import httpx
 import redis
-import redis.asyncio as aredis
 
 from workers.admission import Gate
 from workers.api.client import AsyncClient, http_timeout
@@ -45,6 +44,7 @@ from workers.keys import Keys, account_tag
 from workers.message import Chunk
 from workers.metrics import CallCounter, prune_in_flight, write_in_flight
 from workers.pipeline import ChunkContext, ChunkResult, Resolver, process_chunk
+from workers.redis_connect import async_client
 from workers.slots import Slots
 
 __all__ = ["Engine"]
@@ -147,9 +147,8 @@ class Engine:
         keys = Keys(s.key_prefix)
         account = account_tag(s.limit_group())
         # Short timeouts: an unreachable Redis must hold calls quickly, not hang a chunk.
-        ar = aredis.Redis.from_url(
-            s.broker_url, socket_timeout=10, socket_connect_timeout=5, socket_keepalive=True
-        )
+        opts = {"socket_timeout": 10, "socket_connect_timeout": 5, "socket_keepalive": True}
+        ar = async_client(s.broker_url, **s.redis_access(), **opts)
         limits = httpx.Limits(max_connections=s.concurrency, max_keepalive_connections=s.concurrency)
         http = httpx.AsyncClient(timeout=http_timeout(s), limits=limits)
         limiter, quota = limits_from_settings(s, ar)

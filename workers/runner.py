@@ -56,7 +56,7 @@ class Runtime:
     def from_settings(cls, settings: Settings) -> Runtime:
         provider_from_settings(settings)  # fail fast, naming the variables
         # Bookkeeping rides out a Redis restart (the chunk's answers wait in memory meanwhile).
-        client = resilient_redis(settings.broker_url, settings.redis_outage_s)
+        client = resilient_redis(settings.broker_url, settings.redis_outage_s, **settings.redis_access())
         keys = Keys(settings.key_prefix)
         counter = CallCounter(client, keys, account_tag(settings.limit_group()))
         resolver = Resolver(settings)

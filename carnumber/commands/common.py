@@ -23,16 +23,18 @@ def connect_redis(settings: Settings) -> redis.Redis:
     """A checked connection; an unreachable Redis is a ConfigError naming REDIS_URL. Once
     connected, commands ride out a Redis restart of up to ``CARNUMBER_REDIS_OUTAGE_S``."""
     from workers.redis_client import resilient_redis
+    from workers.redis_connect import redacted, sync_client
 
-    probe = redis.Redis.from_url(settings.broker_url, socket_connect_timeout=3)
+    probe = sync_client(settings.broker_url, **settings.redis_access(), socket_connect_timeout=3)
     try:
         probe.ping()
     except (redis.RedisError, OSError) as exc:
-        where = "REDIS_URL" if settings.redis_url else f"REDIS_URL (unset, so {settings.broker_url})"
+        url = redacted(settings.broker_url)
+        where = f"REDIS_URL={url}" if settings.redis_url else f"REDIS_URL (unset, so {url})"
         raise ConfigError(f"cannot reach Redis at {where}: {exc}") from None
     finally:
         probe.close()
-    return resilient_redis(settings.broker_url, settings.redis_outage_s)
+    return resilient_redis(settings.broker_url, settings.redis_outage_s, **settings.redis_access())
 
 
 def run_store(settings: Settings, client: redis.Redis) -> RunStore:

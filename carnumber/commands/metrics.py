@@ -36,19 +36,18 @@ _REDIS_UP = re.compile(r"^carnumber_redis_up 1\.0$", re.MULTILINE)
 
 def registry(settings: Settings, recent_runs: int = 20) -> CollectorRegistry:
     """A ``CollectorRegistry`` holding only the carnumber collector for ``settings``."""
-    import redis
-    import redis.asyncio as aredis
     from prometheus_client import CollectorRegistry
 
     from carnumber.exposition import SnapshotCollector
     from carnumber.monitor import Monitor
+    from workers.redis_connect import async_client, sync_client
 
     url = settings.broker_url
-    timeouts = {"socket_connect_timeout": 3, "socket_timeout": 5}
+    opts = {**settings.redis_access(), "socket_connect_timeout": 3, "socket_timeout": 5}
     monitor = Monitor(
         settings,
-        redis.Redis.from_url(url, **timeouts),
-        lambda: aredis.Redis.from_url(url, **timeouts),
+        sync_client(url, **opts),
+        lambda: async_client(url, **opts),
         recent_runs=recent_runs,
     )
     reg = CollectorRegistry(auto_describe=False)

@@ -83,15 +83,14 @@ def text(r: RunReport) -> str:
 
 def _throttled_counter(settings: Settings, client: redis.Redis) -> Callable[[float, float], int | None]:
     """Throttled answers of every account between two times, from the per-minute counters."""
-    import redis.asyncio as aredis
-
     from carnumber.monitor import Monitor
     from workers.keys import Keys
     from workers.metrics import read_call_stats
+    from workers.redis_connect import async_client
 
     keys = Keys(settings.key_prefix)
-    url = settings.broker_url
-    accounts = Monitor(settings, client, lambda: aredis.Redis.from_url(url)).accounts()
+    url, access = settings.broker_url, settings.redis_access()
+    accounts = Monitor(settings, client, lambda: async_client(url, **access)).accounts()
 
     def count(start_s: float, end_s: float) -> int | None:
         if time.time() - start_s > _MINUTE_TTL_S:
@@ -113,6 +112,7 @@ def main(args: argparse.Namespace) -> int:
     from workers.books.runs import RunStore
     from workers.errors import InputError
     from workers.keys import Keys
+    from workers.redis_connect import sync_client
     from workers.sink.dataset import check_run_id, open_dataset
 
     settings = settings_from(args)
@@ -120,7 +120,8 @@ def main(args: argparse.Namespace) -> int:
     dataset = open_dataset(settings.output)
     fields: dict[str, str] = {}
     throttled = None
-    client = redis.Redis.from_url(settings.broker_url, socket_connect_timeout=3, socket_timeout=5)
+    opts = {**settings.redis_access(), "socket_connect_timeout": 3, "socket_timeout": 5}
+    client = sync_client(settings.broker_url, **opts)
     try:
         summary = RunStore(client, Keys(settings.key_prefix)).get(args.run_id)
         # The run hash, with the state and the parked images the run's books derive.

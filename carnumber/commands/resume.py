@@ -38,13 +38,12 @@ def main(args: argparse.Namespace) -> int:
     import asyncio
     import time
 
-    import redis.asyncio as aredis
-
     from carnumber.cli import main as carnumber_main
     from workers.books.control import SETTLE_S, set_control
     from workers.credentials import provider_from_settings
     from workers.fleet import FleetControl
     from workers.keys import Keys, account_tag
+    from workers.redis_connect import async_client
     from workers.tasks import publish_chunk
 
     settings = settings_from(args)
@@ -61,7 +60,7 @@ def main(args: argparse.Namespace) -> int:
     configure_celery(settings)
 
     async def clear() -> dict | None:
-        ar = aredis.Redis.from_url(settings.broker_url)
+        ar = async_client(settings.broker_url, **settings.redis_access())
         try:
             fleet = FleetControl(ar, Keys(settings.key_prefix), account_tag(settings.limit_group()))
             status = await fleet.status()

@@ -121,14 +121,13 @@ def follow(
 
 def make_view(settings: Settings, client: redis.Redis, ask_workers: bool = True) -> RunView:
     """A :class:`RunView` on the deployment of ``settings`` (asks Celery for workers if told)."""
-    import redis.asyncio as aredis
-
     from carnumber.monitor import Monitor
     from carnumber.runview import RunView, celery_workers
+    from workers.redis_connect import async_client
 
     url = settings.broker_url
-    timeouts = {"socket_connect_timeout": 3, "socket_timeout": 5}
-    monitor = Monitor(settings, client, lambda: aredis.Redis.from_url(url, **timeouts), recent_runs=1)
+    opts = {**settings.redis_access(), "socket_connect_timeout": 3, "socket_timeout": 5}
+    monitor = Monitor(settings, client, lambda: async_client(url, **opts), recent_runs=1)
     workers = None
     if ask_workers:
         configure_celery(settings)

@@ -34,6 +34,8 @@ from typing import Any
 import redis
 from celery import bootsteps
 
+from workers.redis_connect import broker_access, sync_client
+
 __all__ = [
     "EXPIRED",
     "RENEW",
@@ -223,9 +225,8 @@ class LeaseKeeper(bootsteps.StartStopStep):
         conf = parent.app.conf
         lease_s = float(conf.get("carnumber_lease_s") or 45.0)
         options = conf.broker_transport_options or {}
-        client = redis.Redis.from_url(
-            conf.broker_url, socket_timeout=5, socket_connect_timeout=5, socket_keepalive=True
-        )
+        opts = {"socket_timeout": 5, "socket_connect_timeout": 5, "socket_keepalive": True}
+        client = sync_client(conf.broker_url, **broker_access(options), **opts)
         self._restorer = KombuRestorer(parent.app)
         self.renewer = LeaseRenewer(
             client,

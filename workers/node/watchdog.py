@@ -53,7 +53,7 @@ class RunWatch(bootsteps.StartStopStep):
 
         s = settings()
         keys = Keys(s.key_prefix)
-        client = resilient_redis(s.broker_url, outage_s=10)
+        client = resilient_redis(s.broker_url, outage_s=10, **s.redis_access())
         me = f"{socket.gethostname()}:{os.getpid()}"
         try:
             repair = StalledRuns(
