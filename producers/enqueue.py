@@ -25,7 +25,7 @@ from typing import Any, Protocol
 
 import redis
 
-from workers.books.runs import RunStore
+from workers.books.runs import REPAIRED, RunStore
 from workers.config import Settings
 from workers.errors import InputError
 from workers.message import Chunk, ImageRef
@@ -102,7 +102,7 @@ def enqueue(
         chunk_id = f"{chunk_prefix}{k:07d}"
         digest = hashlib.sha256("\n".join(r.image_id for r in batch).encode()).hexdigest()[:16]
         recorded = runs.enqueued_digest(run_id, chunk_id)
-        if recorded == digest:
+        if recorded == digest or (recorded or "").startswith(REPAIRED):
             report.chunks_already_published += 1
             continue
         if recorded is not None:

@@ -76,3 +76,21 @@ def test_a_run_with_a_chunk_alive_on_the_broker_is_not_stalled(
         assert repair.check("r") == 0 and published == []
     finally:
         redis_client.delete(f"{key_prefix}-queue")
+
+
+def test_chunks_a_failover_uncounted_are_counted_again_and_published(
+    redis_client: redis.Redis, key_prefix: str, tmp_path: Path
+) -> None:
+    # The promoted replica lacks the second chunk's count (and its message): every counted image
+    # is answered, so the books say done; the producer's records say otherwise.
+    runs, repair, published = _world(redis_client, key_prefix, tmp_path)
+    redis_client.hdel(runs.keys.run_chunks("r"), "0000001")
+    redis_client.hincrby(runs.keys.run("r"), "images_enqueued", -4)
+    answer(runs, "r", "0000000", 4)
+    assert runs.get("r").state == "done"  # type: ignore[union-attr]
+    assert repair.check("r") == 4
+    assert [(c.chunk_id, len(c.images)) for c in published] == [("0000001", 4)]
+    summary = runs.get("r")
+    assert summary is not None and (summary.state, summary.enqueued) == ("running", 8)
+    assert runs.enqueued_digest("r", "0000001") == "repaired:4"  # the producer's re-run skips it
+    assert repair.check("r") == 0 and len(published) == 1  # once

@@ -44,6 +44,8 @@ from ocrserver.server import spawn_server
 from ocrserver.truth import write_test_archive
 from ops.drills.harness import KEY_ID, SECRET, Audit, Drill, audit, drill_dir
 from ops.drills.redis_nodes import SentinelDeployment
+from workers.keys import Keys
+from workers.node.watchdog import WATCH_S
 from workers.redis_connect import sync_client
 
 __all__ = ["FailoverResult", "SentinelDrill", "failover", "main"]
@@ -182,6 +184,14 @@ def failover(
         victim.start()  # the host comes back: the Sentinels turn it into a replica
     rc = producer.wait(timeout_s)
     finished = _wait_finished(d, timeout_s, stall_s=max(120.0, 4 * d.lease_s))
+    # A run that looks done is compared once with the producer's records by the stalled-run
+    # repair (workers/books/repair.py, a round every WATCH_S): chunks the promotion uncounted are
+    # published again then. Wait for that look, then for the run to finish again.
+    looked = _wait_until(
+        lambda: d.client.hget(Keys(d.prefix).run(d.run_id), "records_checked") is not None, 2 * WATCH_S + 15
+    )
+    if looked is not None:
+        finished = _wait_finished(d, timeout_s, stall_s=max(120.0, 4 * d.lease_s))
     # An ack sent while Redis was down is lost: the message stays in unacked until its lease
     # runs out, is delivered again and skipped (its part is written). Count that in the calls.
     drained = _wait_until(lambda: d.client.hlen("unacked") == 0, 3 * d.lease_s + 30)
@@ -209,6 +219,7 @@ def failover(
         "producer_rc": rc,
         "nodes_exited": sum(1 for n in d.nodes if not n.alive()),
         "unacked_drained_s": drained,
+        "repair_looked_after_s": looked,
         "verify_rc": verify.returncode,
         "verify": _verify_counts(verify.stdout),
         "old_master_replica_after_s": (

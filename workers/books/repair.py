@@ -13,6 +13,12 @@ then). Its images without an outcome are then published again from the producer'
 second loss leaves is for ``carnumber verify``. Bound of the extra calls: the answers the lost
 writes held (Redis's last second of journal entries), as for any Redis crash.
 
+A failover can also roll back the *count* of chunks the producer published (their ``run:chunks``
+entries and their messages alike), and the run then looks done without them. So each run is also
+compared once, when it looks done, and every round while it runs, with the producer's records
+(on the output store, which no failover rolls back): a recorded chunk Redis does not count is
+counted again (under a marker the producer's re-run skips) and published.
+
 Chunks without a record (``retry-failures`` rounds) cannot be rebuilt here: ``verify`` reports them.
 """
 
@@ -23,7 +29,7 @@ from collections.abc import Callable
 
 from workers.books.outcomes import OutcomeBook
 from workers.books.queued import live_chunks
-from workers.books.runs import RunStore
+from workers.books.runs import REPAIRED, RunStore, RunSummary
 from workers.message import Chunk
 from workers.sink.enqueued import EnqueuedRecords
 
@@ -60,17 +66,43 @@ class StalledRuns:
         return sum(self.check(run_id) for run_id in self.runs.runs(limit=limit))
 
     def check(self, run_id: str) -> int:
-        """Repair ``run_id`` if it is stalled; returns the images republished. Raises
+        """Repair ``run_id`` if Redis lost part of it; returns the images republished. Raises
         ``RedisError``, ``OSError`` (the output store)."""
         summary = self.runs.get(run_id)
-        key = self.runs.keys.run(run_id)
-        if (
-            summary is None
-            or summary.state != "running"
-            or summary.outstanding == 0
-            or live_chunks(self.runs.r, self.queue, run_id)
-        ):
-            if summary is not None and "stalled_since" in summary.fields:
+        if summary is None or summary.state not in ("running", "done", "incomplete"):
+            return 0  # held, being enqueued (records lead the counts then), or gone
+        republished = 0
+        if summary.state == "running" or not summary.fields.get("records_checked"):
+            republished += self._uncounted(run_id, summary.state != "running")
+        if summary.state == "running":
+            republished += self._stalled(summary)
+        return republished
+
+    def _uncounted(self, run_id: str, once: bool) -> int:
+        """Chunks the producer recorded and published that Redis does not count (their count,
+        their message and their outcomes were lost with the last writes before a failover):
+        counted again, under a marker the producer's re-run skips, and published."""
+        counted = {c.decode() for c in self.runs.r.hkeys(self.runs.keys.run_chunks(run_id))}
+        images = 0
+        for chunk_id in sorted(set(self.records.files(run_id)) - counted):
+            chunk = self.records.chunk(run_id, chunk_id)
+            if chunk is None or not self.runs.r.sadd(self.runs.keys.run_repaired(run_id), chunk_id):
+                continue
+            if chunk.images:
+                self.runs.mark_enqueued(run_id, chunk_id, f"{REPAIRED}{len(chunk.images)}", len(chunk.images))
+                self.publish(chunk)
+                images += len(chunk.images)
+        if images:
+            self._note(run_id, images, "chunks recorded by the producer but not counted in Redis")
+        if once:
+            self.runs.r.hset(self.runs.keys.run(run_id), "records_checked", 1)
+        return images
+
+    def _stalled(self, summary: RunSummary) -> int:
+        """Images of counted chunks without an outcome, when no chunk of the run is alive."""
+        run_id, key = summary.run_id, self.runs.keys.run(summary.run_id)
+        if summary.outstanding == 0 or live_chunks(self.runs.r, self.queue, run_id):
+            if "stalled_since" in summary.fields:
                 self.runs.r.hdel(key, "stalled_since")
             return 0
         since = summary.fields.get("stalled_since")
@@ -79,19 +111,15 @@ class StalledRuns:
             return 0
         if summary.now - float(since) < self.stall_s:
             return 0
-        republished = self._republish(run_id)
-        pipe = self.runs.r.pipeline()
-        pipe.hdel(key, "stalled_since")
-        pipe.hincrby(key, "images_republished_auto", republished)
-        pipe.execute()
-        log.warning(
-            "run %s: stalled with %d image(s) outstanding and no chunk alive on the broker "
-            "(lost by Redis?): %d republished once",
-            run_id,
-            summary.outstanding,
-            republished,
-        )
-        return republished
+        self.runs.r.hdel(key, "stalled_since")
+        images = self._republish(run_id)
+        why = f"stalled with {summary.outstanding} image(s) outstanding and no chunk alive"
+        self._note(run_id, images, why)
+        return images
+
+    def _note(self, run_id: str, images: int, why: str) -> None:
+        self.runs.r.hincrby(self.runs.keys.run(run_id), "images_republished_auto", images)
+        log.warning("run %s: %s (lost by Redis?): %d image(s) republished once", run_id, why, images)
 
     def _republish(self, run_id: str) -> int:
         answered = self.outcomes.all_answered(run_id)
@@ -109,4 +137,3 @@ class StalledRuns:
             self.publish(missing)
             images += len(missing.images)
         return images
-

@@ -34,7 +34,7 @@ import redis
 from workers.keys import Keys
 from workers.message import Chunk
 
-__all__ = ["ENQUEUE_STALE_S", "STATES", "Enqueue", "RunStore", "RunSummary"]
+__all__ = ["ENQUEUE_STALE_S", "REPAIRED", "STATES", "Enqueue", "RunStore", "RunSummary"]
 
 STATES = (
     "enqueuing",
@@ -52,6 +52,10 @@ STATES = (
 
 # A source's enqueue whose heartbeat is older than this is taken for dead (killed, host lost).
 ENQUEUE_STALE_S = 60.0
+
+# The digest of a chunk counted again by the repair (``workers/books/repair.py``): the producer's
+# own digest is not recorded; a re-run of the producer takes the chunk as published.
+REPAIRED = "repaired:"
 
 # The chunk id prefix of a source in a run: "" for the run's first source, ARGV[2] for any other
 # (kept, so enqueuing a source again gives its chunks the same ids).
@@ -172,7 +176,8 @@ class RunStore:
         return raw.decode() if isinstance(raw, bytes) else str(raw)
 
     def enqueued_digest(self, run_id: str, chunk_id: str) -> str | None:
-        """The digest recorded when ``chunk_id`` was published, or None if it never was."""
+        """The digest recorded when ``chunk_id`` was published (:data:`REPAIRED` and its size
+        when the repair counted it again), or None if it never was."""
         raw = self.r.hget(self.keys.run_chunks(run_id), chunk_id)
         return raw.decode() if raw is not None else None
 
