@@ -22,10 +22,11 @@ from workers.sink.enqueued import EnqueuedRecords
 def _world(client: redis.Redis, prefix: str, tmp_path: Path) -> tuple[RunStore, StalledRuns, list[Chunk]]:
     keys = Keys(prefix)
     runs = RunStore(client, keys)
-    records = EnqueuedRecords(open_dataset(str(tmp_path / "out")))
+    dataset = open_dataset(str(tmp_path / "out"))
+    records = EnqueuedRecords(dataset)
     published: list[Chunk] = []
     repair = StalledRuns(
-        runs, OutcomeBook(client, keys), records, f"{prefix}-queue", published.append, stall_s=0.3
+        runs, OutcomeBook(client, keys), records, dataset, f"{prefix}-queue", published.append, stall_s=0.3
     )
     runs.create("r", "test")
     argv = ["carnumber", "enqueue", "test", "--run", "r"]
@@ -94,3 +95,25 @@ def test_chunks_a_failover_uncounted_are_counted_again_and_published(
     assert summary is not None and (summary.state, summary.enqueued) == ("running", 8)
     assert runs.enqueued_digest("r", "0000001") == "repaired:4"  # the producer's re-run skips it
     assert repair.check("r") == 0 and len(published) == 1  # once
+
+
+def test_images_whose_rows_reached_the_output_are_counted_not_paid_again(
+    redis_client: redis.Redis, key_prefix: str, tmp_path: Path
+) -> None:
+    # The failover lost the chunk's count and its bits, not its rows: two of its images were
+    # written before the master died.
+    from workers.api.response import Recognition
+    from workers.sink.rows import recognition_rows
+
+    runs, repair, published = _world(redis_client, key_prefix, tmp_path)
+    redis_client.hdel(runs.keys.run_chunks("r"), "0000001")
+    redis_client.hincrby(runs.keys.run("r"), "images_enqueued", -4)
+    answer(runs, "r", "0000000", 4)
+    lost = EnqueuedRecords(open_dataset(str(tmp_path / "out"))).chunk("r", "0000001")
+    assert lost is not None
+    rec = Recognition("req", (), 10, 10, 10, 10)
+    rows = [row for ref in lost.images[:2] for row in recognition_rows("r", ref, rec, 1)]
+    open_dataset(str(tmp_path / "out")).write_part("r", "part-0000001-x", rows)
+    assert repair.check("r") == 2
+    assert [c.position_of() for c in published] == [(2, 3)]
+    assert runs.get("r").written == 6  # type: ignore[union-attr]

@@ -15,7 +15,10 @@ before the kill (what the promoted replica may lack), seconds to the promotion a
 written again, images missing and duplicated, extra calls, and the run's own counters beside the
 output (a counter the promotion lost shows as a difference). Exit 1 when an image is missing or
 duplicated, the run does not finish, or the extra calls exceed the bound (the calls the nodes can
-have in flight). ``tests/test_failover_drill.py`` runs a short version.
+have in flight, plus, with ``--hold-replicas-s``, the calls answered while the replicas were held
+back: their journal entries are what the promoted replica lacks). A run the promotion left
+looking done is repaired by the fleet (``workers/books/repair.py``); the drill waits for that.
+``tests/test_failover_drill.py`` runs a short version.
 
 What an asynchronous replica can lack after a promotion is the master's last writes (replication
 lag, sampled here): queued chunk messages, ``unacked`` entries and acks, journal answers, part
@@ -162,8 +165,13 @@ def failover(
     producer = d.start_producer()
     d.wait_for("a third written", lambda s: s.written >= d.images // 3, timeout_s)
     victim = d.deployment.master()
+    calls_before_hold = d.server_calls()
     lag = _replicas_behind(d, victim, hold_s)
     victim.kill()
+    # Calls answered while the replicas were held back: their journal entries (and the outcome
+    # bits of parts written meanwhile) are what the promoted replica lacks, so each may be paid
+    # once more. The bound counts them, with the calls in flight at the kill.
+    calls_in_lag = d.server_calls() - calls_before_hold if hold_s > 0 else 0
     killed_at = time.monotonic()
     print(f"  master {victim.name} (port {victim.port}) SIGKILLed; replication lag {lag} bytes", flush=True)
     promotion = d.deployment.wait_failover(victim.port, timeout_s=120)
@@ -227,7 +235,8 @@ def failover(
         ),
     }
     in_flight = d.concurrency if d.pool == "threads" else d.processes * d.concurrency
-    bound = nodes * in_flight
+    bound = nodes * in_flight + calls_in_lag
+    notes["calls_in_lag"] = calls_in_lag
     return FailoverResult(result_audit, bound, finished, lag, promotion, recovery, total, counters, notes)
 
 

@@ -27,11 +27,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from workers.books.outcomes import OutcomeBook
+from workers.books.outcomes import Outcome, OutcomeBook
 from workers.books.queued import live_chunks
 from workers.books.runs import REPAIRED, RunStore, RunSummary
 from workers.message import Chunk
+from workers.sink.dataset import Dataset
 from workers.sink.enqueued import EnqueuedRecords
+from workers.sink.schema import STATUS_FAILED
 
 __all__ = ["StalledRuns"]
 
@@ -45,6 +47,7 @@ class StalledRuns:
         runs: RunStore,
         outcomes: OutcomeBook,
         records: EnqueuedRecords,
+        dataset: Dataset,
         queue: str,
         publish: Callable[[Chunk], None],
         *,
@@ -55,6 +58,7 @@ class StalledRuns:
         self.runs = runs
         self.outcomes = outcomes
         self.records = records
+        self.dataset = dataset
         self.queue = queue
         self.publish = publish
         self.stall_s = stall_s
@@ -83,15 +87,16 @@ class StalledRuns:
         their message and their outcomes were lost with the last writes before a failover):
         counted again, under a marker the producer's re-run skips, and published."""
         counted = {c.decode() for c in self.runs.r.hkeys(self.runs.keys.run_chunks(run_id))}
+        lost = sorted(set(self.records.files(run_id)) - counted)
+        written = _written(self.dataset, run_id) if lost else {}
         images = 0
-        for chunk_id in sorted(set(self.records.files(run_id)) - counted):
+        for chunk_id in lost:
             chunk = self.records.chunk(run_id, chunk_id)
             if chunk is None or not self.runs.r.sadd(self.runs.keys.run_repaired(run_id), chunk_id):
                 continue
             if chunk.images:
                 self.runs.mark_enqueued(run_id, chunk_id, f"{REPAIRED}{len(chunk.images)}", len(chunk.images))
-                self.publish(chunk)
-                images += len(chunk.images)
+                images += self._publish_unwritten(chunk, written)
         if images:
             self._note(run_id, images, "chunks recorded by the producer but not counted in Redis")
         if once:
@@ -125,6 +130,7 @@ class StalledRuns:
         answered = self.outcomes.all_answered(run_id)
         counted = {c.decode() for c in self.runs.r.hkeys(self.runs.keys.run_chunks(run_id))}
         repaired = self.runs.keys.run_repaired(run_id)
+        written: dict[str, Outcome] | None = None
         images = 0
         for chunk_id in sorted(counted & set(self.records.files(run_id))):
             chunk = self.records.chunk(run_id, chunk_id)
@@ -134,6 +140,32 @@ class StalledRuns:
             missing = chunk.subset(lambda p, _, done=done: p not in done)
             if not missing.images or not self.runs.r.sadd(repaired, chunk_id):
                 continue  # complete, or repaired once already: what is left is verify's
-            self.publish(missing)
-            images += len(missing.images)
+            written = _written(self.dataset, run_id) if written is None else written
+            images += self._publish_unwritten(missing, written)
         return images
+
+    def _publish_unwritten(self, chunk: Chunk, written: dict[str, Outcome]) -> int:
+        """Count the images of ``chunk`` whose rows are in the output already (their bits were
+        lost, not their answers: calling again would pay twice), publish the others. Returns
+        how many were published."""
+        by_id = dict(zip((r.image_id for r in chunk.images), chunk.position_of(), strict=True))
+        have = [
+            Outcome(by_id[i], written[i].failed, written[i].plates) for i in by_id if i in written
+        ]
+        if have:
+            self.outcomes.mark(chunk.run_id, chunk.chunk_id, have)
+        rest = chunk.subset(lambda _, ref: ref.image_id not in written)
+        if rest.images:
+            self.publish(rest)
+        return len(rest.images)
+
+
+def _written(dataset: Dataset, run_id: str) -> dict[str, Outcome]:
+    """Image id → its outcome as the run's output holds it (position 0: a placeholder)."""
+    table = dataset.read_run(run_id, columns=["image_id", "status"])
+    out: dict[str, Outcome] = {}
+    for image_id, status in zip(table["image_id"].to_pylist(), table["status"].to_pylist(), strict=True):
+        seen = out.get(image_id)
+        plates = (seen.plates if seen else 0) + (1 if status == "ok" else 0)
+        out[image_id] = Outcome(0, status == STATUS_FAILED, plates)
+    return out

@@ -59,7 +59,8 @@ class RunWatch(bootsteps.StartStopStep):
             repair = StalledRuns(
                 RunStore(client, keys),
                 OutcomeBook(client, keys),
-                EnqueuedRecords(open_dataset(s.output)),
+                EnqueuedRecords(dataset := open_dataset(s.output)),
+                dataset,
                 s.queue,
                 lambda chunk: publish_chunk(chunk, s.queue),
                 stall_s=s.lease_s + 2 * SWEEP_INTERVAL_S,
