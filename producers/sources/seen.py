@@ -19,7 +19,7 @@ class DigestSet:
     millions of keys. :meth:`add` is True the first time a key is seen. Not thread-safe."""
 
     def __init__(self, directory: str | None = None) -> None:
-        self._dir = tempfile.TemporaryDirectory(prefix="carnumber-plan-", dir=directory)
+        self._dir = tempfile.TemporaryDirectory(prefix="carnumber-seen-", dir=directory)
         self._db = sqlite3.connect(os.path.join(self._dir.name, "keys.sqlite"))
         self._db.executescript(
             "PRAGMA journal_mode=OFF; PRAGMA synchronous=OFF; PRAGMA cache_size=-16000;"
