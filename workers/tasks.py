@@ -142,12 +142,11 @@ def process_chunk(self: Any, message: dict[str, Any]) -> dict[str, int]:
 def _stop_fleet(message: str, run_id: str) -> None:
     import asyncio
 
-    import redis.asyncio as aredis
-
     from workers.fleet import FleetControl
+    from workers.redis_connect import async_client
 
     async def stop() -> None:
-        client = aredis.Redis.from_url(settings().broker_url)
+        client = async_client(settings().broker_url, **settings().redis_access())
         try:
             await FleetControl.from_settings(client, settings()).stop(STORAGE_CODE, message, run_id)
         finally:

@@ -266,7 +266,8 @@ class Resolver:
         with self._lock:
             if self.sealed is None:
                 # The worker's own kind of client: it rides out a Redis restart.
-                self._own_redis = resilient_redis(self.settings.broker_url, self.settings.redis_outage_s)
+                s = self.settings
+                self._own_redis = resilient_redis(s.broker_url, s.redis_outage_s, **s.redis_access())
                 keys = Keys(self.settings.key_prefix)
                 self.sealed = SealedUrls(self._own_redis, keys, self.settings.journal_ttl_s)
             return self.sealed
