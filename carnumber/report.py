@@ -53,9 +53,31 @@ _HINTS: dict[str, str] = {
     "local.corruptImage": "refused before calling: the file is not a decodable image; final",
     "local.truncatedImage": "refused before calling: the file is cut short; final",
     "local.emptyImage": "refused before calling: an empty file; final",
-    "local.imageTooLarge": "refused before calling: over the API's byte limit "
-    "(CARNUMBER_REENCODE_ABOVE_BYTES re-encodes them)",
+    "local.imageTooLarge": "refused before calling: over the API's 10 MiB (read from the size, so "
+    "re-encoding cannot help); shrink it at the source",
     "local.imageTooSmall": "refused before calling: below the API's minimum size; final",
+    # Untrusted input (ops/design/sources.md, README "Local codes"): 0 calls each.
+    "local.imageDimensionTooLarge": "refused before calling: a side of 8192 px or more; final",
+    "local.aspectRatio": "refused before calling: long side / short side of 50 or more; final",
+    "local.decode": "the pixels do not decode (found re-encoding): the file is damaged inside; final",
+    "local.archive": "an archive member that cannot be read (encrypted, corrupt, a link, a repeated "
+    "name, the archive cut short): error_message names it; copy the archive again",
+    "local.link": "a symlink pointing out of the folder, not followed: copy its target in",
+    "local.input": "missing file, member or object, or a pipe/device named .jpg: check the path",
+    "local.name": "a hand-written URI whose escapes name no file: fix the manifest line",
+    "local.manifest": "a manifest line that names no usable image (file:line: reason): fix the line",
+    "local.outsideRoot": "a manifest path outside its folder or CARNUMBER_SOURCE_ROOT: move the file",
+    "local.urlExpired": "the signed URL expired before its call: list it signed anew, or list "
+    "s3://, oss:// objects (signed at each attempt)",
+    "local.urlTooLong": "the URL is over 2048 bytes: list the object as s3:// or oss:// instead",
+    "local.illegalUrl": "not an http(s) URL the service can fetch: list the object instead",
+    "local.sealedUrlMissing": "the URL as listed was no longer in Redis: enqueue the manifest again",
+    "local.accessDenied": "the store denied this object (its bucket was readable): fix its ACL",
+    "local.objectChanged": "the object was overwritten during its checks; carnumber retry-failures",
+    "local.objectChanging": "the object was overwritten under each call; carnumber retry-failures",
+    "local.internal": "a bug cost this image (retryable): report it with error_message",
+    "local.storageCredentials": "the object store refused our key (expired token, rotated key, "
+    "clock skew, bucket denied): the fleet stopped; fix it, then carnumber resume",
     "local.read": "the image could not be read from its source (permissions, missing object)",
     "local.storage": "the image's storage refused the read (credentials, missing object)",
 }

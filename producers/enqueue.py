@@ -145,14 +145,23 @@ def enqueue_to_broker(
     **options: Any,
 ) -> EnqueueReport:
     """:func:`enqueue` wired to the Celery broker of ``settings``: chunks go to its queue, whose
-    length (``LLEN`` of the Redis list) is the backpressure signal."""
+    length (``LLEN`` of the Redis list) is the backpressure signal. The URLs of sealed refs (signed
+    links: never in a message) go to the sealed-URL store before their chunk is published."""
+    from workers.keys import Keys
+    from workers.storage.sealed import SealedUrls
     from workers.tasks import publish_chunk
+
+    sealed = SealedUrls(redis_client, Keys(settings.key_prefix), settings.journal_ttl_s)
+
+    def publish(chunk: Chunk) -> None:
+        sealed.put(chunk.images)
+        publish_chunk(chunk, settings.queue)
 
     return enqueue(
         refs,
         run_id,
         runs=runs,
-        publish=lambda chunk: publish_chunk(chunk, settings.queue),
+        publish=publish,
         queue_depth=lambda: int(redis_client.llen(settings.queue)),
         chunk_size=settings.chunk_size,
         queue_high_water=settings.queue_high_water,

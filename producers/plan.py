@@ -39,8 +39,6 @@ from __future__ import annotations
 import asyncio
 import math
 import os
-import sqlite3
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -51,6 +49,7 @@ from typing import Any, Protocol
 
 from producers.sources import Filter, object_prefix, open_source
 from producers.sources.listing import iter_listed_objects
+from producers.sources.seen import DigestSet
 from workers import content
 from workers.config import Settings
 from workers.errors import CarnumberError, ImageRejected, InputError, TransportError
@@ -131,38 +130,6 @@ class PlanReport:
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
-
-
-class DigestSet:
-    """A set of byte strings on disk (SQLite in a temporary directory): memory stays flat for
-    millions of keys. :meth:`add` is True the first time a key is seen. Not thread-safe."""
-
-    def __init__(self, directory: str | None = None) -> None:
-        self._dir = tempfile.TemporaryDirectory(prefix="carnumber-plan-", dir=directory)
-        self._db = sqlite3.connect(os.path.join(self._dir.name, "keys.sqlite"))
-        self._db.executescript(
-            "PRAGMA journal_mode=OFF; PRAGMA synchronous=OFF; PRAGMA cache_size=-16000;"
-            "CREATE TABLE seen (k BLOB PRIMARY KEY) WITHOUT ROWID;"
-        )
-        self._pending = 0
-
-    def add(self, key: bytes) -> bool:
-        cur = self._db.execute("INSERT OR IGNORE INTO seen (k) VALUES (?)", (key,))
-        self._pending += 1
-        if self._pending >= 10_000:
-            self._db.commit()
-            self._pending = 0
-        return cur.rowcount == 1
-
-    def close(self) -> None:
-        self._db.close()
-        self._dir.cleanup()
-
-    def __enter__(self) -> DigestSet:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def plan_items(
@@ -377,12 +344,16 @@ class _Checker:
         archives: dict[tuple[str, str], list[tuple[int, str]]] = {}
         objects: list[tuple[int, Location, ObjectInfo | None, str]] = []
         for i, (ref, listed) in enumerate(chunk):
+            if ref.refused is not None:  # the source refused it already (a bad manifest line...)
+                out[i] = (ref.refused[0], b"", 0)
+                continue
             try:
                 loc = parse_uri(ref.source)
             except InputError:
                 out[i] = (UNREADABLE, b"", 0)
                 continue
-            source_key = b"source:" + ref.source.encode()
+            # By id: two URLs that differ only in dropped query parameters are two images.
+            source_key = b"source:" + ref.image_id.encode()
             if loc.kind == "http":
                 out[i] = _rule_of(lambda loc=loc: check_url(loc.url), source_key)
             elif self.listing_only and loc.kind in ("file", "tar", "zip"):

@@ -1,4 +1,8 @@
-"""Manifest sources: txt/lst, csv, jsonl, parquet; metadata, containment, bad lines, signed URLs."""
+"""Manifest sources: txt/lst, csv, jsonl, parquet; metadata, containment, bad lines, signed URLs.
+
+Every line that names an image is one item: a bad line is listed refused (its one failed row,
+with the rule's code), never silently dropped; a repeated image is reported to ``on_skip``.
+"""
 
 from __future__ import annotations
 
@@ -25,6 +29,15 @@ def collect(path: Path, settings: Settings | None = None, **kw: object) -> tuple
     return refs, [str(e) for e in skipped]
 
 
+def accepted(refs: list[ImageRef]) -> list[ImageRef]:
+    return [r for r in refs if r.refused is None]
+
+
+def refusals(refs: list[ImageRef]) -> list[tuple[str, str]]:
+    """(code, line number) of each refused ref, from its ``file:line:`` message."""
+    return [(r.refused[0], r.refused[1].split(":")[1]) for r in refs if r.refused is not None]
+
+
 def test_plain_list_of_paths_and_uris(tmp_path: Path) -> None:
     (tmp_path / "img").mkdir()
     manifest = tmp_path / "list.txt"
@@ -47,13 +60,16 @@ def test_plain_list_of_paths_and_uris(tmp_path: Path) -> None:
         f"file://{tmp_path}/img/车牌.jpg",
         "s3://bkt/cam/1.jpg",
         "oss://bkt/cam/2.jpg",
-        "https://cdn.example.com/x.jpg?size=big",
+        "https://cdn.example.com/x.jpg",  # no query parameter kept by default
+        "https://bkt.s3.amazonaws.com/a.jpg",  # the signed URL: its signature sealed, not listed
+        f"manifest://{manifest}#9",
         f"file://{tmp_path}/img/c.jpg",
     ]
-    assert len(skipped) == 2
-    assert skipped[0].startswith("list.txt:8:") and "s3://bucket/key" in skipped[0]
-    assert "abc" not in skipped[0] and "AKIA" not in skipped[0]  # the signature is not repeated
-    assert skipped[1].startswith("list.txt:9:") and "escapes" in skipped[1]
+    assert skipped == []
+    # The dropped query is sealed (kept out of the message), and it is what the worker fetches.
+    assert [r.secret_url for r in refs[4:6]] == ["https://cdn.example.com/x.jpg?size=big", SIGNED]
+    assert refs[5].sealed and "abc" not in str(refs[5].to_wire()) and "abc" not in repr(refs[5])
+    assert refusals(refs) == [("local.outsideRoot", "9")]
     assert refs == collect(manifest)[0]  # the same sequence (and ids) every time
 
 
@@ -69,14 +85,15 @@ def test_csv_with_metadata_columns(tmp_path: Path) -> None:
         encoding="utf-8",
     )
     refs, skipped = collect(manifest)
-    assert [parse_uri(r.source).path for r in refs] == [
+    assert [parse_uri(r.source).path for r in accepted(refs)] == [
         str(tmp_path / "img/1.jpg"),
         str(tmp_path / "img/2.jpg"),
         str(tmp_path / "img/5.jpg"),
     ]
     assert refs[0].meta == {"camera": "c1", "captured_at": "2026-11-23T10:00:00"}
     assert refs[1].meta["note"] == "with, comma"
-    assert [s.split(":")[0:2] for s in skipped] == [["m.csv", "4"], ["m.csv", "5"]]
+    assert refusals(refs) == [("local.manifest", "4"), ("local.manifest", "5")]
+    assert refs[2].source == f"manifest://{manifest}#4" and skipped == []
 
 
 def test_csv_without_url_or_path_column_fails_at_open(tmp_path: Path) -> None:
@@ -86,12 +103,12 @@ def test_csv_without_url_or_path_column_fails_at_open(tmp_path: Path) -> None:
         open_source(str(manifest), Settings())
 
 
-def test_csv_bad_encoding_line_is_skipped(tmp_path: Path) -> None:
+def test_csv_bad_encoding_line_is_refused(tmp_path: Path) -> None:
     manifest = tmp_path / "m.csv"
     manifest.write_bytes(b"url,cam\nhttps://h/1.jpg,a\nhttps://h/\xff\xfe.jpg,b\nhttps://h/3.jpg,c\n")
-    refs, skipped = collect(manifest)
-    assert [r.source for r in refs] == ["https://h/1.jpg", "https://h/3.jpg"]
-    assert skipped == ["m.csv:3: not UTF-8"]
+    refs, _skipped = collect(manifest)
+    assert [r.source for r in accepted(refs)] == ["https://h/1.jpg", "https://h/3.jpg"]
+    assert [r.refused for r in refs if r.refused] == [("local.manifest", "m.csv:3: not UTF-8")]
 
 
 def test_jsonl_with_nested_metadata_and_bad_lines(tmp_path: Path) -> None:
@@ -105,11 +122,13 @@ def test_jsonl_with_nested_metadata_and_bad_lines(tmp_path: Path) -> None:
         json.dumps({"url": SIGNED}),
     ]
     manifest.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    refs, skipped = collect(manifest)
-    assert refs[0].source == "s3://bkt/a.jpg"
-    assert refs[0].meta == {"camera": "7", "tags": '["x","y"]'}
-    assert refs[1].source == f"file://{tmp_path}/a.jpg" and refs[1].meta == {"gps": '{"lat":30.1}'}
-    assert [s.split(":", 2)[1] for s in skipped] == ["2", "3", "5", "6"]
+    refs, _skipped = collect(manifest)
+    ok = accepted(refs)
+    assert ok[0].source == "s3://bkt/a.jpg"
+    assert ok[0].meta == {"camera": "7", "tags": '["x","y"]'}
+    assert ok[1].source == f"file://{tmp_path}/a.jpg" and ok[1].meta == {"gps": '{"lat":30.1}'}
+    assert ok[2].source == "https://bkt.s3.amazonaws.com/a.jpg" and ok[2].secret_url == SIGNED
+    assert refusals(refs) == [("local.manifest", "2"), ("local.manifest", "3"), ("local.manifest", "5")]
 
 
 def test_parquet_manifest_in_batches(tmp_path: Path) -> None:
@@ -124,7 +143,8 @@ def test_parquet_manifest_in_batches(tmp_path: Path) -> None:
     manifest = tmp_path / "m.parquet"
     pq.write_table(table, manifest)
     refs, skipped = collect(manifest)
-    assert len(refs) == n - 1 and skipped == ["m.parquet:6: no url or path value"]
+    assert len(refs) == n and skipped == []
+    assert [r.refused for r in refs if r.refused] == [("local.manifest", "m.parquet:6: no url or path value")]
     assert refs[0].source == "oss://bkt/cam/000000.jpg"
     assert refs[0].meta == {"camera": "0", "ts": "2026-11-23T00:00:00"}
     assert refs[-1].source == f"oss://bkt/cam/{n - 1:06d}.jpg"
@@ -148,18 +168,20 @@ def test_relative_paths_resolve_against_source_root_and_cannot_escape(tmp_path: 
         f"tar://{tmp_path}/other.tar#x.jpg\n",
         encoding="utf-8",
     )
-    refs, skipped = collect(manifest, Settings(source_root=str(root)))
-    assert [parse_uri(r.source).path for r in refs] == [
+    refs, _ = collect(manifest, Settings(source_root=str(root)))
+    assert [parse_uri(r.source).path for r in accepted(refs)] == [
         str(root / "cams/a.jpg"),
         str(root / "cams/b.jpg"),
         str(root / "cams/c.jpg"),
     ]
-    assert [s.split(":")[1] for s in skipped] == ["3", "4", "5", "7"]
+    assert [line for _, line in refusals(refs)] == ["3", "4", "5", "7"]
+    assert {code for code, _ in refusals(refs)} == {"local.outsideRoot"}
+    assert refs[2].source == f"manifest://{manifest}#3"  # the line is the item: nothing is read
     # without source_root, relative paths are confined to the manifest's folder and
     # absolute ones are taken as written
-    refs, skipped = collect(manifest)
-    assert [s.split(":")[1] for s in skipped] == ["3"]
-    assert [parse_uri(r.source).path for r in refs] == [
+    refs, _skipped = collect(manifest)
+    assert refusals(refs) == [("local.outsideRoot", "3")]
+    assert [parse_uri(r.source).path for r in accepted(refs)] == [
         str(elsewhere / "cams/a.jpg"),
         str(elsewhere / "cams/b.jpg"),
         str(elsewhere / "cams/link.jpg"),
@@ -178,9 +200,11 @@ def test_manifest_time_window_uses_dates_in_paths(tmp_path: Path) -> None:
     assert [r.source for r in refs] == ["s3://b/2026-11-23/b.jpg", "s3://b/nodate/c.jpg"]
 
 
-def test_without_on_skip_bad_lines_are_logged(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_refused_and_repeated_lines_are_logged(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     manifest = tmp_path / "m.txt"
-    manifest.write_text(f"{SIGNED}\nhttps://h/ok.jpg\n", encoding="utf-8")
+    manifest.write_text(f"gopher://x/{SIGNED}\nhttps://h/ok.jpg\nhttps://h/ok.jpg\n", encoding="utf-8")
     refs = list(open_source(str(manifest), Settings()))
-    assert [r.source for r in refs] == ["https://h/ok.jpg"]
-    assert "m.txt:1" in caplog.text and "abc" not in caplog.text
+    assert [r.source for r in accepted(refs)] == ["https://h/ok.jpg"]
+    assert refusals(refs) == [("local.manifest", "1")]
+    assert "m.txt:1" in caplog.text and "abc" not in caplog.text  # never a signature in a log
+    assert "m.txt:3: the same image as an earlier line" in caplog.text

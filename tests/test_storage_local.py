@@ -185,8 +185,10 @@ def test_zip_members_and_archive_errors(tmp_path: Path, resolver: Resolver) -> N
     )
     assert isinstance(out[0], Image) and out[0].body == jpeg(1)
     assert isinstance(out[1], ImageRejected) and out[1].code == "local.emptyImage"
-    assert all(isinstance(o, InputError) for o in out[2:])
-    assert "not found" in str(out[5])
+    # A directory entry, and a file that is not a zip: that member's (or archive's) rule.
+    assert [getattr(o, "code", None) for o in (out[2], out[4])] == ["local.archive", "local.archive"]
+    assert isinstance(out[3], InputError) and "not in the archive" in str(out[3])
+    assert isinstance(out[5], InputError) and "not found" in str(out[5])
 
 
 def test_oversized_member_is_refused_from_its_header(tmp_path: Path, resolver: Resolver) -> None:
@@ -207,7 +209,9 @@ def test_truncated_tar_gz_keeps_what_was_readable(tmp_path: Path) -> None:
     path.write_bytes(data[: len(data) // 2])
     got = ArchiveReader().read("tar", str(path), list(members))
     assert isinstance(got["000.jpg"], bytes) and got["000.jpg"] == members["000.jpg"]
-    assert isinstance(got["019.jpg"], InputError) and "truncated or corrupt" in str(got["019.jpg"])
+    cut = got["019.jpg"]
+    assert isinstance(cut, ImageRejected) and cut.code == "local.archive"
+    assert "truncated or corrupt" in str(cut)
 
 
 def test_rewritten_archive_is_reopened(tmp_path: Path) -> None:

@@ -14,11 +14,12 @@ from PIL import Image as PILImage
 
 from workers.api.client import Image
 from workers.config import Settings
-from workers.errors import ConfigError, ImageRejected, InputError, TransportError
+from workers.errors import ConfigError, ImageRejected, InputError, StorageCredentialsError, TransportError
 from workers.imagecheck import MAX_BYTES
 from workers.message import ImageRef, has_secret_params
 from workers.storage import Resolver
 from workers.storage.oss import OssStore, public_endpoint
+from workers.storage.signed import SignedObject
 from workers.storage.uris import object_uri
 
 KEY = "cam 1/2026-11-23/车牌 ü?#.jpg"
@@ -57,7 +58,9 @@ def resolve(settings: Settings, *keys: str, bucket: str = "bkt") -> list[Any]:
 
 
 def test_url_mode_signs_a_url_the_server_accepts(oss: FakeOss) -> None:
-    (out,) = resolve(settings_for(oss, oss_mode="url", signed_url_ttl_s=60), KEY)
+    (target,) = resolve(settings_for(oss, oss_mode="url", signed_url_ttl_s=60), KEY)
+    assert isinstance(target, SignedObject)
+    out = target.signed_image()  # signed at each attempt, for that attempt
     assert isinstance(out, Image) and out.url is not None and has_secret_params(out.url)
     assert httpx.get(out.url).content == jpeg()  # signature V1 verified by the server
     expires = int(httpx.URL(out.url).params["Expires"])
@@ -82,10 +85,13 @@ def test_bytes_mode_downloads_and_checks(oss: FakeOss) -> None:
     assert isinstance(out[3], InputError)
 
 
-def test_wrong_secret_is_access_denied_and_never_echoed(oss: FakeOss) -> None:
-    (out,) = resolve(settings_for(oss, oss_mode="bytes", oss_access_key_secret="s3cr3t-wrong"), KEY)
-    assert isinstance(out, InputError) and "SignatureDoesNotMatch" in str(out)
-    assert "s3cr3t-wrong" not in str(out)
+def test_wrong_secret_stops_the_fleet_and_is_never_echoed(oss: FakeOss) -> None:
+    # Our credentials refused concern every image alike: raised (the pipeline stops the fleet,
+    # images stay pending), never a failed row per image.
+    for mode in ("bytes", "url"):
+        with pytest.raises(StorageCredentialsError) as info:
+            resolve(settings_for(oss, oss_mode=mode, oss_access_key_secret="s3cr3t-wrong"), KEY)
+        assert "SignatureDoesNotMatch" in str(info.value) and "s3cr3t-wrong" not in str(info.value)
 
 
 def test_sts_token_travels_with_requests_and_urls() -> None:
@@ -94,11 +100,12 @@ def test_sts_token_travels_with_requests_and_urls() -> None:
         base = settings_for(server, oss_security_token="sts-token-123")
         (as_bytes,) = resolve(base.with_(oss_mode="bytes"), "a.jpg")
         assert isinstance(as_bytes, Image) and as_bytes.body == jpeg()
-        (as_url,) = resolve(base.with_(oss_mode="url"), "a.jpg")
+        (target,) = resolve(base.with_(oss_mode="url"), "a.jpg")
+        as_url = target.signed_image()
         assert isinstance(as_url, Image) and as_url.url and "security-token" in as_url.url
         assert httpx.get(as_url.url).status_code == 200
-        (no_token,) = resolve(base.with_(oss_security_token=None, oss_mode="bytes"), "a.jpg")
-        assert isinstance(no_token, InputError)
+        with pytest.raises(StorageCredentialsError, match="InvalidSecurityToken"):
+            resolve(base.with_(oss_security_token=None, oss_mode="bytes"), "a.jpg")
 
 
 def test_falls_back_to_alibaba_cloud_credentials(oss: FakeOss) -> None:

@@ -18,6 +18,7 @@ from workers.imagecheck import MAX_BYTES
 from workers.message import ImageRef, has_secret_params
 from workers.storage import Resolver
 from workers.storage.s3 import S3Store
+from workers.storage.signed import SignedObject
 from workers.storage.uris import object_uri
 
 BUCKET = "cn-storage-s3-test"
@@ -52,12 +53,18 @@ def resolve(settings: Settings, *keys: str, bucket: str = BUCKET) -> list[Any]:
 
 def test_url_mode_presigns_a_url_the_server_honours(endpoint: str) -> None:
     settings = Settings(s3_endpoint_url=endpoint, s3_mode="url", signed_url_ttl_s=120)
-    (out,) = resolve(settings, KEY)
+    (target,) = resolve(settings, KEY)
+    # Checked now, signed at each attempt: valid for the call's timeouts (5 + 10 s) plus 60 s.
+    assert isinstance(target, SignedObject)
+    out = target.signed_image()
     assert isinstance(out, Image) and out.url is not None
     assert out.url.startswith(endpoint) and has_secret_params(out.url)
-    assert "X-Amz-Expires=120" in out.url
+    assert "X-Amz-Expires=75" in out.url
     fetched = httpx.get(out.url)
     assert fetched.status_code == 200 and fetched.content == jpeg()
+    short = Settings(s3_endpoint_url=endpoint, s3_mode="url", signed_url_ttl_s=30)
+    (capped,) = resolve(short, KEY)
+    assert "X-Amz-Expires=30" in str(capped.signed_image().url)
 
 
 def test_url_mode_checks_existence_and_size_first(endpoint: str) -> None:
@@ -84,8 +91,10 @@ def test_presigned_url_over_2048_bytes_falls_back_to_bytes(
 ) -> None:
     # A long STS session token makes the presigned URL longer than the API accepts.
     monkeypatch.setenv("AWS_SESSION_TOKEN", "T" * 2100)
-    (out,) = resolve(Settings(s3_endpoint_url=endpoint, s3_mode="url"), KEY)
-    assert isinstance(out, Image) and out.url is None and out.body == jpeg()
+    (target,) = resolve(Settings(s3_endpoint_url=endpoint, s3_mode="url"), KEY)
+    assert isinstance(target, SignedObject) and target.signed_image() is None
+    out = target.bytes_image()
+    assert out.url is None and out.body == jpeg() and out.content_key == target.content_key
 
 
 def test_aws_endpoint_url_from_the_environment_is_honoured(

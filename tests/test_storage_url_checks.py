@@ -28,6 +28,7 @@ from workers.storage import Resolver
 from workers.storage.objects import RangeRead
 from workers.storage.resolver import precheck_object
 from workers.storage.s3 import S3Store
+from workers.storage.signed import SignedObject
 from workers.storage.uris import object_uri
 
 BUCKET = "cn-url-checks-test"
@@ -111,7 +112,9 @@ def _check_outcomes(out: list[Any], keys: list[str]) -> None:
             assert isinstance(got, ImageRejected), (key, got)
             assert got.code == bad[key][1], (key, got.code)
         else:
-            assert isinstance(got, Image) and got.url, (key, got)
+            assert isinstance(got, SignedObject) and got.content_key, (key, got)
+            image = got.signed_image()  # what each attempt sends: a URL signed then
+            assert isinstance(image, Image) and image.url, (key, image)
 
 
 def test_s3_url_mode_refuses_the_bad_corpus_from_ranged_reads(s3_endpoint: str) -> None:

@@ -70,6 +70,7 @@ _ENV: dict[str, str] = {
     "OSS_SECURITY_TOKEN": "oss_security_token",
     "CARNUMBER_SIGNED_URL_TTL_S": "signed_url_ttl_s",
     "CARNUMBER_SOURCE_ROOT": "source_root",
+    "CARNUMBER_KEEP_QUERY_PARAMS": "keep_query_params",
     "CARNUMBER_REENCODE_ABOVE_BYTES": "reencode_above_bytes",
     "CARNUMBER_LEASE_S": "lease_s",
     "CARNUMBER_REDIS_OUTAGE_S": "redis_outage_s",
@@ -178,6 +179,9 @@ class Settings:
     oss_security_token: str | None = field(default=None, repr=False)
     signed_url_ttl_s: int = 900
     source_root: str | None = None
+    # Query parameters of http(s) sources kept in messages, records and output (comma-separated
+    # names; none by default). The URL as listed is fetched either way (ops/design/sources.md).
+    keep_query_params: str | None = None
     reencode_above_bytes: int | None = None
 
     # A chunk whose worker node stopped renewing its lease this long is handed to another

@@ -15,6 +15,11 @@ first image of a run to be called answers every copy (each copy still gets its o
 * none for an ``http(s)://`` URL: the worker never sees the bytes, so the image is keyed by its
   image id (its source) and only deduplicated with itself.
 
+A key must name the bytes the service was sent, or a later copy of the old picture would get a new
+picture's answer: reads after the first carry If-Match on the first's ETag, and an object passed by
+URL is read by version or confirmed unchanged before its answer is kept under ``etag:`` (see
+``workers/storage/signed.py``).
+
 The key goes into the output rows (``content_key``). This module imports nothing of ours.
 """
 

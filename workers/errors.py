@@ -4,16 +4,23 @@
 
     CarnumberError                 base: the CLI catches it once and prints its message
     ├── ConfigError                a setting is missing or malformed: fix it, run again
+    │   └── StorageCredentialsError  our own storage credentials were refused (expired token,
+    │                              unknown key, a whole bucket denied): stop the fleet, images
+    │                              stay pending until ``carnumber resume``
     ├── InputError                 a source, manifest row or URI is unusable: named, skipped
+    │   └── AccessDenied           the store denied one object: that image's row, unless the
+    │                              whole bucket is denied (then StorageCredentialsError)
     ├── ImageRejected              a local pre-check refused an image: terminal row, no call made
     ├── ApiError                   RecognizeCarNumber answered with an error code
     │   ├── RetryableApiError      throttling, 5xx, imageTimeOut: back off and try again
     │   ├── BadImageError          the service refused this image: terminal row with the code
     │   └── FatalApiError          credentials, signature, permission, billing: stop the fleet
     ├── TransportError             timeout, reset: no answer, retry
-    │   └── UnreadableAnswer       a 2xx whose body is not the documented envelope: answered and
-    │                              billed; retried once, then the image fails with the start of
-    │                              the answer kept (local.unreadableAnswer)
+    │   ├── UnreadableAnswer       a 2xx whose body is not the documented envelope: answered and
+    │   │                          billed; retried once, then the image fails with the start of
+    │   │                          the answer kept (local.unreadableAnswer)
+    │   └── ObjectChanged          an object was overwritten between the reads of one check
+    │                              (If-Match failed): check it again
     ├── SlotMissed                 a request could not leave by its rate-limit slot's deadline:
     │                              nothing was sent; book a new slot
     └── Paused                     the fleet may not call now; the image stays pending
@@ -34,6 +41,7 @@ from __future__ import annotations
 import enum
 
 __all__ = [
+    "AccessDenied",
     "ApiError",
     "BadImageError",
     "CarnumberError",
@@ -43,12 +51,14 @@ __all__ = [
     "FleetStopped",
     "ImageRejected",
     "InputError",
+    "ObjectChanged",
     "Paused",
     "QuotaExhausted",
     "RedisUnavailable",
     "RetryableApiError",
     "ShuttingDown",
     "SlotMissed",
+    "StorageCredentialsError",
     "TransportError",
     "UnreadableAnswer",
     "Verdict",
@@ -71,8 +81,23 @@ class ConfigError(CarnumberError):
     """A setting is missing or breaks a rule; the message names the variable and the rule."""
 
 
+class StorageCredentialsError(ConfigError):
+    """The object store refused *our* credentials: an expired or revoked token, a key it does not
+    know, a signature it rejects, a clock too far off, or access denied to a whole bucket. Every
+    image of that store would fail alike, so the fleet stops with ``code`` (images stay pending)
+    until an operator fixes the credentials and resumes the run."""
+
+    code = "local.storageCredentials"
+
+
 class InputError(CarnumberError):
     """An input (source URI, manifest line, path) is unusable; the message names it and the rule."""
+
+
+class AccessDenied(InputError):
+    """The object store answered 403 AccessDenied for one object. Alone it may concern that object
+    (its ACL, a prefix policy) or our credentials (a policy revoked): the resolver tells them apart
+    by whether other objects of the bucket were readable."""
 
 
 class ImageRejected(CarnumberError):
@@ -159,6 +184,14 @@ class UnreadableAnswer(TransportError):
         self.size = size
         self.status = status
         self.request_id = request_id
+
+
+class ObjectChanged(TransportError):
+    """An object was overwritten between two reads of one check (its ETag no longer matched:
+    HTTP 412 to an If-Match read): the check starts again on the new version."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("local.objectChanged", message)
 
 
 class SlotMissed(CarnumberError):

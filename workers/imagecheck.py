@@ -42,6 +42,7 @@ from PIL import (
     GifImagePlugin,
     Image,
     ImageFile,
+    ImageOps,
     JpegImagePlugin,
     PngImagePlugin,
     TiffImagePlugin,
@@ -312,15 +313,19 @@ def maybe_reencode(
     data: bytes, info: ImageInfo, threshold: int | None, target_bytes: int = REENCODE_TARGET_BYTES
 ) -> bytes:
     """``data`` unchanged when ``threshold`` is None or ``len(data) <= threshold``; otherwise the
-    first frame re-encoded as RGB JPEG, lowering quality (90 → 60) and then scaling down by 3/4
-    steps (never below 16 px a side) until it fits ``target_bytes``. Returns the smaller of the
-    original and the best attempt, so it never makes an image bigger.
+    first frame, turned upright by its EXIF orientation, re-encoded as RGB JPEG, lowering quality
+    (90 → 60) and then scaling down by 3/4 steps (never below 16 px a side) until it fits
+    ``target_bytes``. Returns the smaller of the original and the best attempt, so it never makes
+    an image bigger. Raises what Pillow raises for pixels that do not decode (``OSError``...): the
+    resolver makes that the image's ``local.decode`` row.
     """
     if threshold is None or len(data) <= threshold:
         return data
     with Image.open(io.BytesIO(data), formats=[info.format]) as im:
         im.seek(0)
-        rgb = im.convert("RGB")
+        # The EXIF orientation goes with the metadata a JPEG re-encode drops: apply it to the
+        # pixels, or a camera's rotated frame reaches the service on its side.
+        rgb = ImageOps.exif_transpose(im).convert("RGB")
     best = data
     while True:
         for quality in (90, 80, 70, 60):

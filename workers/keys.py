@@ -119,3 +119,9 @@ class Keys:
     def run_events(self, run_id: str) -> str:
         """Stream of notable events (stops, quota, alerts) for operators."""
         return f"{self.prefix}:run:{run_id}:events"
+
+    # -- per image ----------------------------------------------------------------------------
+    def sealed_url(self, image_id: str) -> str:
+        """The URL as listed for an http(s) image whose source dropped query parameters (a
+        signature): written by the producer, read by workers (``workers/storage/sealed.py``)."""
+        return f"{self.prefix}:sealed:{image_id}"

@@ -11,6 +11,13 @@ and end early if the fleet pauses. One image's crash becomes that image's failed
 carry on. While the circuit is open, or Redis cannot be reached (a restart, a partition; at most
 ``redis_outage_s``), images wait. When the fleet stops (fatal error) or the quota is spent,
 images not yet answered come back as ``pending``.
+
+An object passed by URL reaches :func:`process_chunk` as a
+:class:`~workers.storage.signed.SignedObject`: its URL is signed right before each call, for that
+attempt only; unless it names the checked version, the object is confirmed unchanged before its
+answer is journalled under its content key (overwritten: checked again and called again). Our own
+storage credentials refused (:class:`StorageCredentialsError`) stop the fleet like a fatal API
+code: images pending, not failed.
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ from workers.errors import (
     FleetStopped,
     ImageRejected,
     InputError,
+    ObjectChanged,
     Paused,
     RedisUnavailable,
     ShuttingDown,
@@ -50,6 +58,7 @@ from workers.ratelimit.limiter import MAX_REBOOKS
 from workers.retry import service_ok
 from workers.sink.rows import Failure, failure_rows, recognition_rows
 from workers.slots import Slots
+from workers.storage.signed import SignedObject
 
 __all__ = ["ChunkContext", "ChunkResult", "process_chunk"]
 
@@ -61,7 +70,12 @@ class Recognizer(Protocol):
 
 
 class Resolver(Protocol):
-    def resolve_many(self, refs: Sequence[ImageRef]) -> list[Image | CarnumberError]: ...
+    def resolve_many(self, refs: Sequence[ImageRef]) -> Sequence[Target]: ...
+
+
+Target = Image | SignedObject | CarnumberError  # what the resolver makes of one image
+# How often an object may be overwritten under its calls before its image fails (retryable).
+MAX_CHANGES = 3
 
 
 class Policy(Protocol):
@@ -166,9 +180,9 @@ async def _process(chunk: Chunk, ctx: ChunkContext, priority: int, paused: async
         resolved = await asyncio.to_thread(ctx.resolver.resolve_many, list(chunk.images))
     except ConfigError as exc:
         # A missing extra, endpoint or storage credential fails every image alike: stop, don't fail.
-        with contextlib.suppress(RedisUnavailable):
-            await ctx.fleet.stop("local.config", str(exc), chunk.run_id)
-        return ChunkResult(pending=list(chunk.images), pause=FleetStopped("local.config", str(exc)))
+        return ChunkResult(pending=list(chunk.images), pause=await _stop_fleet(ctx, exc, chunk.run_id))
+    except RedisUnavailable as exc:  # sealed URLs could not be read: the runner retries the chunk
+        return ChunkResult(pending=list(chunk.images), pause=exc)
     pictures = [_picture(ref, target) for ref, target in zip(chunk.images, resolved, strict=True)]
     earlier: dict[str, Answer] = {}
     known, pause = await _waiting_out_redis(
@@ -184,9 +198,7 @@ async def _process(chunk: Chunk, ctx: ChunkContext, priority: int, paused: async
         return ChunkResult(pending=list(chunk.images), pause=pause)
     token = uuid.uuid4().hex  # this execution of the chunk, as the journal's claims know it
 
-    async def guarded(
-        ref: ImageRef, target: Image | CarnumberError, picture: str | None, position: int
-    ) -> _Outcome:
+    async def guarded(ref: ImageRef, target: Target, picture: str | None, position: int) -> _Outcome:
         try:
             where = (chunk.chunk_id, position)
             call = _Call(chunk.run_id, ref, ctx, f"{token}:{ref.image_id}", where, picture)
@@ -233,12 +245,21 @@ async def _process(chunk: Chunk, ctx: ChunkContext, priority: int, paused: async
     return result
 
 
-def _picture(ref: ImageRef, target: Image | CarnumberError) -> str | None:
+def _picture(ref: ImageRef, target: Target) -> str | None:
     """The journal's key for what ``ref`` shows: its content key, else its image id; None for an
     image that will not be called (refused locally, unreadable)."""
-    if not isinstance(target, Image):
+    if isinstance(target, CarnumberError):
         return None
     return target.content_key or f"id:{ref.image_id}"
+
+
+async def _stop_fleet(ctx: ChunkContext, exc: ConfigError, run_id: str) -> FleetStopped:
+    """Stop every worker for a problem that concerns every image (``exc.code``, else
+    ``local.config``); the images stay pending until ``carnumber resume``."""
+    code = str(getattr(exc, "code", "local.config"))
+    with contextlib.suppress(RedisUnavailable):
+        await ctx.fleet.stop(code, str(exc), run_id)
+    return FleetStopped(code, str(exc))
 
 
 async def _waiting_out_redis(
@@ -288,15 +309,21 @@ async def _sleep_unless_paused(delay_s: float, paused: asyncio.Event) -> None:
         await asyncio.wait_for(paused.wait(), timeout=delay_s)
 
 
-async def _one(call: _Call, target: Image | CarnumberError, paused: asyncio.Event, priority: int) -> _Outcome:
+def _refusal(run_id: str, ref: ImageRef, error: CarnumberError, attempts: int = 0) -> _Outcome:
+    """The one failed row of an image that is not (or no longer) called."""
+    if isinstance(error, ImageRejected):
+        failure = Failure(error.code, error.message, False)
+    elif isinstance(error, InputError):
+        failure = Failure("local.input", str(error), False)
+    else:
+        failure = Failure(getattr(error, "code", "local.read"), str(error), True)
+    return _Outcome(failure_rows(run_id, ref, failure, attempts), attempts)
+
+
+async def _one(call: _Call, target: Target, paused: asyncio.Event, priority: int) -> _Outcome:
     run_id, ref = call.run_id, call.ref
-    if isinstance(target, ImageRejected):
-        return _Outcome(failure_rows(run_id, ref, Failure(target.code, target.message, False), 0), 0)
-    if isinstance(target, InputError):
-        return _Outcome(failure_rows(run_id, ref, Failure("local.input", str(target), False), 0), 0)
     if isinstance(target, CarnumberError):
-        code = getattr(target, "code", "local.read")
-        return _Outcome(failure_rows(run_id, ref, Failure(code, str(target), True), 0), 0)
+        return _refusal(run_id, ref, target)
     try:
         return await call.run(target, paused, priority)
     finally:
@@ -319,6 +346,8 @@ class _Call:
     claimed: bool = False
     recorded: bool = False
     outage_since: float | None = None  # monotonic time Redis was first found unreachable
+    target: Image | SignedObject | None = None  # what is called; replaced when an object changes
+    changes: int = 0  # times the object was overwritten under a call
 
     async def _paid(self, answer: Answer) -> None:
         ctx = self.ctx
@@ -394,8 +423,62 @@ class _Call:
         self.outage_since = None
         return slot
 
-    async def run(self, target: Image, paused: asyncio.Event, priority: int) -> _Outcome:
+    async def _image(self) -> Image | CarnumberError:
+        """What this attempt sends: a URL signed now (an object's: for this attempt only), or
+        bytes. Errors (the store, our credentials) are returned."""
+        target = self.target
+        if isinstance(target, Image):
+            return target
+        assert target is not None
+        try:
+            signed = target.signed_image()  # local, ~0.17 ms: right before the call
+            return signed if signed is not None else await asyncio.to_thread(target.bytes_image)
+        except CarnumberError as exc:
+            return exc
+
+    async def _unchanged(self, paused: asyncio.Event) -> bool | _Outcome:
+        """Before an answer is kept under the object's content key: True when what the service
+        fetched was the checked object (always, for a URL bound to its version). False when it
+        was overwritten meanwhile: the new version is checked and becomes the target (call
+        again); or the image's outcome when that check refuses it."""
+        target = self.target
+        if not isinstance(target, SignedObject) or target.bound:
+            return True
+        try:
+            if await asyncio.to_thread(target.unchanged):
+                return True
+        except CarnumberError:
+            pass  # cannot tell: never keep it under that key
+        return await self._replace(paused)
+
+    async def _replace(self, paused: asyncio.Event) -> bool | _Outcome:
+        """The object changed since it was checked: check it again and make its new version the
+        target (False: call again), or return the image's outcome."""
+        target = self.target
+        assert isinstance(target, SignedObject)
+        self.changes += 1
+        if self.changes > MAX_CHANGES:
+            failure = Failure("local.objectChanging", "the object was overwritten during each call", True)
+            return _Outcome(failure_rows(self.run_id, self.ref, failure, self.attempt), self.attempt)
+        try:
+            replaced = await asyncio.to_thread(target.recheck)
+        except ConfigError as exc:
+            paused.set()
+            return _Outcome(None, self.attempt, await _stop_fleet(self.ctx, exc, self.run_id))
+        except CarnumberError as exc:
+            replaced = exc
+        if isinstance(replaced, CarnumberError):
+            return _refusal(self.run_id, self.ref, replaced, self.attempt)
+        if self.claimed and self.ctx.journal is not None and self.picture:
+            with contextlib.suppress(RedisUnavailable):  # the claim expires on its own
+                await self.ctx.journal.release(self.run_id, self.picture, self.token)
+        self.claimed = False
+        self.target, self.picture = replaced, replaced.content_key or f"id:{self.ref.image_id}"
+        return False
+
+    async def run(self, target: Image | SignedObject, paused: asyncio.Event, priority: int) -> _Outcome:
         ctx, run_id, ref = self.ctx, self.run_id, self.ref
+        self.target = target
         missed = 0  # slots in a row this attempt's request could not leave by (nothing sent)
         while True:
             if paused.is_set():
@@ -413,9 +496,22 @@ class _Call:
                 if slot is not None:
                     # Late that often in a row: send anyway, as the limiter does for late wake-ups.
                     send_by = slot.send_by if missed < MAX_REBOOKS else math.inf
+                    image = await self._image()
+                    if isinstance(image, CarnumberError):  # nothing sent: give the slot back
+                        with contextlib.suppress(Paused):
+                            await ctx.gate.abandon(slot)
+                        if isinstance(image, ConfigError):
+                            paused.set()
+                            return _Outcome(None, self.attempt, await _stop_fleet(ctx, image, run_id))
+                        if not isinstance(image, ObjectChanged):
+                            return _refusal(run_id, ref, image, self.attempt)
+                        replaced = await self._replace(paused)  # the bytes fallback saw a new ETag
+                        if isinstance(replaced, _Outcome):
+                            return replaced
+                        continue
                     sent = time.monotonic()
                     try:
-                        rec = await ctx.client.recognize(target, send_by=send_by)
+                        rec = await ctx.client.recognize(image, send_by=send_by)
                     except SlotMissed:
                         # Held up past the slot: sending now could crowd the service's window.
                         missed += 1
@@ -433,6 +529,11 @@ class _Call:
                         error = exc
                     else:
                         self.attempt += 1
+                        kept = await self._unchanged(paused)
+                        if isinstance(kept, _Outcome):
+                            return kept
+                        if not kept:
+                            continue  # overwritten under the call: its new version, called again
                         await self._paid(Answer(self.attempt, recognition=rec, by=ref.image_id))
                         with contextlib.suppress(RedisUnavailable):
                             await ctx.breaker.record(True)
@@ -476,6 +577,11 @@ class _Call:
             )
             by: str | None = None
             if decision.journal:
+                kept = await self._unchanged(paused)
+                if isinstance(kept, _Outcome):
+                    return kept
+                if not kept:
+                    return None  # a verdict on bytes that were overwritten: call for the new ones
                 # The service's own verdict on this picture (bad input, an answer still unreadable
                 # after its retry): paid for, and it will not change within this run.
                 await self._paid(Answer(self.attempt, error=_error_doc(failure), by=ref.image_id))

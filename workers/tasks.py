@@ -15,14 +15,16 @@ from celery.exceptions import WorkerShutdown
 from workers.celery import app
 from workers.config import Settings
 from workers.credentials import check_credentials
-from workers.errors import ConfigError
+from workers.errors import ConfigError, StorageCredentialsError
 from workers.message import Chunk
 from workers.runner import Runtime, execute_chunk
+from workers.storage.objects import refused_credentials
 
 __all__ = ["TASK_NAME", "drain", "process_chunk", "publish_chunk", "use_settings"]
 
 log = logging.getLogger(__name__)
 TASK_NAME = "carnumber.process_chunk"
+STORAGE_CODE = StorageCredentialsError.code
 _runtime: Runtime | None = None
 _settings: Settings | None = None
 _runtime_lock = threading.Lock()  # the threads pool: every thread of a process shares one
@@ -119,7 +121,15 @@ def _warm_up(**_: Any) -> None:
 )
 def process_chunk(self: Any, message: dict[str, Any]) -> dict[str, int]:
     chunk = Chunk.from_wire(message)
-    result = execute_chunk(chunk, runtime())
+    try:
+        result = execute_chunk(chunk, runtime())
+    except OSError as exc:
+        if refused_credentials(exc):
+            # The output store refuses our key: every chunk's write would fail alike. Stop the
+            # fleet as for a fatal code (images pending until `carnumber resume`); this chunk is
+            # retried below, its paid answers waiting in the journal.
+            _stop_fleet(f"the output store refused our credentials ({exc})", chunk.run_id)
+        raise
     return {
         "images": len(chunk.images),
         "answered": result.answered,
@@ -127,6 +137,25 @@ def process_chunk(self: Any, message: dict[str, Any]) -> dict[str, int]:
         "pending": len(result.pending),
         "calls": result.calls,
     }
+
+
+def _stop_fleet(message: str, run_id: str) -> None:
+    import asyncio
+
+    from workers.fleet import FleetControl
+    from workers.redis_connect import async_client
+
+    async def stop() -> None:
+        client = async_client(settings().broker_url, **settings().redis_access())
+        try:
+            await FleetControl.from_settings(client, settings()).stop(STORAGE_CODE, message, run_id)
+        finally:
+            await client.aclose()
+
+    try:
+        asyncio.run(stop())
+    except (redis.RedisError, OSError) as exc:  # the retry below tries again
+        log.warning("fleet stop for the output store not written: %s", type(exc).__name__)
 
 
 def publish_chunk(chunk: Chunk, queue: str) -> None:

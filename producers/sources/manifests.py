@@ -6,32 +6,50 @@ or ``path`` column (either case; ``url`` wins when a row has both); every other 
 carried into ``ImageRef.meta`` as a string (nulls and empty strings left out). Plain lines are
 URIs when they contain ``://``, paths otherwise; blank lines and ``#`` comments are ignored.
 
-Rules, each broken line reported through ``on_skip`` (file and line number) and skipped:
+Every line that names an image is one item, so it gets exactly one row. A line that cannot become
+a usable item is listed *refused* (``ImageRef.refused``: the worker writes that row and reads
+nothing), with a code naming the rule and ``file:line`` in the message:
 
-* A relative path resolves against ``settings.source_root`` when set, else the manifest's own
-  folder, and must stay inside it (``..`` and symlinks resolved). An absolute path (or
-  ``file://``/``tar://``/``zip://`` URI) must be inside ``source_root`` when that is set.
-* A URL carrying signature or credential parameters (``X-Amz-Signature``, ``OSSAccessKeyId``,
-  ``Signature``, ``security-token``...) is refused: it would put a secret into task messages and
-  output files, and it expires before a nightly re-run. List ``s3://bucket/key`` or
-  ``oss://bucket/key`` instead; workers sign at call time.
-* Lines are read in file order (streamed; Parquet in batches of 8192 rows), so memory stays flat.
+* ``local.manifest``: not UTF-8, not JSON, the wrong number of CSV fields, no url/path, not a
+  URL, an unknown scheme, a field over 16 KiB (the row would carry it into every message and
+  file); its source is the line itself (``manifest:///abs/m.csv#17``) unless it names an image.
+* ``local.outsideRoot``: a relative path resolves against ``settings.source_root`` when set, else
+  the manifest's own folder, and must stay inside it (``..`` and symlinks resolved); an absolute
+  path (or ``file://``/``tar://``/``zip://`` URI) must be inside ``source_root`` when that is set.
+* ``local.urlTooLong`` / ``local.urlExpired``: a URL the service would refuse, or whose signature
+  has expired already.
+
+An ``http(s)`` URL is known by its canonical source (:func:`workers.message.canonical_url`: only
+the query parameters on ``CARNUMBER_KEEP_QUERY_PARAMS``, none by default), in messages, records
+and output; its id is taken over the URL without its signature (:func:`redact_url`), so a link
+signed anew each night keeps its id. When the canonical source dropped anything, the URL as listed
+is sealed (``ImageRef.secret_url``, never on the wire): the producer keeps it in the sealed-URL
+store and the worker fetches with it (``workers/storage/sealed.py``).
+
+A line naming an image already listed (the same id) is not a new item: it is reported to
+``on_skip`` and dropped (the ids seen are kept on disk: memory stays flat). Lines are read in
+file order (streamed; Parquet in batches of 8192 rows); a file that breaks mid-way (a Parquet
+row group that does not decode) ends with one refused item for its line.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
+import time
 from collections.abc import Callable, Iterator
 from datetime import date, datetime
 from typing import Any
 
 from producers.sources.filters import Filter, inside
+from producers.sources.seen import DigestSet
 from workers.config import Settings
-from workers.errors import InputError
-from workers.message import ImageRef, has_secret_params
-from workers.storage.uris import archive_uri, file_uri, object_uri, parse_uri
+from workers.errors import ConfigError, ImageRejected, InputError
+from workers.imagecheck import MAX_URL_BYTES
+from workers.message import ImageRef, canonical_url, image_id_for, kept_params, signature_expiry
+from workers.storage.uris import archive_uri, file_uri, manifest_line_uri, object_uri, parse_uri
 
 __all__ = ["MANIFEST_SUFFIXES", "iter_manifest"]
 
@@ -39,8 +57,10 @@ MANIFEST_SUFFIXES = (".txt", ".lst", ".csv", ".jsonl", ".ndjson", ".parquet")
 _URL_KEYS = ("url", "URL", "Url")
 _PATH_KEYS = ("path", "PATH", "Path")
 _BATCH_ROWS = 8192
+MAX_FIELD_BYTES = 16_384  # one metadata value; more would ride in every message and row
 
 Skip = Callable[[InputError], None]
+log = logging.getLogger(__name__)
 
 
 class _Entries:
@@ -51,32 +71,54 @@ class _Entries:
         self.source_root = settings.source_root
         self.root = os.path.abspath(settings.source_root or os.path.dirname(manifest))
         self.flt = flt
+        try:
+            self.keep = kept_params(settings.keep_query_params)
+        except ValueError as exc:
+            raise ConfigError(f"CARNUMBER_KEEP_QUERY_PARAMS: {exc}") from None
 
     def ref(self, value: str, is_url: bool, meta: dict[str, str]) -> ImageRef | None:
+        """The entry's ref (None: outside the time window). Raises :class:`InputError` for a line
+        that names no usable image and :class:`ImageRejected` for a path it may not name."""
         value = value.strip()
         if not value:
             raise InputError("empty url/path")
-        source = self._source(value) if is_url or "://" in value else self._path(value)
+        if is_url or "://" in value:
+            if value.lower().startswith(("http://", "https://")):
+                return self._url(value, meta)
+            source = self._source(value)
+        else:
+            source = self._path(value)
         if self.flt.has_time and not self.flt.time_ok(source, None):
             return None
         return ImageRef(source, meta=meta)
 
+    def _url(self, url: str, meta: dict[str, str]) -> ImageRef | None:
+        """An http(s) URL: known by its canonical source; the URL as listed sealed when that
+        dropped anything. Refused when the service would refuse it or its signature expired."""
+        source = canonical_url(url, self.keep)
+        if len(source.encode("utf-8", "surrogateescape")) > MAX_URL_BYTES:
+            raise ImageRejected("local.urlTooLong", f"the URL is longer than the API's {MAX_URL_BYTES} bytes")
+        image_id = image_id_for(url)
+        if self.flt.has_time and not self.flt.time_ok(source, None):
+            return None
+        if len(url.encode("utf-8", "surrogateescape")) > MAX_URL_BYTES:
+            why = f"the URL is longer than the API's {MAX_URL_BYTES} bytes"
+            return ImageRef(source, image_id, refused=("local.urlTooLong", why))
+        expiry = signature_expiry(url)
+        if expiry is not None and expiry <= time.time():
+            why = "the signed URL had expired when it was enqueued; list it signed anew"
+            return ImageRef(source, image_id, refused=("local.urlExpired", why))
+        secret = url if source != url else None
+        return ImageRef(source, image_id, meta=meta, secret_url=secret)
+
     def _source(self, value: str) -> str:
-        if "://" not in value:
-            raise InputError(f"{value[:100]!r} is not a URL (use the path column for files)")
-        if value.lower().startswith(("http://", "https://")):
-            if has_secret_params(value):
-                raise InputError(
-                    "the URL carries signature/credential parameters; signed URLs expire and "
-                    "must not be stored: list s3://bucket/key or oss://bucket/key instead "
-                    "(workers sign at call time)"
-                )
-            return value
         loc = parse_uri(value)
         if loc.kind == "file":
             return file_uri(self._contained(loc.path, absolute_only=True))
         if loc.kind in ("tar", "zip"):
             return archive_uri(loc.kind, self._contained(loc.path, absolute_only=True), loc.member)
+        if loc.kind not in ("s3", "oss"):
+            raise InputError(f"{loc.kind}:// is not a source a manifest may list")
         return object_uri(loc.kind, loc.bucket, loc.key)
 
     def _path(self, value: str) -> str:
@@ -86,13 +128,13 @@ class _Entries:
         if os.path.isabs(value):
             path = os.path.normpath(value)
             if self.source_root is not None and not inside(self.root, path):
-                raise InputError(f"{value!r} is outside CARNUMBER_SOURCE_ROOT")
+                raise ImageRejected("local.outsideRoot", f"{value!r} is outside CARNUMBER_SOURCE_ROOT")
             return path
         if absolute_only:
             raise InputError(f"{value!r}: URIs need absolute paths")
         path = os.path.normpath(os.path.join(self.root, value))
         if not inside(self.root, path):
-            raise InputError(f"{value!r} escapes {self.root!r} ('..' or a symlink)")
+            raise ImageRejected("local.outsideRoot", f"{value!r} escapes {self.root!r} ('..' or a symlink)")
         return path
 
 
@@ -101,7 +143,13 @@ def _meta(row: dict[str, Any], skip: tuple[str, ...]) -> dict[str, str]:
     for k, v in row.items():
         if k in skip or v is None or v == "":
             continue
-        out[str(k)] = _text(v)
+        text = _text(v)
+        if len(text.encode("utf-8", "surrogateescape")) > MAX_FIELD_BYTES:
+            size = len(text.encode("utf-8", "surrogateescape"))
+            raise InputError(f"field {str(k)[:40]!r} is {size} bytes; at most {MAX_FIELD_BYTES}")
+        if _has_surrogates(text) or _has_surrogates(str(k)):
+            raise InputError("not UTF-8")
+        out[str(k)] = text
     return out
 
 
@@ -128,7 +176,8 @@ def _pick(row: dict[str, Any]) -> tuple[str, bool]:
 
 
 def iter_manifest(path: str, settings: Settings, flt: Filter, on_skip: Skip) -> Iterator[ImageRef]:
-    """Stream a manifest's entries as refs; bad lines go to ``on_skip`` (file:line: reason)."""
+    """Stream a manifest's entries as refs, one per line that names an image (refused ones
+    included); a line naming an image already listed goes to ``on_skip`` (file:line: reason)."""
     path = os.path.abspath(path)
     entries = _Entries(path, settings, flt)
     lower = path.lower()
@@ -141,7 +190,33 @@ def iter_manifest(path: str, settings: Settings, flt: Filter, on_skip: Skip) -> 
     else:
         rows = _line_rows(path)
     name = os.path.basename(path)
-    for line, row in rows:
+    with DigestSet() as seen:
+        for line, ref in _refs(path, entries, rows):
+            if ref is None:
+                continue
+            if not seen.add(ref.image_id.encode()):
+                on_skip(InputError(f"{name}:{line}: the same image as an earlier line ({ref.image_id})"))
+                continue
+            if ref.refused is not None:
+                log.warning("refused %s:%d: %s: %s", name, line, *ref.refused)
+            yield ref
+
+
+def _refs(
+    path: str, entries: _Entries, rows: Iterator[tuple[int, dict[str, Any] | InputError]]
+) -> Iterator[tuple[int, ImageRef | None]]:
+    """(line, ref) for each row; a row that names no usable image becomes a refused ref."""
+    name = os.path.basename(path)
+    line = 0
+    while True:
+        try:
+            line, row = next(rows)
+        except StopIteration:
+            return
+        except (OSError, ValueError) as exc:  # the file itself broke mid-way (I/O, a bad row group)
+            why = f"{name}: unreadable after line {line} ({type(exc).__name__}); the rest is not listed"
+            yield line + 1, ImageRef(manifest_line_uri(path, line + 1), refused=("local.manifest", why))
+            return
         try:
             if isinstance(row, InputError):
                 raise row
@@ -150,11 +225,18 @@ def iter_manifest(path: str, settings: Settings, flt: Filter, on_skip: Skip) -> 
             else:
                 value, is_url = _pick(row)
                 ref = entries.ref(value, is_url, _meta(row, _URL_KEYS + _PATH_KEYS))
-        except InputError as exc:
-            on_skip(InputError(f"{name}:{line}: {exc}"))
-            continue
-        if ref is not None:
-            yield ref
+        except ImageRejected as exc:  # a path it may not name, a URL too long: the line is the item
+            ref = ImageRef(manifest_line_uri(path, line), refused=(exc.code, f"{name}:{line}: {exc.message}"))
+        except (InputError, ValueError) as exc:  # ValueError: not Unicode, a NUL byte in a path
+            why = f"{name}:{line}: {_reason(exc)}"
+            ref = ImageRef(manifest_line_uri(path, line), refused=("local.manifest", why))
+        yield line, ref
+
+
+def _reason(exc: Exception) -> str:
+    if isinstance(exc, UnicodeError):
+        return "not valid Unicode"
+    return str(exc) if isinstance(exc, InputError) else f"not a usable path or URL ({exc})"
 
 
 def _line_rows(path: str) -> Iterator[tuple[int, dict[str, Any] | InputError]]:

@@ -18,11 +18,14 @@ Covered, written from OSS's public API reference (not from oss2's code):
 
 * ``Range: bytes=a-b`` / ``a-`` / ``-n`` on GetObject: 206 with ``Content-Range``; an invalid
   range (start past the end, an empty object) answers 200 with the whole object, as OSS does,
-  or 416 with ``Content-Range: bytes */size`` under ``x-oss-range-behavior: standard``.
+  or 416 with ``Content-Range: bytes */size`` under ``x-oss-range-behavior: standard``;
+* ``If-Match`` on GetObject and HeadObject: 412 ``PreconditionFailed`` when the ETag differs.
 
 Not covered: V4 signatures, CRC64 headers, multiple ranges, delimiters/common prefixes, writes.
 ``bytes_sent`` counts object bytes sent in GetObject bodies (to measure ranged reads).
-``fail_next`` makes the next N requests answer 503 (to test retry/transport translation).
+``fail_next`` makes the next N requests answer 503 (to test retry/transport translation);
+``on_signed_get`` runs before a GET by signed URL (the service's fetch) is served; objects in
+``denied`` answer 403 AccessDenied (an object ACL); changing ``access_key_secret`` revokes a key.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from email.utils import formatdate, parsedate_to_datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -130,6 +134,10 @@ class FakeOss:
         self.requests: list[tuple[str, str]] = []  # (method, path) without query strings
         self.fail_next = 0
         self.bytes_sent = 0
+        # Called as (bucket, key) before a GET by signed URL is served: lets a test overwrite an
+        # object between our checks and the service's fetch.
+        self.on_signed_get: Callable[[str, str], None] | None = None
+        self.denied: set[tuple[str, str]] = set()  # (bucket, key) answered 403 AccessDenied
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -321,6 +329,12 @@ def _handler_for(oss: FakeOss) -> type[BaseHTTPRequestHandler]:
                     return
             if not self._authorised(bucket, key, params, head):
                 return
+            if (bucket, key) in oss.denied:  # an object's ACL or a policy on its prefix
+                self._error(403, "AccessDenied", "You have no right to access this object.", head)
+                return
+            hook = oss.on_signed_get
+            if hook is not None and not head and "Signature" in dict(params):
+                hook(bucket, key)
             objects = oss.buckets.get(bucket)
             if objects is None:
                 self._error(404, "NoSuchBucket", "The specified bucket does not exist.", head)
@@ -331,6 +345,10 @@ def _handler_for(oss: FakeOss) -> type[BaseHTTPRequestHandler]:
             obj = objects.get(key)
             if obj is None:
                 self._error(404, "NoSuchKey", "The specified key does not exist.", head)
+                return
+            wanted_etag = self.headers.get("If-Match")
+            if wanted_etag is not None and wanted_etag.strip().strip('"') != obj.etag:
+                self._error(412, "PreconditionFailed", "A pre-condition did not hold.", head)
                 return
             headers = {
                 "Content-Type": "application/octet-stream",

@@ -3,7 +3,9 @@
 Modules: :mod:`~workers.storage.uris` (the URI forms, pure), :mod:`~workers.storage.archives`
 (tar/zip members), :mod:`~workers.storage.objects` (the object-store seam),
 :mod:`~workers.storage.s3` (boto3) and :mod:`~workers.storage.oss` (oss2), imported only when an
-``s3://``/``oss://`` URI is used, and :mod:`~workers.storage.resolver` (the :class:`Resolver`).
+``s3://``/``oss://`` URI is used, :mod:`~workers.storage.signed` (an object passed by URL, signed
+at each attempt, bound to the checked version), :mod:`~workers.storage.sealed` (signed ``http(s)``
+URLs kept out of messages) and :mod:`~workers.storage.resolver` (the :class:`Resolver`).
 """
 
 from __future__ import annotations

@@ -18,12 +18,22 @@ archives (LRU, keyed by path + size + mtime, so a rewritten archive is reopened)
   ops/design/sources.md.
 
 A member larger than the API's limit is refused from its header without reading it.
+
+Archives are untrusted data: a member that cannot be read (encrypted, corrupt compressed data,
+a CRC mismatch, a link or device instead of a file, cut short by a truncated archive) becomes that
+member's :class:`ImageRejected` with ``local.archive``, never an exception out of :meth:`read`.
+A name that occurs twice is read at its first occurrence (what the producer lists; the second is
+refused there). A zip entry flagged UTF-8 whose name is not UTF-8 would make :mod:`zipfile` refuse
+the whole archive; :func:`open_zip` reads such names as cp437 instead (as for every unflagged name),
+so only that name looks odd.
 """
 
 from __future__ import annotations
 
+import io
 import lzma
 import os
+import struct
 import tarfile
 import threading
 import weakref
@@ -36,13 +46,25 @@ from typing import BinaryIO
 from workers.errors import CarnumberError, ImageRejected, InputError
 from workers.imagecheck import MAX_BYTES
 
-__all__ = ["ArchiveReader", "compression_of"]
+__all__ = [
+    "STREAM_ERRORS",
+    "ArchiveReader",
+    "close_zip",
+    "compression_of",
+    "member_error",
+    "open_zip",
+    "tar_kind",
+]
 
 _MAGIC = ((b"\x1f\x8b", "gz"), (b"BZh", "bz2"), (b"\xfd7zXZ\x00", "xz"))
 
 Result = bytes | CarnumberError
 
-_STREAM_ERRORS = (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError)
+# What a damaged archive raises while it is read: tarfile's own errors, a cut stream, the
+# decompressors' errors, a name that does not decode.
+STREAM_ERRORS = (
+    tarfile.TarError, zipfile.BadZipFile, EOFError, OSError, zlib.error, lzma.LZMAError, ValueError
+)
 
 
 def compression_of(head: bytes) -> str:
@@ -57,31 +79,171 @@ def _too_large(size: int) -> ImageRejected:
     return ImageRejected("local.imageTooLarge", f"member is {size} bytes; the API allows at most {MAX_BYTES}")
 
 
+def member_error(name: str, exc: BaseException) -> ImageRejected:
+    """The ``local.archive`` refusal of member ``name`` that raised ``exc`` when read."""
+    if isinstance(exc, RuntimeError) and "encrypted" in str(exc):
+        why = "it is encrypted (password protected)"
+    elif isinstance(exc, NotImplementedError):
+        why = f"its compression or encryption is not supported ({exc})"
+    elif isinstance(exc, zlib.error | lzma.LZMAError | EOFError):
+        why = f"its compressed data is corrupt ({type(exc).__name__})"
+    elif isinstance(exc, zipfile.BadZipFile) and "CRC" in str(exc):
+        why = "its data does not match its checksum (CRC-32)"
+    else:
+        why = f"it cannot be read ({type(exc).__name__})"
+    return ImageRejected("local.archive", f"member {name!r}: {why}")
+
+
+def _not_regular(name: str, kind: str) -> ImageRejected:
+    return ImageRejected("local.archive", f"member {name!r} is {kind}, not a regular file")
+
+
+def tar_kind(info: tarfile.TarInfo) -> str:
+    """What a tar member is, in words, for a refusal."""
+    if info.issym():
+        return "a symbolic link"
+    if info.islnk():
+        return "a hard link"
+    if info.isdir():
+        return "a directory"
+    if info.issparse():
+        return "a sparse file"
+    if info.isfifo() or info.ischr() or info.isblk():
+        return "a device or pipe"
+    return "not a file"
+
+
+class _Patched(io.RawIOBase):
+    """A local file read through a few byte patches (offset -> replacement bytes)."""
+
+    def __init__(self, path: str, patches: dict[int, bytes]) -> None:
+        self.fh = open(path, "rb")  # noqa: SIM115 - closed by close()
+        self.patches = patches
+        self.pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        self.pos = self.fh.seek(offset, whence)
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        self.fh.seek(self.pos)
+        data = bytearray(self.fh.read(len(buffer)))
+        for at, patch in self.patches.items():
+            lo, hi = max(at, self.pos), min(at + len(patch), self.pos + len(data))
+            if lo < hi:
+                data[lo - self.pos : hi - self.pos] = patch[lo - at : hi - at]
+        buffer[: len(data)] = data
+        self.pos += len(data)
+        return len(data)
+
+    def close(self) -> None:
+        self.fh.close()
+        super().close()
+
+
+def _utf8_flag_patches(path: str) -> dict[int, bytes]:
+    """Patches that clear the UTF-8 flag of central-directory entries (and their local headers)
+    whose names are not UTF-8. Empty when the central directory cannot be found."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as fh:
+        fh.seek(max(0, size - 65_557))
+        tail = fh.read()
+        end = tail.rfind(b"PK\x05\x06")
+        if end < 0 or len(tail) - end < 22:
+            return {}
+        cd_size, cd_offset = struct.unpack_from("<II", tail, end + 12)
+        cd_start = size - len(tail) + end - cd_size
+        if cd_offset == 0xFFFFFFFF or cd_start < 0:
+            return {}  # zip64: left as it is (zipfile refuses it as before)
+        fh.seek(cd_start)
+        cd = fh.read(cd_size)
+    patches: dict[int, bytes] = {}
+    at = 0
+    while at + 46 <= len(cd) and cd[at : at + 4] == b"PK\x01\x02":
+        flags = struct.unpack_from("<H", cd, at + 8)[0]
+        name_len, extra_len, comment_len = struct.unpack_from("<HHH", cd, at + 28)
+        local = struct.unpack_from("<I", cd, at + 42)[0]
+        name = cd[at + 46 : at + 46 + name_len]
+        if flags & 0x800:
+            try:
+                name.decode("utf-8")
+            except UnicodeDecodeError:
+                patches[cd_start + at + 8] = struct.pack("<H", flags & ~0x800)
+                if local + 8 <= size:
+                    with open(path, "rb") as fh:
+                        fh.seek(local)
+                        header = fh.read(8)
+                    if header[:4] == b"PK\x03\x04":
+                        local_flags = struct.unpack_from("<H", header, 6)[0]
+                        patches[local + 6] = struct.pack("<H", local_flags & ~0x800)
+        at += 46 + name_len + extra_len + comment_len
+    return patches
+
+
+def open_zip(path: str) -> zipfile.ZipFile:
+    """``zipfile.ZipFile(path)``, except that names flagged UTF-8 that are not UTF-8 are read as
+    cp437 (zipfile would refuse the whole archive). The caller closes it (with its file)."""
+    try:
+        return zipfile.ZipFile(path)
+    except UnicodeDecodeError:
+        patches = _utf8_flag_patches(path)
+        if not patches:
+            raise zipfile.BadZipFile("a member name is flagged UTF-8 but is not") from None
+        raw = _Patched(path, patches)
+        try:
+            zf = zipfile.ZipFile(raw)  # type: ignore[arg-type]
+        except BaseException:
+            raw.close()
+            raise
+        zf._carnumber_raw = raw  # type: ignore[attr-defined]  # closed with the archive
+        return zf
+
+
+def close_zip(zf: zipfile.ZipFile) -> None:
+    zf.close()
+    raw = getattr(zf, "_carnumber_raw", None)
+    if raw is not None:
+        raw.close()
+
+
 class _Zip:
     def __init__(self, path: str) -> None:
-        self.zf = zipfile.ZipFile(path)
+        self.zf = open_zip(path)
+        self.first: dict[str, zipfile.ZipInfo] = {}  # name -> its first entry (zipfile keeps the last)
+        for info in self.zf.infolist():
+            self.first.setdefault(info.filename, info)
 
     def read(self, names: Sequence[str]) -> dict[str, Result]:
         out: dict[str, Result] = {}
         for name in names:
-            try:
-                info = self.zf.getinfo(name)
-            except KeyError:
+            info = self.first.get(name)
+            if info is None:
                 out[name] = InputError(f"member {name!r} is not in the archive")
-                continue
-            if info.is_dir():
-                out[name] = InputError(f"member {name!r} is a directory")
+            elif info.is_dir():
+                out[name] = _not_regular(name, "a directory")
             elif info.file_size > MAX_BYTES:
                 out[name] = _too_large(info.file_size)
             else:
                 try:
-                    out[name] = self.zf.read(info)
-                except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError) as exc:
-                    out[name] = InputError(f"member {name!r} unreadable ({type(exc).__name__})")
+                    with self.zf.open(info) as member:
+                        # Never more than the declared size (a zip bomb's data goes on); a
+                        # short or long stream fails the CRC check.
+                        out[name] = member.read(MAX_BYTES + 1)
+                except Exception as exc:  # untrusted bytes: any failure is this member's
+                    out[name] = member_error(name, exc)
         return out
 
     def close(self) -> None:
-        self.zf.close()
+        close_zip(self.zf)
 
 
 class _SeekableTar:
@@ -90,19 +252,24 @@ class _SeekableTar:
     def __init__(self, path: str) -> None:
         self.fh: BinaryIO = open(path, "rb")  # noqa: SIM115 - closed by close()
         self.tf = tarfile.open(fileobj=self.fh, mode="r:")  # noqa: SIM115
-        self.index: dict[str, tuple[int, int, bool]] = {}  # name -> (offset, size, regular)
+        # name -> (offset, size, regular, what it is)
+        self.index: dict[str, tuple[int, int, bool, str]] = {}
         self.done = False
 
     def _scan_until(self, wanted: set[str]) -> None:
         missing = wanted - self.index.keys()
         while missing and not self.done:
-            info = self.tf.next()
+            try:
+                info = self.tf.next()
+            except STREAM_ERRORS:  # damaged past here: what is indexed stays readable
+                info = None
             self.tf.members.clear()  # tarfile keeps every TarInfo; our index is smaller
             if info is None:
                 self.done = True
                 break
             regular = info.isreg() and not info.issparse()
-            self.index[info.name] = (info.offset_data, info.size, regular)
+            if info.name not in self.index:  # the first occurrence of a name is the one read
+                self.index[info.name] = (info.offset_data, info.size, regular, tar_kind(info))
             missing.discard(info.name)
 
     def read(self, names: Sequence[str]) -> dict[str, Result]:
@@ -113,19 +280,16 @@ class _SeekableTar:
             if entry is None:
                 out[name] = InputError(f"member {name!r} is not in the archive")
                 continue
-            offset, size, regular = entry
+            offset, size, regular, kind = entry
             if not regular:
-                out[name] = InputError(f"member {name!r} is not a regular file")
+                out[name] = _not_regular(name, kind)
             elif size > MAX_BYTES:
                 out[name] = _too_large(size)
             else:
                 self.fh.seek(offset)
                 data = self.fh.read(size)
-                out[name] = (
-                    data
-                    if len(data) == size
-                    else InputError(f"member {name!r} is cut short: the archive is truncated")
-                )
+                short = ImageRejected("local.archive", f"member {name!r} is cut short")
+                out[name] = data if len(data) == size else short
         return out
 
     def close(self) -> None:
@@ -156,11 +320,12 @@ class _StreamTar:
     def _scan(self, wanted: set[str], out: dict[str, Result], stop_at: int | None) -> None:
         try:
             self._scan_raw(wanted, out, stop_at)
-        except _STREAM_ERRORS as exc:
+        except Exception as exc:  # STREAM_ERRORS, and whatever else hostile bytes raise
             # A truncated or corrupt stream: what was read stays good, the rest is unreadable.
             self.eof = self.broken = True
-            err = InputError(
-                f"archive is truncated or corrupt after member {self.position} ({type(exc).__name__})"
+            err = ImageRejected(
+                "local.archive",
+                f"the archive is truncated or corrupt after member {self.position} ({type(exc).__name__})",
             )
             for name in wanted:
                 out[name] = err
@@ -177,15 +342,15 @@ class _StreamTar:
             self.position += 1
             if info.name not in wanted:
                 continue
-            wanted.discard(info.name)
             if not info.isreg() or info.issparse():
-                out[info.name] = InputError(f"member {info.name!r} is not a regular file")
+                out[info.name] = _not_regular(info.name, tar_kind(info))
             elif info.size > MAX_BYTES:
                 out[info.name] = _too_large(info.size)
             else:
                 reader = self.tf.extractfile(info)
                 assert reader is not None
-                out[info.name] = reader.read()
+                out[info.name] = reader.read()  # may fail mid-member: it is still wanted then
+            wanted.discard(info.name)
 
     def read(self, names: Sequence[str]) -> dict[str, Result]:
         out: dict[str, Result] = {}
@@ -238,9 +403,11 @@ class ArchiveReader:
                 err: CarnumberError = InputError(f"archive {path!r} not found")
             except (PermissionError, IsADirectoryError) as exc:
                 err = InputError(f"archive {path!r} unreadable ({type(exc).__name__})")
-            except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError) as exc:
+            except Exception as exc:  # untrusted bytes: never out of a chunk
                 self._drop(kind, path)
-                err = InputError(f"archive {path!r} is not a readable {kind} ({type(exc).__name__})")
+                err = ImageRejected(
+                    "local.archive", f"archive {path!r} is not a readable {kind} ({type(exc).__name__})"
+                )
             return {name: err for name in names}
 
     def _handle(self, kind: str, path: str) -> _Handle:

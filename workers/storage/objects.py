@@ -14,7 +14,27 @@ from typing import Protocol
 
 from workers.config import Settings
 
-__all__ = ["ObjectInfo", "ObjectStore", "RangeRead", "store_for"]
+__all__ = ["ObjectInfo", "ObjectStore", "RangeRead", "no_version", "refused_credentials", "store_for"]
+
+# What pyarrow's S3 filesystem (the output store) says when the store refuses our credentials or
+# access: "AWS Error ACCESS_DENIED during PutObject operation", or the store's own error code.
+_REFUSED = (
+    "ACCESS_DENIED",
+    "AccessDenied",
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "ExpiredToken",
+    "InvalidToken",
+    "RequestTimeTooSkewed",
+    "InvalidSecurityToken",
+    "SecurityTokenExpired",
+)
+
+
+def refused_credentials(exc: BaseException) -> bool:
+    """True when an output-store error (pyarrow raises ``OSError``) says the store refused our
+    credentials or denied us the bucket: every part write would fail alike."""
+    return isinstance(exc, OSError) and any(marker in str(exc) for marker in _REFUSED)
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +59,13 @@ class RangeRead:
     size: int
     content_type: str | None = None
     etag: str | None = None
+    version_id: str | None = None  # the object version read, on a versioned bucket
+
+
+def no_version(version_id: str | None) -> str | None:
+    """A version id worth binding a URL to: None for none, and for the ``null`` version of an
+    object written before versioning was enabled."""
+    return version_id if version_id and version_id != "null" else None
 
 
 class ObjectStore(Protocol):
@@ -48,19 +75,28 @@ class ObjectStore(Protocol):
         """Size in bytes; :class:`InputError` when the object or bucket is missing."""
         ...
 
-    def get(self, bucket: str, key: str, max_bytes: int) -> bytes:
+    def get(self, bucket: str, key: str, max_bytes: int, *, if_match: str | None = None) -> bytes:
         """The object's bytes; :class:`ImageRejected` (``local.imageTooLarge``) when it is
-        larger than ``max_bytes`` (checked before reading)."""
+        larger than ``max_bytes`` (checked before reading). With ``if_match`` (an ETag):
+        :class:`ObjectChanged` when the object no longer has it."""
         ...
 
-    def get_range(self, bucket: str, key: str, offset: int, length: int) -> RangeRead:
+    def get_range(
+        self, bucket: str, key: str, offset: int, length: int, *, if_match: str | None = None
+    ) -> RangeRead:
         """At most ``length`` bytes from ``offset`` (fewer at the object's end; none for an empty
         object or an offset at or past its end) and the object's size. :class:`InputError` when
-        the object or bucket is missing, :class:`TransportError` when the store is unreachable."""
+        the object or bucket is missing, :class:`TransportError` when the store is unreachable,
+        :class:`ObjectChanged` when ``if_match`` is given and the ETag differs."""
         ...
 
-    def presign(self, bucket: str, key: str, ttl_s: int) -> str:
-        """A GET URL valid for ``ttl_s`` seconds. A secret: never log or store it."""
+    def etag(self, bucket: str, key: str) -> str | None:
+        """The object's current ETag (a HEAD request); None when it is gone."""
+        ...
+
+    def presign(self, bucket: str, key: str, ttl_s: int, *, version_id: str | None = None) -> str:
+        """A GET URL valid for ``ttl_s`` seconds, of ``version_id`` when given. A secret: never
+        log or store it. Local: no request is made."""
         ...
 
     def iter_objects(self, bucket: str, prefix: str) -> Iterator[ObjectInfo]:

@@ -13,8 +13,10 @@ and the token's (refreshed with at least ``min(15 min, half its lifetime)`` left
 Reads (HEAD, GET, listings) use the configured endpoint, internal ones included. Signed URLs are
 fetched by the OCR service, which is not inside your VPC, so they are signed for the *public*
 counterpart of an internal endpoint (``-internal`` removed). oss2's exceptions become ours in
-:func:`_translate`: missing object/bucket or access denied → :class:`InputError`; network
-trouble and 5xx → :class:`TransportError`.
+:func:`_translate`: missing object/bucket → :class:`InputError`; 403 AccessDenied →
+:class:`AccessDenied`; credentials OSS refuses (unknown key, bad signature, expired or invalid STS
+token, clock skew) → :class:`StorageCredentialsError`; a failed If-Match →
+:class:`ObjectChanged`; network trouble and 5xx → :class:`TransportError`.
 """
 
 from __future__ import annotations
@@ -26,11 +28,34 @@ from typing import Any
 
 from workers.config import Credentials, Settings
 from workers.credentials import Provider, StaticProvider, provider_from_settings
-from workers.errors import CarnumberError, ConfigError, ImageRejected, InputError, TransportError
+from workers.errors import (
+    AccessDenied,
+    CarnumberError,
+    ConfigError,
+    ImageRejected,
+    InputError,
+    ObjectChanged,
+    StorageCredentialsError,
+    TransportError,
+)
 from workers.storage.objects import ObjectInfo, RangeRead
 from workers.storage.optional import require
 
 __all__ = ["OssStore", "public_endpoint"]
+
+
+# OSS refuses our credentials themselves: every request with them fails alike.
+_CREDENTIALS = frozenset(
+    {
+        "InvalidAccessKeyId",
+        "SignatureDoesNotMatch",
+        "InvalidSecurityToken",
+        "SecurityTokenExpired",
+        "RequestTimeTooSkewed",
+        "AccessKeyDisabled",
+        "UserDisable",
+    }
+)
 
 
 def public_endpoint(endpoint: str) -> str:
@@ -91,11 +116,11 @@ class OssStore:
         except Exception as exc:
             raise _translate(self.oss2, exc, _where(bucket, key)) from None
 
-    def get(self, bucket: str, key: str, max_bytes: int) -> bytes:
+    def get(self, bucket: str, key: str, max_bytes: int, *, if_match: str | None = None) -> bytes:
         b = self._bucket(bucket)
         where = _where(bucket, key)
         try:
-            result = b.get_object(key)
+            result = b.get_object(key, headers=_condition(if_match))
             size = int(result.content_length)
             if size > max_bytes:
                 result.resp.response.close()
@@ -112,7 +137,9 @@ class OssStore:
             raise TransportError("local.connection", f"{where}: got {len(data)} of {size} bytes")
         return data
 
-    def get_range(self, bucket: str, key: str, offset: int, length: int) -> RangeRead:
+    def get_range(
+        self, bucket: str, key: str, offset: int, length: int, *, if_match: str | None = None
+    ) -> RangeRead:
         if offset < 0 or length < 1:
             raise ValueError(f"bad range: offset {offset}, length {length}")
         b = self._bucket(bucket)
@@ -122,7 +149,7 @@ class OssStore:
             result = b.get_object(
                 key,
                 byte_range=(offset, offset + length - 1),
-                headers={"x-oss-range-behavior": "standard"},
+                headers={"x-oss-range-behavior": "standard", **_condition(if_match)},
             )
             headers = result.headers
             content_range = headers.get("Content-Range") or ""
@@ -139,12 +166,25 @@ class OssStore:
                 return RangeRead(b"", offset, _size_of_416(exc))
             raise _translate(self.oss2, exc, _where(bucket, key)) from None
         etag = (headers.get("ETag") or "").strip('"') or None
-        return RangeRead(data, offset, size, headers.get("Content-Type") or None, etag)
+        version = headers.get("x-oss-version-id") or None
+        return RangeRead(data, offset, size, headers.get("Content-Type") or None, etag, version)
 
-    def presign(self, bucket: str, key: str, ttl_s: int) -> str:
-        b = self._bucket(bucket, self.sign_endpoint)
+    def etag(self, bucket: str, key: str) -> str | None:
+        b = self._bucket(bucket)
         try:
-            url: str = b.sign_url("GET", key, ttl_s, slash_safe=True)
+            meta = b.head_object(key)
+        except Exception as exc:
+            err = _translate(self.oss2, exc, _where(bucket, key))
+            if isinstance(err, InputError) and not isinstance(err, AccessDenied):
+                return None  # gone
+            raise err from None
+        return str(meta.etag or "").strip('"') or None
+
+    def presign(self, bucket: str, key: str, ttl_s: int, *, version_id: str | None = None) -> str:
+        b = self._bucket(bucket, self.sign_endpoint)
+        params = {"versionId": version_id} if version_id else None
+        try:
+            url: str = b.sign_url("GET", key, ttl_s, slash_safe=True, params=params)
         except Exception as exc:
             raise _translate(self.oss2, exc, _where(bucket, key)) from None
         return url
@@ -196,6 +236,10 @@ def _where(bucket: str, key: str) -> str:
     return f"oss://{bucket}/{key}"
 
 
+def _condition(if_match: str | None) -> dict[str, str]:
+    return {"If-Match": f'"{if_match}"'} if if_match else {}
+
+
 def _size_of_416(exc: BaseException) -> int:
     """The object's size from a 416 answer's ``Content-Range: bytes */size`` (0 without one)."""
     headers = getattr(exc, "headers", None) or {}
@@ -214,8 +258,12 @@ def _translate(oss2: Any, exc: BaseException, where: str) -> CarnumberError:
         return TransportError("local.connection", f"{where}: OSS unreachable")
     if isinstance(exc, errors.ServerError):
         status, code = exc.status, exc.code
+        if code in _CREDENTIALS:
+            return StorageCredentialsError(f"{where}: OSS refused our credentials ({code})")
+        if status == 412:
+            return ObjectChanged(f"{where}: the object changed while it was being read")
         if status == 403:
-            return InputError(f"{where}: access denied ({code or status})")
+            return AccessDenied(f"{where}: access denied ({code or status})")
         if status >= 500 or status == 429:
             return TransportError("local.storage", f"{where}: OSS answered {status} {code}")
         return InputError(f"{where}: OSS refused the request ({status} {code})")

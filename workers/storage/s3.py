@@ -4,7 +4,10 @@ boto3 is imported when the first ``s3://`` URI is used (``pip install 'carnumber
 Credentials, region and ``AWS_ENDPOINT_URL`` come from boto3's own chain (environment,
 profile, instance role); ``settings.s3_endpoint_url`` (``CARNUMBER_S3_ENDPOINT_URL``) wins
 when set. botocore's exceptions become ours in :func:`_translate`, the one place they enter:
-missing object/bucket or access denied → :class:`InputError`; network trouble, timeouts, 5xx and
+missing object/bucket → :class:`InputError`; 403 AccessDenied → :class:`AccessDenied` (the
+resolver decides whether it concerns the object or our credentials); credentials the store
+refuses (expired token, unknown key, bad signature, clock skew) → :class:`StorageCredentialsError`
+(the fleet stops); a failed If-Match → :class:`ObjectChanged`; network trouble, timeouts, 5xx and
 throttling → :class:`TransportError`; no credentials/region → :class:`ConfigError`.
 """
 
@@ -14,14 +17,36 @@ from collections.abc import Iterator
 from typing import Any
 
 from workers.config import Settings
-from workers.errors import CarnumberError, ConfigError, ImageRejected, InputError, TransportError
+from workers.errors import (
+    AccessDenied,
+    CarnumberError,
+    ConfigError,
+    ImageRejected,
+    InputError,
+    ObjectChanged,
+    StorageCredentialsError,
+    TransportError,
+)
 from workers.storage.objects import ObjectInfo, RangeRead
 from workers.storage.optional import require
 
 __all__ = ["S3Store"]
 
 _MISSING = {"NoSuchKey", "NoSuchBucket", "NotFound", "404"}
-_DENIED = {"AccessDenied", "403", "Forbidden", "AllAccessDisabled", "InvalidAccessKeyId"}
+_DENIED = {"AccessDenied", "403", "Forbidden"}
+# The store refuses our credentials themselves: every request with them fails alike.
+_CREDENTIALS = {
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "ExpiredToken",
+    "TokenRefreshRequired",
+    "InvalidToken",
+    "InvalidClientTokenId",
+    "AccountProblem",
+    "AllAccessDisabled",
+    "RequestTimeTooSkewed",
+    "InvalidSecurity",
+}
 
 
 class S3Store:
@@ -62,10 +87,10 @@ class S3Store:
             raise _translate(exc, _where(bucket, key)) from None
         return int(meta["ContentLength"])
 
-    def get(self, bucket: str, key: str, max_bytes: int) -> bytes:
+    def get(self, bucket: str, key: str, max_bytes: int, *, if_match: str | None = None) -> bytes:
         where = _where(bucket, key)
         try:
-            resp = self.client.get_object(Bucket=bucket, Key=key)
+            resp = self.client.get_object(Bucket=bucket, Key=key, **_condition(if_match))
             size = int(resp["ContentLength"])
             body = resp["Body"]
             if size > max_bytes:
@@ -84,13 +109,15 @@ class S3Store:
             raise TransportError("local.connection", f"{where}: got {len(data)} of {size} bytes")
         return data
 
-    def get_range(self, bucket: str, key: str, offset: int, length: int) -> RangeRead:
+    def get_range(
+        self, bucket: str, key: str, offset: int, length: int, *, if_match: str | None = None
+    ) -> RangeRead:
         where = _where(bucket, key)
         if offset < 0 or length < 1:
             raise ValueError(f"bad range: offset {offset}, length {length}")
         try:
             resp = self.client.get_object(
-                Bucket=bucket, Key=key, Range=f"bytes={offset}-{offset + length - 1}"
+                Bucket=bucket, Key=key, Range=f"bytes={offset}-{offset + length - 1}", **_condition(if_match)
             )
             body = resp["Body"]
             content_range = resp.get("ContentRange")
@@ -107,13 +134,25 @@ class S3Store:
                 return RangeRead(b"", offset, empty)  # an empty object, or offset past the end
             raise _translate(exc, where) from None
         etag = str(resp.get("ETag") or "").strip('"') or None
-        return RangeRead(data, offset, size, resp.get("ContentType") or None, etag)
+        version = resp.get("VersionId") or None
+        return RangeRead(data, offset, size, resp.get("ContentType") or None, etag, version)
 
-    def presign(self, bucket: str, key: str, ttl_s: int) -> str:
+    def etag(self, bucket: str, key: str) -> str | None:
         try:
-            url: str = self.client.generate_presigned_url(
-                "get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=ttl_s
-            )
+            meta = self.client.head_object(Bucket=bucket, Key=key)
+        except Exception as exc:
+            err = _translate(exc, _where(bucket, key))
+            if isinstance(err, InputError) and not isinstance(err, AccessDenied):
+                return None  # gone
+            raise err from None
+        return str(meta.get("ETag") or "").strip('"') or None
+
+    def presign(self, bucket: str, key: str, ttl_s: int, *, version_id: str | None = None) -> str:
+        params = {"Bucket": bucket, "Key": key}
+        if version_id:
+            params["VersionId"] = version_id  # signed: the URL reads that version or nothing
+        try:
+            url: str = self.client.generate_presigned_url("get_object", Params=params, ExpiresIn=ttl_s)
         except Exception as exc:
             raise _translate(exc, _where(bucket, key)) from None
         return url
@@ -137,6 +176,10 @@ class S3Store:
 
 def _where(bucket: str, key: str) -> str:
     return f"s3://{bucket}/{key}"
+
+
+def _condition(if_match: str | None) -> dict[str, str]:
+    return {"IfMatch": f'"{if_match}"'} if if_match else {}
 
 
 def _total_size(content_range: str | None, fallback: int) -> int:
@@ -172,8 +215,12 @@ def _translate(exc: BaseException, where: str) -> CarnumberError:
         status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
         if code in _MISSING or status == 404:
             return InputError(f"{where}: not found ({code or status})")
+        if code in _CREDENTIALS:
+            return StorageCredentialsError(f"{where}: S3 refused our credentials ({code})")
+        if code in ("PreconditionFailed", "412") or status == 412:
+            return ObjectChanged(f"{where}: the object changed while it was being read")
         if code in _DENIED or status == 403:
-            return InputError(f"{where}: access denied ({code or status})")
+            return AccessDenied(f"{where}: access denied ({code or status})")
         if status >= 500 or status == 429 or code in ("SlowDown", "Throttling", "RequestTimeout"):
             return TransportError("local.storage", f"{where}: S3 answered {status} {code}")
         return InputError(f"{where}: S3 refused the request ({status} {code})")
