@@ -117,3 +117,18 @@ def test_images_whose_rows_reached_the_output_are_counted_not_paid_again(
     assert repair.check("r") == 2
     assert [c.position_of() for c in published] == [(2, 3)]
     assert runs.get("r").written == 6  # type: ignore[union-attr]
+
+
+def test_a_record_keeps_the_producer_s_verdicts_for_republishing(tmp_path: Path) -> None:
+    # A refused item republished (verify --republish, the repair) is refused again, not read;
+    # a sealed URL is fetched from the sealed store again, not from its redacted source.
+    records = EnqueuedRecords(open_dataset(str(tmp_path / "out")))
+    refs = (
+        ImageRef("file:///cams/a.jpg", meta={"camera": "7"}),
+        ImageRef("file:///cams/link.jpg", refused=("local.link", "a link out of the folder")),
+        ImageRef("https://cdn.example/x.jpg", sealed=True),
+    )
+    records.write(Chunk("r", "0000000", refs))
+    again = records.chunk("r", "0000000")
+    assert again is not None and again.images == refs
+    assert records.chunks("r", [refs[1].image_id])[0].images == (refs[1],)

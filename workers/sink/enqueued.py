@@ -52,9 +52,16 @@ RECORD_SCHEMA = pa.schema(
         pa.field("source", pa.string(), nullable=False),  # redacted, as in the output rows
         pa.field("chunk_id", pa.string(), nullable=False),
         pa.field("meta", pa.map_(pa.string(), pa.string())),  # so a republished image keeps it
+        # The producer's verdicts, so a republished image is what the producer published: the
+        # URL to fetch is the sealed one (workers/storage/sealed.py), or the item was refused
+        # with this code and message. Null in version 1 records.
+        pa.field("sealed", pa.bool_()),
+        pa.field("refused_code", pa.string()),
+        pa.field("refused_message", pa.string()),
     ],
-    metadata={b"carnumber.enqueued_version": b"1"},
+    metadata={b"carnumber.enqueued_version": b"2"},
 )
+_REF_COLUMNS = ["image_id", "source", "meta", "sealed", "refused_code", "refused_message"]
 _PREFIX = "chunk-"
 _HEX = frozenset("0123456789abcdef")
 _SUFFIX = ".parquet"
@@ -89,6 +96,9 @@ class EnqueuedRecords:
                 "source": [redact_url(r.source) for r in chunk.images],
                 "chunk_id": [chunk.chunk_id] * len(chunk.images),
                 "meta": [list(r.meta.items()) or None for r in chunk.images],
+                "sealed": [r.sealed or None for r in chunk.images],
+                "refused_code": [r.refused[0] if r.refused else None for r in chunk.images],
+                "refused_message": [r.refused[1] if r.refused else None for r in chunk.images],
             },
             schema=RECORD_SCHEMA,
         )
@@ -121,10 +131,8 @@ class EnqueuedRecords:
         path = self.files(run_id).get(chunk_id)
         if path is None:
             return None
-        table = pq.read_table(
-            path, filesystem=self.dataset.fs, columns=["image_id", "source", "meta"], schema=RECORD_SCHEMA
-        )
-        refs = tuple(ImageRef(r["source"], r["image_id"], dict(r["meta"] or [])) for r in table.to_pylist())
+        table = pq.read_table(path, filesystem=self.dataset.fs, columns=_REF_COLUMNS, schema=RECORD_SCHEMA)
+        refs = tuple(_ref(r) for r in table.to_pylist())
         return Chunk(run_id, chunk_id, refs)
 
     def chunks(self, run_id: str, image_ids: Sequence[str]) -> list[Chunk]:
@@ -135,7 +143,7 @@ class EnqueuedRecords:
         found: list[Chunk] = []
         for chunk_id, path in sorted(self.files(run_id).items()):
             table = pq.read_table(
-                path, filesystem=self.dataset.fs, columns=["image_id", "source", "meta"], schema=RECORD_SCHEMA
+                path, filesystem=self.dataset.fs, columns=_REF_COLUMNS, schema=RECORD_SCHEMA
             )
             rows = table.to_pylist()
             picked = [(p, r) for p, r in enumerate(rows) if r["image_id"] in wanted]
@@ -144,7 +152,7 @@ class EnqueuedRecords:
                     Chunk(
                         run_id,
                         chunk_id,
-                        tuple(ImageRef(r["source"], r["image_id"], dict(r["meta"] or [])) for _, r in picked),
+                        tuple(_ref(r) for _, r in picked),
                         tuple(p for p, _ in picked),
                     )
                 )
@@ -154,14 +162,24 @@ class EnqueuedRecords:
         """The recorded refs of ``image_ids`` (source and metadata as enqueued, in chunk order;
         each image once), to publish them again."""
         wanted = pa.array(list(image_ids), pa.string())
-        table = self.read(run_id, ("image_id", "source", "meta"))
+        table = self.read(run_id, tuple(_REF_COLUMNS))
         table = table.filter(pc.is_in(table["image_id"], value_set=wanted))
         seen: dict[str, ImageRef] = {}
         for row in table.to_pylist():
-            seen.setdefault(
-                row["image_id"], ImageRef(row["source"], row["image_id"], dict(row["meta"] or []))
-            )
+            seen.setdefault(row["image_id"], _ref(row))
         return list(seen.values())
+
+
+def _ref(row: dict[str, object]) -> ImageRef:
+    """The image as the producer published it, from its record row."""
+    code = row.get("refused_code")
+    return ImageRef(
+        str(row["source"]),
+        str(row["image_id"]),
+        dict(row["meta"] or []),  # type: ignore[call-overload]
+        sealed=bool(row.get("sealed")),
+        refused=(str(code), str(row.get("refused_message") or "")) if code else None,
+    )
 
 
 def recorder(output: str) -> Callable[[Chunk], None]:
