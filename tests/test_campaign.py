@@ -19,8 +19,14 @@ from ops.drills import campaign
 from ops.drills.campaign_check import IN_FLIGHT_S, check, exactly_one
 from ops.drills.campaign_gen import EVENT_KINDS, FAULTS, FULL, SMALL, Event, Params, Schedule, generate
 
-# seed -> what it found (at SMALL); played by test_regression_seed.
-REGRESSION_SEEDS: dict[int, str] = {}
+# seed -> what it found (at SMALL); played by test_regression_seed. Those the product still
+# fails are expected to fail (not strictly: the timing may miss the window) until their fix lands;
+# the findings are in the notes (campaign-findings.md) and the issue.
+REGRESSION_SEEDS: dict[int, str] = {
+    5: "F2 (issue 19 #2): verify --republish on a live run pays 32 pictures twice",
+    11: "F2 (issue 19 #2): two verify --republish on a live run pay 158 twice, the run done early",
+}
+STILL_FAILING = {5, 11}
 # Short schedules of the default suite: together they play a node SIGKILLed and SIGTERMed, a
 # Redis restart, the producer killed and run again, pause/resume, cancel/resume --force.
 SMOKE_SEEDS = (1,)
@@ -220,7 +226,15 @@ def test_a_short_schedule_keeps_every_invariant(seed: int) -> None:
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("seed", sorted(REGRESSION_SEEDS))
+@pytest.mark.parametrize(
+    "seed",
+    [
+        pytest.param(s, marks=pytest.mark.xfail(reason=REGRESSION_SEEDS[s], strict=False))
+        if s in STILL_FAILING
+        else s
+        for s in sorted(REGRESSION_SEEDS)
+    ],
+)
 def test_regression_seed(seed: int) -> None:
     _play(generate(seed, Params(**{**SMALL.to_json(), "root": False})))
 

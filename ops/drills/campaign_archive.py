@@ -5,8 +5,9 @@ with the SHA-256 of its bytes (the picture the server counts calls for).
 
 Bad inputs are untrusted-input cases that must each get exactly one outcome (a row with a clear
 code) and never cost a chunk: a truncated JPEG, a JPEG whose scan is garbage, a text file named
-``.jpg``, a 10 px PNG and an empty file. When the bad-input corpus of the untrusted-input issue
-lands, :func:`write_bad_inputs` is where it plugs in.
+``.jpg``, a 10 px PNG and an empty file; and, given a folder (``--bad-corpus``), a bad-input
+corpus of any size (the untrusted-input issue's generator writes one), copied in as it is
+(names, symlinks and all) under ``archive/corpus/``.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import io
 import random
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,13 +61,17 @@ def write_bad_inputs(folder: Path) -> list[str]:
     return sorted(files)
 
 
-def build_sources(work: Path, images: int, bad_inputs: bool, copies: int, new: int, seed: int) -> list[Path]:
-    """The archive (``images`` pictures, plus the bad inputs) and, when ``copies`` or ``new``, the
-    second source; returns their folders, the archive first."""
+def build_sources(
+    work: Path, images: int, bad_inputs: bool, copies: int, new: int, seed: int, corpus: str = ""
+) -> list[Path]:
+    """The archive (``images`` pictures, plus the bad inputs and the ``corpus`` folder's files)
+    and, when ``copies`` or ``new``, the second source; returns their folders, the archive first."""
     archive = work / "archive"
     write_test_archive(archive, images)
     if bad_inputs:
         write_bad_inputs(archive)
+    if corpus:
+        shutil.copytree(corpus, archive / "corpus", symlinks=True)
     sources = [archive]
     if copies or new:
         second = work / "second"

@@ -10,7 +10,10 @@ FoundationDB's deterministic simulation).
 
 Which node an event hits is fixed as a fraction (``pick``) of the nodes alive at that moment, in
 the order they started, so a schedule names no node it cannot know in advance; a named scenario
-may name a node (``node``).
+may name a node (``node``). Some faults wait for the run's *tail* (``when: tail``): the first
+moment after ``at_s`` when no producer runs, the broker queue is empty and no more chunks are
+held than there are live nodes: the nodes finish their last chunks, most holding one message or
+none (where issue 18's nodes died); then ``after_s`` more.
 """
 
 from __future__ import annotations
@@ -63,6 +66,8 @@ _WEIGHTS: Mapping[str, float] = {
     "verify-republish": 1, "retry-failures": 1, "compact": 1, "status": 1, "report": 1, "quota-raise": 0.8,
 }  # fmt: skip
 _ONCE = ("redis-past", "second-source", "quota-raise")  # at most one per schedule
+_TAIL = ("kill", "term", "stop", "cut", "redis-blip", "redis-long", "pause", "cancel", "verify-republish")
+TAIL_SHARE = 0.3  # of those, played at the run's tail
 _REDIS = ("redis-blip", "redis-long", "redis-past")
 
 
@@ -89,6 +94,7 @@ class Params:
     events_max: int = 10
     root: bool = False  # network namespaces allowed: `cut` events
     bad_inputs: bool = True
+    bad_corpus: str = ""  # a folder of bad inputs copied into the archive as it is
     finish_s: float = 900.0  # the operator's bound for finishing the run after the schedule
 
     def horizon_s(self) -> float:
@@ -148,6 +154,7 @@ class Schedule:
     nodes: int  # at the start
     ns_nodes: int = 0  # of which on a test host of their own (network namespace), for `cut`
     supervisor: bool = True  # a node that exits by itself is started again 2 s later
+    operator_starts_nodes: bool = True  # when no node is left, the operator's finish starts some
     quota: int | None = None  # CARNUMBER_QUOTA (window total) at the start; quota-raise lifts it
     second_copies: int = 0  # the second source: byte-identical copies of archive pictures
     second_new: int = 0  # ... and pictures of its own
@@ -156,7 +163,8 @@ class Schedule:
     def to_json(self) -> dict[str, Any]:
         return {
             "name": self.name, "seed": self.seed, "params": self.params.to_json(), "nodes": self.nodes,
-            "ns_nodes": self.ns_nodes, "supervisor": self.supervisor, "quota": self.quota,
+            "ns_nodes": self.ns_nodes, "supervisor": self.supervisor,
+            "operator_starts_nodes": self.operator_starts_nodes, "quota": self.quota,
             "second_copies": self.second_copies, "second_new": self.second_new,
             "events": [e.to_json() for e in self.events],
         }  # fmt: skip
@@ -166,7 +174,8 @@ class Schedule:
         return cls(
             name=str(raw["name"]), seed=raw.get("seed"), params=Params.from_json(raw["params"]),
             nodes=int(raw["nodes"]), ns_nodes=int(raw.get("ns_nodes", 0)),
-            supervisor=bool(raw.get("supervisor", True)), quota=raw.get("quota"),
+            supervisor=bool(raw.get("supervisor", True)),
+            operator_starts_nodes=bool(raw.get("operator_starts_nodes", True)), quota=raw.get("quota"),
             second_copies=int(raw.get("second_copies", 0)), second_new=int(raw.get("second_new", 0)),
             events=tuple(Event.from_json(e) for e in raw.get("events", ())),
         )  # fmt: skip
@@ -237,12 +246,16 @@ def generate(seed: int, params: Params = FULL) -> Schedule:
     horizon = params.horizon_s()
     kinds = list(EVENT_KINDS)  # the same draws with or without root: only `cut` differs
     weights = [_WEIGHTS[k] for k in kinds]
+    tail_rng = random.Random(f"tail-{seed}")  # a stream of its own: the other draws stay as they were
     events: list[Event] = []
     for _ in range(rng.randint(params.events_min, params.events_max)):
         kind = rng.choices(kinds, weights=weights)[0]
         if kind in _ONCE and any(e.kind == kind for e in events):
             kind = "status"
         event = _event(rng, kind, params, horizon)
+        if kind in _TAIL and tail_rng.random() < TAIL_SHARE:
+            tail = {**event.args, "when": "tail", "after_s": round(tail_rng.uniform(0.0, 4.0), 1)}
+            event = Event(round(min(event.at_s, 0.3 * horizon), 1), kind, tail)
         if kind == "cut" and not params.root:  # no namespaces: the nearest fault without them
             event = Event(event.at_s, "stop", event.args)
         events.append(event)
@@ -275,12 +288,17 @@ def generate(seed: int, params: Params = FULL) -> Schedule:
 
 def nodes_replaced_then_redis_restart(params: Params | None = None) -> Schedule:
     """Issue 18's scenario as it was played: 3,000 images on three nodes (default pool, AOF Redis,
-    the server at 30 ms, no QPS limit); each original node SIGKILLed in turn 8 s apart and replaced
-    by a fresh node; 5 s after the third replacement Redis stopped (SIGTERM) and started 3 s later.
-    No supervisor: every image must still finish."""
+    the server at 30 ms); each original node SIGKILLed in turn 8 s apart and replaced by a fresh
+    node; 5 s after the third replacement Redis stopped (SIGTERM) and started 3 s later. QPS 70
+    paces the run so that the Redis stop falls at its tail, the replacements finishing their last
+    chunks while the dead nodes' chunks wait for their leases: with no limit the live work was over
+    by then, with 50 the queue still held chunks; at 70 the code before the fix (61af5e2) lost a
+    replacement node (exit 0 after `Unrecoverable error: AttributeError ... 'hostname'`).
+    No supervisor, and no operator starting nodes: every image must still finish (the issue saw
+    1,200 of 3,000 still queued ten minutes later)."""
     p = params or Params(
-        images=3000, chunk_size=200, lease_s=45.0, qps=0.0, concurrency=16, high_water=20,
-        redis_outage_s=300.0, bad_inputs=False, finish_s=900.0,
+        images=3000, chunk_size=200, lease_s=45.0, qps=70.0, concurrency=16, high_water=20,
+        redis_outage_s=300.0, bad_inputs=False, finish_s=300.0,
     )  # fmt: skip
     kills: Sequence[Event] = [
         Event(4.0 + 8.0 * i, "kill", {"node": f"node{i + 1}", "victims": 1, "replace": True})
@@ -289,5 +307,5 @@ def nodes_replaced_then_redis_restart(params: Params | None = None) -> Schedule:
     redis = Event(kills[-1].at_s + 5.0, "redis-blip", {"down_s": 3.0, "signal": "TERM"})
     return Schedule(
         name="nodes-replaced-then-redis-restart", seed=None, params=p, nodes=3, supervisor=False,
-        events=(*kills, redis),
+        operator_starts_nodes=False, events=(*kills, redis),
     )  # fmt: skip

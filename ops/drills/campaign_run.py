@@ -56,7 +56,9 @@ class Runner:
     # -- setup ---------------------------------------------------------------------------------
     def setup(self) -> Fleet:
         p, s = self.p, self.s
-        sources = build_sources(self.work, p.images, p.bad_inputs, s.second_copies, s.second_new, s.seed or 0)
+        sources = build_sources(
+            self.work, p.images, p.bad_inputs, s.second_copies, s.second_new, s.seed or 0, p.bad_corpus
+        )
         also_bind: list[str] = []
         if s.ns_nodes:
             self.hosts = Hosts(tag=str(os.getpid() % 100000), n=1, base=2 + os.getpid() % 240)
@@ -88,6 +90,27 @@ class Runner:
             f.note(
                 f.record(Op(e.kind, f"runner error: {type(exc).__name__}: {exc}", f.phase, time.time())), -1
             )
+
+    def fire_at_tail(self, e: Event) -> None:
+        """Fire ``e`` at the run's tail: no producer running, the queue empty, and no more chunks
+        held than live nodes (most hold one or none); bounded: after the bound it fires anyway."""
+        d, f = self.drill, self.fleet
+        assert d is not None and f is not None
+        deadline = time.monotonic() + 3 * self.p.horizon_s() + self.p.redis_outage_s
+        while time.monotonic() < deadline:
+            try:
+                s = d.summary()
+                if s is None or d.finished(s):
+                    break
+                queued = d.client.llen(d.env()["CARNUMBER_QUEUE"])
+                held = d.client.hlen("unacked")  # kombu's: messages delivered, not yet acked
+                if queued == 0 and 0 < held <= len(f.alive()) and f.enqueues and not f.running_enqueues():
+                    break
+            except (redis.RedisError, OSError):
+                pass
+            time.sleep(0.2)
+        time.sleep(float(e.args.get("after_s", 0.0)))
+        self.fire(e)
 
     def _kill(self, e: Event, f: Fleet) -> None:
         replace = bool(e.args.get("replace"))
@@ -311,7 +334,8 @@ class Runner:
         threads = []
         for e in self.s.events:
             time.sleep(max(0.0, f.t0 + e.at_s - time.time()))
-            t = threading.Thread(target=self.fire, args=(e,), daemon=True, name=e.kind)
+            target = self.fire_at_tail if e.args.get("when") == "tail" else self.fire
+            t = threading.Thread(target=target, args=(e,), daemon=True, name=e.kind)
             t.start()
             threads.append(t)
         bound = time.monotonic() + self.p.redis_outage_s + 3 * self.p.lease_s + 300
@@ -332,7 +356,7 @@ class Runner:
             left = deadline - time.monotonic()
             if left <= 5:
                 break
-            if not f.alive():  # no supervisor, or it gave up: the operator starts the fleet
+            if not f.alive() and self.s.operator_starts_nodes:  # no supervisor, or it gave up
                 for _ in range(self.s.nodes):
                     f.start_node(why="operator: start workers")
             state = _json(f.cmd("operator", ["status", "campaign", "--json", "--no-workers"], 60)).get(
@@ -340,10 +364,10 @@ class Runner:
             )
             if state in HELD:
                 f.cmd("operator", ["resume", "campaign", *(["--force"] if state == "cancelled" else [])])
-            f.wait_enqueues(max(1.0, deadline - time.monotonic()))
+            f.wait_enqueues(max(1.0, (deadline - time.monotonic()) / 2))
             for index in f.unfinished_sources():
                 f.enqueue(index, why="operator: enqueue again")
-            f.wait_enqueues(max(1.0, deadline - time.monotonic()))
+            f.wait_enqueues(max(1.0, (deadline - time.monotonic()) / 2))
             left = deadline - time.monotonic()
             follow = f.cmd("operator", ["status", "campaign", "--follow", "--no-workers", "--timeout-s",
                                         f"{max(1.0, left - 30):.0f}"], max(10.0, left))  # fmt: skip
