@@ -86,7 +86,7 @@ def _parser() -> argparse.ArgumentParser:
         help="check the histories in --results again (the checker changed) and print the table",
     )
     p.add_argument("--keep", action="store_true", help="keep each schedule's work directory")
-    p.add_argument("--quiet", action="store_true", help="no per-op lines (the table and violations only)")
+    p.add_argument("--quiet", action="store_true", help="no per-op lines on the console (logs keep them)")
     return p
 
 
@@ -230,7 +230,7 @@ def _child_argv(args: argparse.Namespace, seed: int, folder: Path) -> list[str]:
     if args.bad_corpus:
         argv += ["--bad-corpus", str(Path(args.bad_corpus).resolve())]
     argv += [f for f, on in (("--no-bad-inputs", args.no_bad_inputs), ("--no-root", args.no_root),
-                             ("--keep", args.keep), ("--quiet", args.quiet)) if on]  # fmt: skip
+                             ("--keep", args.keep)) if on]  # fmt: skip
     return argv
 
 

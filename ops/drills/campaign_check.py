@@ -212,6 +212,8 @@ def check(history: Mapping[str, Any]) -> tuple[Figures, list[Violation]]:
 
     # bounded
     for o in ops:
+        if o["what"].startswith("runner error"):
+            out.append(Violation("runner", f"{o['kind']}: {o['what']}"))
         if o.get("timed_out"):
             out.append(Violation("bounded", f"{o['kind']}: `{o['what']}` ran too long and was killed"))
         elif o["what"].startswith("event still running"):
