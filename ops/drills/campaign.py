@@ -70,7 +70,6 @@ def _parser() -> argparse.ArgumentParser:
     for name, kind in _FLAGS.items():
         p.add_argument("--" + name.replace("_", "-"), type=kind, help=f"(default: the size's {name})")
     p.add_argument("--no-bad-inputs", action="store_true", help="an archive without the bad inputs")
-    p.add_argument("--bad-corpus", help="a folder of bad inputs to copy into each archive as it is")
     p.add_argument("--no-root", action="store_true", help="no network namespaces even as root")
     p.add_argument(
         "--jobs", type=int, default=1, help="schedules at once (each its own Redis, ports, prefix)"
@@ -95,8 +94,6 @@ def params_of(args: argparse.Namespace) -> Params:
     changes: dict[str, Any] = {k: getattr(args, k) for k in _FLAGS if getattr(args, k) is not None}
     if args.no_bad_inputs:
         changes["bad_inputs"] = False
-    if args.bad_corpus:
-        changes["bad_corpus"] = str(Path(args.bad_corpus).resolve())
     changes["root"] = os.geteuid() == 0 and not args.no_root and shutil.which("ip") is not None
     return Params(**{**{f.name: getattr(base, f.name) for f in fields(base)}, **changes})
 
@@ -115,8 +112,6 @@ def replay_command(seed: int, params: Params) -> str:
     ]
     if not params.bad_inputs:
         flags.append("--no-bad-inputs")
-    if params.bad_corpus:
-        flags.append(f"--bad-corpus {params.bad_corpus}")
     if not params.root:
         flags.append("--no-root")
     return f"python ops/drills/campaign.py --seed {seed}{size}{''.join(' ' + f for f in flags)}"
@@ -227,8 +222,6 @@ def _child_argv(args: argparse.Namespace, seed: int, folder: Path) -> list[str]:
     for k in _FLAGS:
         if getattr(args, k) is not None:
             argv += ["--" + k.replace("_", "-"), str(getattr(args, k))]
-    if args.bad_corpus:
-        argv += ["--bad-corpus", str(Path(args.bad_corpus).resolve())]
     argv += [f for f, on in (("--no-bad-inputs", args.no_bad_inputs), ("--no-root", args.no_root),
                              ("--keep", args.keep)) if on]  # fmt: skip
     return argv

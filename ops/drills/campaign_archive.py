@@ -1,21 +1,24 @@
 """The fault campaign's sources: the archive (distinct pictures the replay recognizer knows, plus
 bad inputs), the second source (byte-identical copies of archive pictures and pictures of its
-own), and the listing the checker compares the output with: every image id each source lists,
-with the SHA-256 of its bytes (the picture the server counts calls for).
+own), the bad-input corpus, and the listing the checker compares the output with: every image id
+each source lists, with the SHA-256 of its bytes (the picture the server counts calls for; "" when
+it cannot be read as a plain file: an archive member, a FIFO).
 
-Bad inputs are untrusted-input cases that must each get exactly one outcome (a row with a clear
-code) and never cost a chunk: a truncated JPEG, a JPEG whose scan is garbage, a text file named
-``.jpg``, a 10 px PNG and an empty file; and, given a folder (``--bad-corpus``), a bad-input
-corpus of any size (the untrusted-input issue's generator writes one), copied in as it is
-(names, symlinks and all) under ``archive/corpus/``.
+Bad inputs must each get exactly one outcome (a row with a clear code) and never cost a chunk. The
+archive always holds five of its own: a truncated JPEG, a JPEG whose scan is garbage, a text file
+named ``.jpg``, a 10 px PNG and an empty file. Where ``ocrserver.bad_corpus`` exists (the
+untrusted-input issue's generator), its corpus is written too — a folder with names that are not
+UTF-8, links and a FIFO, a tar, a tar.gz, a zip and three manifests — and each of its sources is
+enqueued into the same run.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import os
 import random
-import shutil
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +31,7 @@ from ocrserver.truth import distinct_copy, make_test_image, write_test_archive
 __all__ = ["Listing", "build_sources", "list_source", "write_bad_inputs"]
 
 _NEW_SALT = 50_000_000  # salts of the second source's own pictures (the archive uses 0..n, -1..-d)
+_MAX_HASHED = 64 << 20  # a file larger than this is not read to hash it
 
 
 def _jpeg(size: tuple[int, int] = (320, 240)) -> bytes:
@@ -43,7 +47,7 @@ def _png(size: tuple[int, int]) -> bytes:
 
 
 def write_bad_inputs(folder: Path) -> list[str]:
-    """Write the bad inputs into ``folder``; returns their file names."""
+    """Write the archive's own bad inputs into ``folder``; returns their file names."""
     good_jpeg = _jpeg()
     garbage = bytearray(good_jpeg)
     for i in range(len(garbage) // 2, len(garbage) - 2):  # scan data scrambled, markers intact
@@ -61,17 +65,27 @@ def write_bad_inputs(folder: Path) -> list[str]:
     return sorted(files)
 
 
+@dataclass(frozen=True, slots=True)
+class Listing:
+    """What one source lists: image id -> SHA-256 of its bytes (hex; "" when not hashed)."""
+
+    source: str
+    images: dict[str, str]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"source": self.source, "images": self.images}
+
+
 def build_sources(
-    work: Path, images: int, bad_inputs: bool, copies: int, new: int, seed: int, corpus: str = ""
-) -> list[Path]:
-    """The archive (``images`` pictures, plus the bad inputs and the ``corpus`` folder's files)
-    and, when ``copies`` or ``new``, the second source; returns their folders, the archive first."""
+    work: Path, images: int, bad_inputs: bool, copies: int, new: int, seed: int
+) -> tuple[list[Path], dict[str, Listing]]:
+    """The sources to enqueue, the archive first, then the second source (when ``copies`` or
+    ``new``), then the bad-input corpus's; and the listings of the corpus's sources (what it says
+    each lists)."""
     archive = work / "archive"
     write_test_archive(archive, images)
     if bad_inputs:
         write_bad_inputs(archive)
-    if corpus:
-        shutil.copytree(corpus, archive / "corpus", symlinks=True)
     sources = [archive]
     if copies or new:
         second = work / "second"
@@ -84,33 +98,48 @@ def build_sources(
             picture = make_test_image([{"text": f"粤B{i:05d}"}])
             (second / f"own-{i:05d}.png").write_bytes(distinct_copy(picture, _NEW_SALT + i))
         sources.append(second)
-    return sources
+    corpus: dict[str, Listing] = {}
+    if bad_inputs:
+        corpus = _write_corpus(work / "corpus")
+        sources += [Path(s) for s in corpus]
+    return sources, corpus
 
 
-@dataclass(frozen=True, slots=True)
-class Listing:
-    """What one source lists: image id -> SHA-256 of its bytes (hex)."""
+def _write_corpus(folder: Path) -> dict[str, Listing]:
+    try:
+        from ocrserver.bad_corpus import write_bad_corpus
+    except ImportError:  # not on this branch yet: the archive's own bad inputs only
+        return {}
+    written = write_bad_corpus(folder)
+    return {
+        src: Listing(src, {e.image_id: _hash_of(e.source) for e in written.expected[src]})
+        for src in written.sources
+    }
 
-    source: str
-    images: dict[str, str]
 
-    def to_json(self) -> dict[str, Any]:
-        return {"source": self.source, "images": self.images}
+def _hash_of(source: str) -> str:
+    """SHA-256 of a source's bytes when it is a plain local file (never a FIFO, never huge)."""
+    path = (
+        os.fsencode(unquote(urlsplit(source).path, errors="surrogateescape"))
+        if "://" in source
+        else os.fsencode(source)
+    )
+    try:
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > _MAX_HASHED:
+            return ""
+        with open(path, "rb") as fh:
+            return hashlib.sha256(fh.read()).hexdigest()
+    except (OSError, ValueError):
+        return ""
 
 
 def list_source(source: Path, env: dict[str, str]) -> Listing:
-    """The image ids ``carnumber enqueue`` lists for ``source``, each with the hash of its bytes
-    (a local folder: the ref's source is the file's path or ``file://`` URI)."""
+    """The image ids ``carnumber enqueue`` lists for ``source``, each with the hash of its bytes."""
     from producers.sources import open_source
     from workers.config import Settings
 
     settings = Settings.from_env({k: v for k, v in env.items() if k.startswith(("CARNUMBER_", "ALIB"))})
-    images: dict[str, str] = {}
-    for ref in open_source(str(source), settings):
-        path = unquote(urlsplit(ref.source).path) if "://" in ref.source else ref.source
-        try:
-            digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
-        except OSError:
-            digest = ""
-        images[ref.image_id] = digest
-    return Listing(str(source), images)
+    return Listing(
+        str(source), {ref.image_id: _hash_of(ref.source) for ref in open_source(str(source), settings)}
+    )

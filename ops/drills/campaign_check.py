@@ -147,7 +147,8 @@ def check(history: Mapping[str, Any]) -> tuple[Figures, list[Violation]]:
     server = history["server"]
     pictures: Mapping[str, Sequence[float]] = server["pictures"]
     wanted = {h for h in listed.values() if h}
-    fig.pictures, fig.calls = len(wanted), int(server["accepted_total"])
+    unhashed = sum(1 for h in listed.values() if not h)  # archive members, links: each at most one picture
+    fig.pictures, fig.calls = len(wanted) + unhashed, int(server["accepted_total"])
     fig.extra_calls = fig.calls - len(pictures)
     fig.paid_twice = sum(1 for t in pictures.values() if len(t) > 1)
     if fig.calls > fig.pictures + fig.bound:
@@ -155,7 +156,7 @@ def check(history: Mapping[str, Any]) -> tuple[Figures, list[Violation]]:
         out.append(Violation("calls", f"{fig.calls} calls accepted for {fig.pictures} pictures, bound "
                              f"{fig.bound} (the calls in flight at each fault): {over} over"))  # fmt: skip
     strangers = sorted(set(pictures) - wanted)
-    if strangers:
+    if len(strangers) > unhashed:
         out.append(Violation("calls", f"{len(strangers)} pictures called that no source lists"))
     unexplained = []
     for digest, times in pictures.items():
@@ -230,9 +231,7 @@ def _last_second_of_kills(ops: Sequence[Mapping[str, Any]], pictures: Mapping[st
     """Calls accepted in the second before each SIGKILL of nodes (a killed process's unflushed
     counts are at most its calls of the last second; the fleet's are an upper bound of those)."""
     calls = sorted(t for times in pictures.values() for t in times)
-    kills = [
-        float(o["start"]) for o in ops if o["kind"] == "kill" or "SIGKILLed" in str(o.get("note"))
-    ]
+    kills = [float(o["start"]) for o in ops if o["kind"] == "kill" or "SIGKILLed" in str(o.get("note"))]
     return sum(sum(1 for t in calls if k - 1.0 <= t <= k) for k in kills)
 
 

@@ -94,7 +94,6 @@ class Params:
     events_max: int = 10
     root: bool = False  # network namespaces allowed: `cut` events
     bad_inputs: bool = True
-    bad_corpus: str = ""  # a folder of bad inputs copied into the archive as it is
     finish_s: float = 900.0  # the operator's bound for finishing the run after the schedule
 
     def horizon_s(self) -> float:

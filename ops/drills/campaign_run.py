@@ -29,7 +29,7 @@ from typing import Any
 
 import redis
 
-from ops.drills.campaign_archive import build_sources, list_source
+from ops.drills.campaign_archive import Listing, build_sources, list_source
 from ops.drills.campaign_fleet import Fleet, NodeInfo, Op
 from ops.drills.campaign_gen import Event, Schedule
 from ops.drills.harness import Drill
@@ -52,12 +52,13 @@ class Runner:
         self.hosts: Hosts | None = None
         self.fleet: Fleet | None = None
         self.drill: Drill | None = None
+        self.corpus: dict[str, Listing] = {}
 
     # -- setup ---------------------------------------------------------------------------------
     def setup(self) -> Fleet:
         p, s = self.p, self.s
-        sources = build_sources(
-            self.work, p.images, p.bad_inputs, s.second_copies, s.second_new, s.seed or 0, p.bad_corpus
+        sources, self.corpus = build_sources(
+            self.work, p.images, p.bad_inputs, s.second_copies, s.second_new, s.seed or 0
         )
         also_bind: list[str] = []
         if s.ns_nodes:
@@ -234,9 +235,20 @@ class Runner:
         time.sleep(float(e.args.get("again_after_s", 0.0)))
         f.enqueue(index, why="enqueue (again)")
 
+    def _enqueue_corpus(self) -> None:
+        f = self.fleet
+        assert f is not None
+        for index, src in enumerate(f.sources):
+            if str(src) in self.corpus:
+                f.enqueue(index, why="enqueue (bad-input corpus)")
+                proc = f.enqueues[index][-1][0]
+                if proc is not None:
+                    proc.wait()  # bounded: each ends, or is killed at the end of the finish
+
     def _second_source(self, e: Event, f: Fleet) -> None:
-        if len(f.sources) > 1:
-            f.enqueue(1)
+        second = [i for i, src in enumerate(f.sources) if src.name == "second"]
+        if second:
+            f.enqueue(second[0])
 
     def _pause(self, e: Event, f: Fleet) -> None:
         f.cmd("pause", ["pause", "campaign"])
@@ -331,6 +343,8 @@ class Runner:
         f.watch()
         f.t0 = time.time()
         f.enqueue(0)
+        if self.corpus:  # the bad-input corpus's sources, one after the other, into the same run
+            threading.Thread(target=self._enqueue_corpus, daemon=True).start()
         threads = []
         for e in self.s.events:
             time.sleep(max(0.0, f.t0 + e.at_s - time.time()))
@@ -401,7 +415,11 @@ class Runner:
             "calls": _json(status).get("calls"),
             "state": _json(status).get("state"),
         }
-        final["listing"] = [list_source(src, d.env()).to_json() for src in f.sources if _enqueued(f, src)]
+        final["listing"] = [
+            (self.corpus.get(str(src)) or list_source(src, d.env())).to_json()
+            for src in f.sources
+            if _enqueued(f, src)
+        ]
         final["outcomes"] = _outcomes(d)
         stats = d.server_stats()
         final["server"] = {"accepted_total": stats.get("accepted_total"), "pictures": d.server_pictures()}
