@@ -19,10 +19,13 @@ import io
 import os
 import random
 import stat
+import tarfile
+import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote
 
 from PIL import Image
 
@@ -118,20 +121,55 @@ def _write_corpus(folder: Path) -> dict[str, Listing]:
 
 
 def _hash_of(source: str) -> str:
-    """SHA-256 of a source's bytes when it is a plain local file (never a FIFO, never huge)."""
-    path = (
-        os.fsencode(unquote(urlsplit(source).path, errors="surrogateescape"))
-        if "://" in source
-        else os.fsencode(source)
-    )
+    """SHA-256 of the bytes a source names: a plain local file (never a FIFO, never huge) or a
+    member of a local tar or zip; "" for anything else or anything that cannot be read."""
+    scheme, sep, rest = source.partition("://")
     try:
-        st = os.stat(path)
-        if not stat.S_ISREG(st.st_mode) or st.st_size > _MAX_HASHED:
-            return ""
-        with open(path, "rb") as fh:
-            return hashlib.sha256(fh.read()).hexdigest()
-    except (OSError, ValueError):
+        if not sep:  # a plain path, as given
+            return _digest(_read_file(os.fsencode(source)))
+        if scheme == "file":
+            return _digest(_read_file(_local(rest)))
+        if scheme in ("tar", "zip"):
+            path, member, *nth = rest.split("#")
+            name = unquote(member, errors="surrogateescape")
+            return _digest(_read_member(scheme, _local(path), name, int(nth[0]) if nth else 1))
+    except (OSError, ValueError, EOFError, RuntimeError, tarfile.TarError, zipfile.BadZipFile, zlib.error):
         return ""
+    return ""
+
+
+def _local(encoded: str) -> bytes:
+    """The raw bytes of a path as a URI carries it (percent-encoded, names need not be UTF-8)."""
+    return os.fsencode(unquote(encoded, errors="surrogateescape"))
+
+
+def _digest(data: bytes | None) -> str:
+    return hashlib.sha256(data).hexdigest() if data is not None else ""
+
+
+def _read_file(path: bytes) -> bytes | None:
+    st = os.stat(path)
+    if not stat.S_ISREG(st.st_mode) or st.st_size > _MAX_HASHED:
+        return None
+    with open(path, "rb") as fh:
+        return fh.read()
+
+
+def _read_member(kind: str, path: bytes, member: str, nth: int) -> bytes | None:
+    """The ``nth`` entry named ``member`` of a local archive (bounded in size)."""
+    seen = 0
+    if kind == "zip":
+        with zipfile.ZipFile(os.fsdecode(path)) as zf:
+            for info in zf.infolist():
+                if info.filename == member and (seen := seen + 1) == nth:
+                    return zf.read(info) if info.file_size <= _MAX_HASHED else None
+        return None
+    with tarfile.open(os.fsdecode(path), "r:*") as tf:
+        for info in tf:
+            if info.name == member and (seen := seen + 1) == nth:
+                fh = tf.extractfile(info) if info.isreg() and info.size <= _MAX_HASHED else None
+                return fh.read() if fh is not None else None
+    return None
 
 
 def list_source(source: Path, env: dict[str, str]) -> Listing:

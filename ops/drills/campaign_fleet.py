@@ -11,6 +11,7 @@ SIGKILL after a grace, the supervisor by a cap on restarts.
 from __future__ import annotations
 
 import contextlib
+import json
 import signal
 import subprocess
 import sys
@@ -25,7 +26,7 @@ from ops.drills.campaign_gen import Schedule
 from ops.drills.harness import Drill, Node
 from ops.drills.partition import Hosts
 
-__all__ = ["Fleet", "NodeInfo", "Op"]
+__all__ = ["Fleet", "NodeInfo", "Op", "first_json"]
 
 TAIL = 2500  # characters of a command's output kept in the history
 ROOT = str(Path(__file__).resolve().parents[2])
@@ -46,6 +47,7 @@ class Op:
     recovery_s: float | None = None
     timed_out: bool = False
     note: str = ""
+    doc: dict[str, Any] = field(default_factory=dict)  # the JSON object a `--json` command printed
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -107,6 +109,8 @@ class Fleet:
         op.end = time.time()
         op.rc = rc
         op.out = _keep(out)
+        if "--json" in op.what.split():
+            op.doc = first_json(out)
         bound = f" (bound {op.bound})" if op.bound else ""
         status = "TIMED OUT" if op.timed_out else f"rc={rc}" if rc is not None else "done"
         if rc not in (None, 0, -9) and op.out.strip():
@@ -263,6 +267,18 @@ class Fleet:
         for info in self.nodes:
             info.node.thaw()
             info.node.kill()
+
+
+def first_json(text: str) -> dict[str, Any]:
+    """The first JSON object in a command's output (``--json`` prints one; logs may follow)."""
+    start = text.find("{")
+    while start >= 0:
+        try:
+            doc = json.JSONDecoder().raw_decode(text[start:])[0]
+            return doc if isinstance(doc, dict) else {}
+        except ValueError:
+            start = text.find("{", start + 1)
+    return {}
 
 
 def _keep(out: str) -> str:

@@ -18,7 +18,6 @@ every node's fate.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import threading
@@ -263,7 +262,7 @@ class Runner:
     def _resume(self, f: Fleet, op: Op) -> None:
         """Note the run's state a few seconds after a resume (a run still held was not resumed)."""
         time.sleep(RESUME_SETTLE_S)
-        state = _json(f.cmd("status", ["status", "campaign", "--json", "--no-workers"], 60)).get("state")
+        state = f.cmd("status", ["status", "campaign", "--json", "--no-workers"], 60).doc.get("state")
         op.note = f"state {RESUME_SETTLE_S:g} s later: {state}"
 
     def _verify_republish(self, e: Event, f: Fleet) -> None:
@@ -373,9 +372,7 @@ class Runner:
             if not f.alive() and self.s.operator_starts_nodes:  # no supervisor, or it gave up
                 for _ in range(self.s.nodes):
                     f.start_node(why="operator: start workers")
-            state = _json(f.cmd("operator", ["status", "campaign", "--json", "--no-workers"], 60)).get(
-                "state"
-            )
+            state = f.cmd("operator", ["status", "campaign", "--json", "--no-workers"], 60).doc.get("state")
             if state in HELD:
                 f.cmd("operator", ["resume", "campaign", *(["--force"] if state == "cancelled" else [])])
             f.wait_enqueues(max(1.0, (deadline - time.monotonic()) / 2))
@@ -389,7 +386,7 @@ class Runner:
                 continue  # held again (resume next round), or stalled (start workers next round)
             f.cmd("operator", ["compact", "campaign"])
             verify = f.cmd("operator", ["verify", "campaign", "--json"])
-            v = _json(verify)
+            v = verify.doc
             if verify.rc == 0:
                 if any(c.get("retryable") for c in v.get("failed_by_code", [])):
                     f.cmd("operator", ["retry-failures", "campaign"])
@@ -408,12 +405,12 @@ class Runner:
         verify = f.cmd("final", ["verify", "campaign", "--json"])
         report = f.cmd("final", ["report", "campaign", "--json"])
         status = f.cmd("final", ["status", "campaign", "--json", "--no-workers"])
-        final["verify"] = {"rc": verify.rc, "json": _json(verify)}
-        final["report"] = {"rc": report.rc, "calls": _json(report).get("calls")}
+        final["verify"] = {"rc": verify.rc, "json": verify.doc}
+        final["report"] = {"rc": report.rc, "calls": report.doc.get("calls")}
         final["status"] = {
             "rc": status.rc,
-            "calls": _json(status).get("calls"),
-            "state": _json(status).get("state"),
+            "calls": status.doc.get("calls"),
+            "state": status.doc.get("state"),
         }
         final["listing"] = [
             (self.corpus.get(str(src)) or list_source(src, d.env())).to_json()
@@ -429,20 +426,6 @@ class Runner:
 
 def _enqueued(f: Fleet, src: Path) -> bool:
     return f.sources.index(src) in f.enqueues
-
-
-def _json(op: Op) -> dict[str, Any]:
-    """The JSON object a command printed (the last one, when it printed several)."""
-    text = op.out.strip()
-    for start in (text.find("{"), text.rfind("\n{") + 1):
-        if start < 0:
-            continue
-        try:
-            doc = json.JSONDecoder().raw_decode(text[start:])[0]
-            return doc if isinstance(doc, dict) else {}
-        except ValueError:
-            continue
-    return {}
 
 
 def _outcomes(d: Drill) -> dict[str, list[list[Any]]]:
