@@ -6,10 +6,10 @@ it cannot be read as a plain file: an archive member, a FIFO).
 
 Bad inputs must each get exactly one outcome (a row with a clear code) and never cost a chunk. The
 archive always holds five of its own: a truncated JPEG, a JPEG whose scan is garbage, a text file
-named ``.jpg``, a 10 px PNG and an empty file. Where ``ocrserver.bad_corpus`` exists (the
-untrusted-input issue's generator), its corpus is written too — a folder with names that are not
-UTF-8, links and a FIFO, a tar, a tar.gz, a zip and three manifests — and each of its sources is
-enqueued into the same run.
+named ``.jpg``, a 10 px PNG and an empty file; and the bad-input corpus
+(:mod:`ocrserver.bad_corpus`: a folder with names that are not UTF-8, links and a FIFO, a tar, a
+tar.gz, a zip and three manifests, 83 items) is written beside it, each of its sources enqueued
+into the same run.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from urllib.parse import unquote
 
 from PIL import Image
 
+from ocrserver.bad_corpus import write_bad_corpus
 from ocrserver.truth import distinct_copy, make_test_image, write_test_archive
 
 __all__ = ["Listing", "build_sources", "list_source", "write_bad_inputs"]
@@ -109,10 +110,6 @@ def build_sources(
 
 
 def _write_corpus(folder: Path) -> dict[str, Listing]:
-    try:
-        from ocrserver.bad_corpus import write_bad_corpus
-    except ImportError:  # not on this branch yet: the archive's own bad inputs only
-        return {}
     written = write_bad_corpus(folder)
     return {
         src: Listing(src, {e.image_id: _hash_of(e.source) for e in written.expected[src]})
