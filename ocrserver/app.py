@@ -1,4 +1,4 @@
-"""The raw ASGI app: a RecognizeCarNumber look-alike, plus two admin routes.
+"""The raw ASGI app: a RecognizeCarNumber look-alike, plus three admin routes.
 
 Per API call (``POST /`` or ``GET /``), in the real service's order:
 
@@ -11,9 +11,10 @@ Per API call (``POST /`` or ``GET /``), in the real service's order:
 5. recognition and the success envelope (:mod:`ocrserver.envelope`).
 
 Every refusal is an :class:`~workers.errors.ApiError` rendered by :func:`ocrserver.codes.error_body`.
-``GET /__carnumber/stats`` and ``POST /__carnumber/reset`` are not part of the real API, nor are
-the server's own STS routes (:mod:`ocrserver.sts`, loopback clients only):
-``GET /__carnumber/sts/credentials`` (a credentials URI) and ``POST /__carnumber/sts/revoke``.
+``GET /__carnumber/stats``, ``GET /__carnumber/pictures`` and ``POST /__carnumber/reset`` are
+not part of the real API, nor are the server's own STS routes (:mod:`ocrserver.sts`, loopback
+clients only): ``GET /__carnumber/sts/credentials`` (a credentials URI) and
+``POST /__carnumber/sts/revoke``.
 No framework: the whole request path is a few dict look-ups, one HMAC and one JSON dump.
 """
 
@@ -138,6 +139,8 @@ class OcrApp:
         if route == ("GET", "/__carnumber/stats"):
             doc = {**self.stats.to_json(), "sts_issued": self.sts.issued}
             await _respond(send, 200, json.dumps(doc).encode())
+        elif route == ("GET", "/__carnumber/pictures"):
+            await _respond(send, 200, json.dumps(self.stats.pictures_json()).encode())
         elif route == ("POST", "/__carnumber/reset"):
             self.stats.reset()
             self.faults.reseed()
@@ -205,6 +208,7 @@ class OcrApp:
                 params, body, self.http_client(), self.config.allowed_url_hosts,
                 self.config.url_timeout_s,
             )
+            self.stats.picture(image.sha256, now)
             injection = self.faults.draw()
             if injection.slow_ms:
                 self.stats.fault("slow")

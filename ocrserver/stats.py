@@ -4,7 +4,9 @@
 for the rate), bucketed by whole wall-clock second, overall and per key, so a benchmark can check
 "never more than N accepted in any one second". ``answers`` counts what was sent back, by
 ``Code`` (``Success`` for a plate answer, ``(malformed)`` for a broken body, ``(reset)`` for a
-dropped connection). ``faults`` counts injected faults by kind.
+dropped connection). ``faults`` counts injected faults by kind. ``pictures`` keeps, per picture
+(SHA-256 of the image's bytes), when each accepted call for it was let through, so a drill can
+tell a picture answered twice from one answered once (``GET /__carnumber/pictures``).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ class Stats:
         self.max_accepted_per_second = 0
         self._per_second: dict[int, int] = {}
         self._per_key: dict[str, dict[str, int]] = {}
+        self._pictures: dict[str, list[float]] = {}
 
     def request(self) -> None:
         self.requests_total += 1
@@ -58,6 +61,13 @@ class Stats:
             for old in sorted(self._per_second)[:-KEEP_SECONDS]:
                 del self._per_second[old]
 
+    def picture(self, sha256: str, accepted_at: float) -> None:
+        """An accepted call whose image loaded: ``accepted_at`` is when the limiter let it through."""
+        self._pictures.setdefault(sha256, []).append(round(accepted_at, 3))
+
+    def pictures_json(self) -> dict[str, list[float]]:
+        return {k: list(v) for k, v in self._pictures.items()}
+
     def to_json(self) -> dict[str, Any]:
         return {
             "started_at": self.started_at,
@@ -68,6 +78,8 @@ class Stats:
             "accepted_total": self.accepted_total,
             "throttled": self.throttled,
             "max_accepted_per_second": self.max_accepted_per_second,
+            "pictures": len(self._pictures),
+            "pictures_called_twice": sum(1 for v in self._pictures.values() if len(v) > 1),
             "accepted_per_second": {str(s): n for s, n in sorted(self._per_second.items())},
             "per_key": {
                 k: {"accepted": v["accepted"], "max_accepted_per_second": v["max"]}

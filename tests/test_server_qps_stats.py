@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 
 import httpx
 import pytest
@@ -113,3 +114,16 @@ def test_serve_as_a_child_process_prints_its_url() -> None:
         got = Client(proc.url, Credentials("cid", "csecret"), http).recognize(Image(body=PNG))
         assert [p.text for p in got.plates] == ["浙A12345"]
     assert proc.proc.returncode is not None
+
+
+def test_pictures_route_counts_calls_per_picture() -> None:
+    other = make_test_image(["苏E00001"])
+    with start_server(ServerConfig()) as srv, httpx.Client() as http:
+        client = Client(srv.url, Credentials("testid", "testsecret"), http)
+        for body in (PNG, other, PNG):
+            client.recognize(Image(body=body))
+        pictures = http.get(f"{srv.url}/__carnumber/pictures").json()
+        stats = http.get(f"{srv.url}/__carnumber/stats").json()
+    counts = {k: len(v) for k, v in pictures.items()}
+    assert counts == {hashlib.sha256(PNG).hexdigest(): 2, hashlib.sha256(other).hexdigest(): 1}
+    assert (stats["pictures"], stats["pictures_called_twice"]) == (2, 1)

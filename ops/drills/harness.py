@@ -119,9 +119,23 @@ class Node:
             os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait(30)
 
+    def signal(self, sig: signal.Signals) -> None:
+        """Send ``sig`` to the node's whole process group (main process and pool)."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, sig)
+
+    def freeze(self) -> None:
+        """SIGSTOP the node (a paused VM, a process stopped for a debugger): nothing runs, its
+        sockets stay open, its leases stop being renewed."""
+        self.signal(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        self.signal(signal.SIGCONT)
+
     def stop(self) -> None:
         if not self.alive():
             return
+        self.thaw()  # a frozen node would not see the SIGTERM
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGTERM)
         try:
@@ -231,10 +245,16 @@ class Drill:
             self.enqueue_cmd(), env=self.env(), capture_output=True, text=True, timeout=timeout_s, check=False
         )
 
+    def server_stats(self) -> dict[str, Any]:
+        return dict(httpx.get(f"{self.server.url}/__carnumber/stats", timeout=10).json())
+
     def server_calls(self) -> int:
         """Calls the server accepted (signed, valid, not throttled): what would be billed."""
-        stats = httpx.get(f"{self.server.url}/__carnumber/stats", timeout=10).json()
-        return int(stats.get("accepted_total", 0))
+        return int(self.server_stats().get("accepted_total", 0))
+
+    def server_pictures(self) -> dict[str, list[float]]:
+        """Per picture (SHA-256 of its bytes), when each accepted call for it was let through."""
+        return dict(httpx.get(f"{self.server.url}/__carnumber/pictures", timeout=30).json())
 
     # -- waiting -----------------------------------------------------------------------------
     def summary(self) -> RunSummary | None:

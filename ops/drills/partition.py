@@ -27,11 +27,13 @@ def _ip(*args: str) -> None:
 
 @dataclass
 class Hosts:
-    """``n`` namespaces ``cn<tag><i>``, each linked to this host by a veth pair on 10.231.<i>.0/24
-    (this host .1, the test host .2)."""
+    """``n`` namespaces ``cn<tag><i>``, each linked to this host by a veth pair on
+    10.231.<base + i>.0/24 (this host .1, the test host .2); drills running at once use other
+    ``tag`` and ``base``."""
 
     tag: str
     n: int = 2
+    base: int = 1
 
     def name(self, i: int) -> str:
         return f"cn{self.tag}{i}"
@@ -40,7 +42,7 @@ class Hosts:
         return f"{self.name(i)}h"
 
     def gateway(self, i: int) -> str:
-        return f"10.231.{i + 1}.1"
+        return f"10.231.{self.base + i}.1"
 
     def up(self) -> None:
         for i in range(self.n):
@@ -50,7 +52,7 @@ class Hosts:
             _ip("link", "set", n, "netns", ns)
             _ip("addr", "add", f"{self.gateway(i)}/24", "dev", h)
             _ip("link", "set", h, "up")
-            _ip("netns", "exec", ns, "ip", "addr", "add", f"10.231.{i + 1}.2/24", "dev", n)
+            _ip("netns", "exec", ns, "ip", "addr", "add", f"10.231.{self.base + i}.2/24", "dev", n)
             _ip("netns", "exec", ns, "ip", "link", "set", n, "up")
             _ip("netns", "exec", ns, "ip", "link", "set", "lo", "up")
 
