@@ -319,13 +319,15 @@ def test_release_gives_a_call_back_but_never_below_zero(
 ) -> None:
     async def body(backend: Backend) -> None:
         quota = CallQuota(backend, f"{key_prefix}:quota", 3, "total")
-        await quota.release()  # nothing reserved yet: stays at zero
+        window = (await backend.quota_peek(quota.key_prefix, "total", 0)).window_key
+        await quota.release(window)  # nothing reserved yet: stays at zero
         assert await quota.remaining() == 3
-        for _ in range(3):
-            await quota.reserve()
+        reserved = [await quota.reserve() for _ in range(3)]
+        assert reserved == [window] * 3
         with pytest.raises(QuotaExhausted):
             await quota.reserve()
-        await quota.release()
+        await quota.release(reserved[0])
+        await quota.release(None)  # reserved without a quota: nothing to give back
         assert await quota.remaining() == 1
         await quota.reserve()
         with pytest.raises(QuotaExhausted) as info:
@@ -358,8 +360,8 @@ def test_no_quota_means_no_counting(run_backend: BackendRunner, key_prefix: str)
         rec = Recording(backend)
         quota = CallQuota(rec, f"{key_prefix}:quota", None, "day")  # type: ignore[arg-type]
         for _ in range(100):
-            await quota.reserve()
-        await quota.release()
+            assert await quota.reserve() is None
+        await quota.release(None)
         assert await quota.remaining() is None and await quota.used() == 0
         assert sum(rec.calls.values()) == 0
 
