@@ -3,12 +3,15 @@
 Per API call (``POST /`` or ``GET /``), in the real service's order:
 
 1. read the body (a hard cap of 3 x 10 MiB; beyond it ``exceededImageContent`` at once);
-2. added latency (``latency_ms``), then the gateway: signature, timestamp, nonce
-   (:class:`~ocrserver.auth.Verifier`) and the QPS limit per account (``Throttling.User``; each
-   key is its own account unless ``accounts`` groups keys);
-3. the image: ``Url`` xor body, fetched and checked (:mod:`ocrserver.intake`);
-4. injected faults (:mod:`ocrserver.faults`), only for calls that got this far;
-5. recognition and the success envelope (:mod:`ocrserver.envelope`).
+2. the gateway: signature, timestamp, nonce (:class:`~ocrserver.auth.Verifier`) and the QPS
+   limit per account (``Throttling.User``, answered at once; each key is its own account unless
+   ``accounts`` groups keys). A call is counted when it arrives, as a gateway counts it, not
+   after the service's processing time: a count taken after a sleep of ``latency_ms`` would add
+   this server's own wake-up lateness to every call's time (up to ~10 ms on a loaded machine);
+3. added latency (``latency_ms``, the service's processing time) for calls the gateway let in;
+4. the image: ``Url`` xor body, fetched and checked (:mod:`ocrserver.intake`);
+5. injected faults (:mod:`ocrserver.faults`), only for calls that got this far;
+6. recognition and the success envelope (:mod:`ocrserver.envelope`).
 
 Every refusal is an :class:`~workers.errors.ApiError` rendered by :func:`ocrserver.codes.error_body`.
 ``GET /__carnumber/stats`` and ``POST /__carnumber/reset`` are not part of the real API, nor are
@@ -183,8 +186,6 @@ class OcrApp:
         try:
             if not complete:
                 raise reject("exceededImageContent")
-            if self.config.latency_ms:
-                await asyncio.sleep(self.config.latency_ms / 1000.0)
             if scope["path"] != "/" or scope["method"] not in ("POST", "GET"):
                 raise reject("InvalidAction.NotFound")
             params = dict(
@@ -201,6 +202,8 @@ class OcrApp:
                 await self._error(send, reject("Throttling.User"), request_id, host_id, extra)
                 return
             self.stats.accepted(key.owner, now)
+            if self.config.latency_ms:
+                await asyncio.sleep(self.config.latency_ms / 1000.0)
             image = await load_image(
                 params, body, self.http_client(), self.config.allowed_url_hosts,
                 self.config.url_timeout_s,

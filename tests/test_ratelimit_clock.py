@@ -16,6 +16,7 @@ from workers.errors import QuotaExhausted
 from workers.fleet import CircuitBreaker, FleetControl
 from workers.keys import Keys
 from workers.ratelimit import CallQuota, MemoryBackend, Rate, RateLimiter, RedisBackend
+from workers.ratelimit.adapt import LONE
 from workers.ratelimit.windows import DAY_S, window_key
 
 
@@ -39,10 +40,10 @@ def test_memory_backend_runs_on_the_injected_clock() -> None:
         assert waits == [0, 0, 0.1, 0.2]
         clock.now += 10  # long idle: all booked slots are in the past
         assert (await backend.gcra_reserve("k", "k:adapt", rate)).wait_s == 0
-        assert await backend.gcra_throttled("k", "k:adapt", rate) == 500_000
-        clock.now += 15  # recovery_s = 60: the factor climbs 0.25 in 15 s
-        assert (await backend.gcra_peek("k", "k:adapt", rate)).factor_ppm == 750_000
-        clock.now += 15
+        assert await backend.gcra_throttled("k", "k:adapt", rate) == (950_000, LONE)
+        clock.now += 0.5  # climbing back at 5 % per second
+        assert (await backend.gcra_peek("k", "k:adapt", rate)).factor_ppm == 975_000
+        clock.now += 0.5
         grant = await backend.gcra_reserve("k", "k:adapt", rate)
         assert grant.factor_ppm == 1_000_000 and grant.increment_us == 100_000
 

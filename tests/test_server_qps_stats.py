@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import time
 
 import httpx
 import pytest
@@ -48,6 +49,40 @@ def test_qps_limit_is_exact_per_second_and_per_key() -> None:
     assert stats["requests_total"] == 80
     assert sum(stats["accepted_per_second"].values()) == stats["accepted_total"]
     assert all(n <= 10 for n in stats["accepted_per_second"].values())  # 2 keys x 5
+
+
+def test_calls_are_counted_as_they_arrive_not_after_the_services_latency() -> None:
+    """As a gateway does: the QPS window counts a call when it arrives, and a refusal is answered
+    at once; only calls let in take the processing time. (Counted after the latency, the count
+    carried this server's own wake-up lateness, which crowded whole seconds it did not send.)"""
+    with start_server(ServerConfig(qps=1, latency_ms=400)) as srv:
+        times: list[float] = []
+        srv.app.stats.accepted = lambda key_id, now: times.append(now)  # type: ignore[method-assign]
+
+        async def two() -> tuple[list[str], list[float], float]:
+            loop = asyncio.get_running_loop()
+            async with httpx.AsyncClient(timeout=10) as http:
+                client = AsyncClient(srv.url, Credentials("testid", "testsecret"), http)
+
+                async def one() -> tuple[str, float]:
+                    try:
+                        await client.recognize(Image(body=PNG))
+                        return "ok", loop.time()
+                    except RetryableApiError as exc:
+                        return exc.code, loop.time()
+
+                await client.recognize(Image(body=PNG))  # a connection open
+                await asyncio.sleep(1.0)  # that call's second is over
+                start, sent = loop.time(), time.time()
+                results = await asyncio.gather(one(), one())
+                return [r for r, _ in results], [t - start for _, t in results], sent
+
+        outcomes, took, sent = asyncio.run(two())
+    assert sorted(outcomes) in (["Throttling.User", "ok"], ["ok", "ok"])  # ok, ok: across a second
+    if "Throttling.User" in outcomes:
+        assert took[outcomes.index("Throttling.User")] < 0.3  # not held for the latency
+    assert took[outcomes.index("ok")] >= 0.4
+    assert 0 <= times[-1] - sent < 0.3  # counted on arrival, 400 ms before it was answered
 
 
 def test_throttle_retry_after_is_optional() -> None:
