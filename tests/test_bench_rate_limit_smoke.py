@@ -31,6 +31,7 @@ from ratelimit_measure import (  # noqa: E402
     max_sliding,
     spread_table,
 )
+from ratelimit_trace import crowding_per_min  # noqa: E402
 
 from ocrserver.config import ServerConfig  # noqa: E402
 from ocrserver.server import start_server  # noqa: E402
@@ -54,6 +55,20 @@ def test_window_measures_on_known_times() -> None:
     assert gaps.long_gaps == 1 and gaps.lost_s == pytest.approx(0.2)
     assert gaps.max_s == pytest.approx(0.3) and gaps.p50_s == pytest.approx(0.1)
     assert max_sliding([]) == 0 and max_per_whole_second([]) == 0
+
+
+def test_crowding_replays_a_runs_delays_under_other_guards() -> None:
+    """What a pacing guard would have let through, on delays a trace recorded: a constant delay
+    crowds nothing (every call moves alike); delays that vary by more than the guard do."""
+
+    def records(delays: list[float]) -> list[dict[str, float]]:
+        return [{"slot": k * 0.1, "arrived": k * 0.1 + d} for k, d in enumerate(delays)]
+
+    assert crowding_per_min(records([0.0] * 600), 10, 0.0) == 0
+    assert crowding_per_min(records([0.03] * 600), 10, 0.01) == 0
+    varied = records([0.03 if k % 7 == 0 else 0.0 for k in range(600)])
+    assert crowding_per_min(varied, 10, 0.01) > 1
+    assert crowding_per_min(varied, 10, 0.04) == 0
 
 
 def test_recording_stats_see_every_accepted_and_throttled_call() -> None:
@@ -152,3 +167,4 @@ def test_tiny_fleet_case_measures_sane_numbers(redis_url: str, tmp_path: Path) -
     assert trace.slots_max_1s <= qps
     assert 0 <= trace.delivery_p50_ms < 1000 and trace.wake_p50_ms >= 0
     assert "| limiter | 10 |" in markdown_table([result])
+    assert [g for g, _ in trace.crowding] == [5.0, 10.0, 15.0, 20.0]

@@ -166,7 +166,9 @@ def _trace_line(r: CaseResult) -> str:
         f"{t.idle_s:.2f} s; wake-up late p50/p99/max {t.wake_p50_ms:.1f}/{t.wake_p99_ms:.1f}/"
         f"{t.wake_max_ms:.1f} ms; slot→server p50/p99/max {t.delivery_p50_ms:.1f}/"
         f"{t.delivery_p99_ms:.1f}/{t.delivery_max_ms:.1f} ms; {t.rebooked} late re-book(s), "
-        f"{t.missed} held up past send_by"
+        f"{t.missed} held up past send_by; on these delays a guard of "
+        + ", ".join(f"{g:g}" for g, _ in t.crowding) + " ms would let "
+        + ", ".join(f"{c:.2f}" for _, c in t.crowding) + " calls per minute past Q in a whole second"
     )
 
 

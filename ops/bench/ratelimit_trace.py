@@ -20,7 +20,9 @@ from typing import Any
 
 from ratelimit_measure import max_sliding
 
-__all__ = ["TraceStats", "percentile", "read_trace", "trace_stats"]
+__all__ = ["CROWDING_GUARDS_MS", "TraceStats", "crowding_per_min", "percentile", "read_trace", "trace_stats"]
+
+CROWDING_GUARDS_MS = (5.0, 10.0, 15.0, 20.0)
 
 
 def read_trace(trace_dir: Path, arrivals: Mapping[str, float], first: float) -> list[dict[str, Any]]:
@@ -59,7 +61,7 @@ class TraceStats:
     bounds); ``rebooked``: slots callers woke too late for and did not
     use (the limiter's late re-book); ``returned``: of those, slots given back (not wasted);
     ``missed``: admitted requests held up past their slot's ``send_by`` and not sent (left out of
-    everything else: their slots count as unused)."""
+    everything else: their slots count as unused); ``crowding``: see the field."""
 
     calls: int
     slots_max_1s: int
@@ -79,6 +81,9 @@ class TraceStats:
     admit_p50_ms: float = float("nan")
     admit_p99_ms: float = float("nan")
     admit_max_ms: float = float("nan")
+    # (guard ms, calls past Q in a whole second per minute) on this run's delays: what a pacing
+    # guard of that size would have let through (:func:`crowding_per_min`), steady window
+    crowding: tuple[tuple[float, float], ...] = ()
 
 
 def trace_stats(
@@ -120,4 +125,27 @@ def trace_stats(
         admit_p50_ms=percentile(admit, 0.5),
         admit_p99_ms=percentile(admit, 0.99),
         admit_max_ms=max(admit, default=float("nan")),
+        crowding=tuple((g, crowding_per_min(steady, 1 / interval_s, g / 1000)) for g in CROWDING_GUARDS_MS),
     )
+
+
+def crowding_per_min(
+    records: Sequence[Mapping[str, Any]], qps: float, guard_s: float, phases: int = 40
+) -> float:
+    """Calls past ``qps`` in a whole second, per minute, had these calls been paced with
+    ``guard_s`` and delivered with the delays they had (``arrived - slot``, in slot order): the
+    throttles a pacing guard would have let through, on this run's lateness. Averaged over
+    ``phases`` evenly spread positions of the second boundaries. Records without an arrival, and
+    missed ones, are left out."""
+    delays = [r["arrived"] - r["slot"] for r in records if r.get("arrived") and not r.get("missed")]
+    if not delays:
+        return 0.0
+    spacing = (1 + guard_s) / qps
+    excess = 0
+    for p in range(phases):
+        counts: dict[int, int] = {}
+        for k, d in enumerate(delays):
+            second = math.floor(p / phases + k * spacing + d)
+            counts[second] = counts.get(second, 0) + 1
+        excess += sum(max(0, n - math.floor(qps)) for n in counts.values())
+    return excess / phases / (len(delays) * spacing) * 60
