@@ -308,6 +308,7 @@ def run_case(
             _check_alive(running.workers)
             time.sleep(min(1.0, max(0.01, settle - time.time())))
         requests, accepted, throttles = running.stats.snapshot()
+        random_refusals = running.stats.random_refusals  # with the snapshot, not after the stop
         arrivals = running.stats.arrivals_by_nonce()
     finally:
         _stop(running, client, settings)
@@ -337,7 +338,7 @@ def run_case(
         throttled_at_s=tuple(round(t - first, 3) for t in throttles),
         trace=trace_stats(traced, start, end, 1.0 / case.qps) if trace else None,
         requests=len(requests),
-        random_refusals=running.stats.random_refusals,
+        random_refusals=random_refusals,
         throttled_in_window=count_in(throttles, start, end),
         requests_in_window=count_in(requests, start, end),
     )

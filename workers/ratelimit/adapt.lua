@@ -50,18 +50,18 @@ local function on_throttle(a, tat, now, calls_per_s, r)
   end
   local level = factor_at(a, now, r)
   local recent_calls = r.memory_s * calls_per_s * level / PPM
+  local calls, share = 0, 0
+  if a then calls = (now - a.at) / PPM * calls_per_s * level / PPM end
+  if a and calls >= SAMPLE_CALLS then share = (a.since + 1) / calls end
   local lowered, knee, kind
   local probing = a ~= nil and a.knee < PPM and level < PPM
-  if a and (probing or (score >= 1.5 and score >= r.repeated_share * recent_calls)) then
-    local calls = (now - a.at) / PPM * calls_per_s * level / PPM
-    local limit = level
-    if calls >= SAMPLE_CALLS then limit = level * math.max(0, 1 - (a.since + 1) / calls) end
-    lowered = math.max(r.floor * PPM, math.min(level * r.decrease, limit))
-    if level < a.knee then
-      knee = lowered
-    else
-      knee = math.max(lowered, math.min(level * r.knee, limit))
-    end
+  local recent = score >= r.repeated_share * recent_calls or
+    (a ~= nil and a.since >= 1 and share >= r.repeated_share)
+  if a and (probing or (score >= 1.5 and recent)) then
+    knee = level * math.max(0, 1 - share) * r.knee
+    lowered = math.max(r.floor * PPM, math.min(level * r.decrease, knee))
+    if level < a.knee then knee = lowered end
+    knee = math.max(lowered, knee)
     kind = REPEATED
   else
     lowered = math.max(r.floor * PPM, level * r.lone_decrease)

@@ -36,6 +36,7 @@ from dataclasses import dataclass, replace
 from workers.errors import ConfigError
 
 __all__ = [
+    "FAR_SHARE",
     "HELD",
     "LONE",
     "PPM",
@@ -55,6 +56,9 @@ HELD, LONE, REPEATED = 0, 1, 2
 # Fewer calls than this since the last change say too little to place the real limit by the
 # share throttled (one throttle in 3 calls is not a limit a third lower).
 SAMPLE_CALLS = 8
+# This share of the calls since the last change throttled (two throttles at least) says the rate
+# is far above the real limit, without waiting for the decayed count to show it.
+FAR_SHARE = 0.05
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,17 +162,22 @@ def on_throttle(
         return replace(adapt, score=score, score_at_us=now_us, since=adapt.since + 1), HELD
     level = factor_at(adapt, now_us, r)
     recent_calls = r.memory_s * calls_per_s * level / PPM
+    # The share of calls throttled since the last change, when enough calls went out to say.
+    calls = 0.0 if adapt is None else (now_us - adapt.at_us) / PPM * calls_per_s * level / PPM
+    share = (adapt.since + 1) / calls if adapt is not None and calls >= SAMPLE_CALLS else 0.0
     # Below the limit with a knee under it, the fleet is probing for a real limit it has found:
     # any throttle there says where that limit is.
     probing = adapt is not None and adapt.knee_ppm < PPM and level < PPM
-    if adapt is not None and (probing or (score >= 1.5 and score >= r.repeated_share * recent_calls)):
-        # The share of calls throttled since the last change says how far above the real limit
-        # this level is: cut at least to there (far above, one cut instead of many).
-        calls = (now_us - adapt.at_us) / PPM * calls_per_s * level / PPM
-        limit = level * max(0.0, 1 - (adapt.since + 1) / calls) if calls >= SAMPLE_CALLS else level
-        lowered = max(r.floor * PPM, min(level * r.decrease, limit))
-        climbing = level < adapt.knee_ppm
-        knee = lowered if climbing else max(lowered, min(level * r.knee, limit))
+    recent = score >= r.repeated_share * recent_calls or (adapt is not None and adapt.since >= 1
+                                                          and share >= FAR_SHARE)
+    if adapt is not None and (probing or (score >= 1.5 and recent)):
+        # The share says how far above the real limit this level is: the knee is that far
+        # below it, and by its own margin; the cut goes at least there (one cut, not many).
+        knee = level * max(0.0, 1 - share) * r.knee
+        lowered = max(r.floor * PPM, min(level * r.decrease, knee))
+        if level < adapt.knee_ppm:  # throttled on the way back: that knee was too high
+            knee = lowered
+        knee = max(lowered, knee)
         kind = REPEATED
     else:
         # Back to where it was, or was climbing to: a lone throttle never lowers the knee.
