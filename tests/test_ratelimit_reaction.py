@@ -51,14 +51,17 @@ def test_a_lone_throttle_holds_about_a_second_then_goes_on_at_the_limit() -> Non
 
 
 def test_throttles_in_the_same_moment_only_add_to_the_score() -> None:
-    """Calls already booked at the old rate, or within ``hold_s``: the same event."""
+    """Calls booked at the old rate, and ``hold_s`` after them: the same event. Only throttles of
+    calls sent at the new rate count towards the share that places the real limit."""
     state, _ = on_throttle(None, 12 * S, 10 * S, 10.0, R)  # slots booked up to 12 s
-    assert state.hold_until_us == 12 * S
+    assert state.hold_until_us == 13 * S
     held, kind = on_throttle(state, 12 * S, 11 * S, 10.0, R)
     assert kind == HELD and (held.factor_ppm, held.at_us, held.knee_ppm) == (950_000, 10 * S, PPM)
-    assert held.score == pytest.approx(1 + math.exp(-1 / 30))
-    late, kind = on_throttle(held, 12 * S, 12 * S, 10.0, R)
-    assert kind != HELD and late.at_us == 12 * S
+    assert held.score == pytest.approx(1 + math.exp(-1 / 30)) and held.since == 0  # old rate
+    held, kind = on_throttle(held, 12 * S, 12 * S + S // 2, 10.0, R)
+    assert kind == HELD and held.since == 1  # the new rate
+    late, kind = on_throttle(held, 12 * S, 13 * S, 10.0, R)
+    assert kind != HELD and late.at_us == 13 * S
 
 
 def test_repeated_throttles_cut_from_the_level_then_climb_fast_to_the_knee_and_probe() -> None:
@@ -69,20 +72,19 @@ def test_repeated_throttles_cut_from_the_level_then_climb_fast_to_the_knee_and_p
     assert on_throttle(first, 0, 10 * S, 50.0, R)[1] == LONE  # 3 of 1,500 calls: still lone
     second, kind = on_throttle(first, 0, 10 * S, 10.0, R)  # 3 of 300: repeated
     assert kind == REPEATED
-    # 1 throttle in the 100 calls since the last change: the real limit is about 1 % lower; the
-    # knee 2 % below that.
-    knee = math.floor(PPM * 0.99 * 0.98)
+    knee = 980_000
     assert second.factor_ppm == 900_000 and second.knee_ppm == knee
     at = second.at_us
     assert factor_at(second, at + S, R) == pytest.approx(950_000)  # 5 % per second up to...
-    assert factor_at(second, at + round(1.404 * S), R) == pytest.approx(knee)  # ...the knee,
-    # then (t / 180 s)² of the knee: +0.03 % after 3 s, +2 % after 25 s, all of it after 40 s.
-    assert factor_at(second, at + round(4.404 * S), R) == pytest.approx(knee * (1 + (3 / 180) ** 2))
-    assert factor_at(second, at + round(26.404 * S), R) == pytest.approx(knee * 1.02, rel=1e-3)
+    assert factor_at(second, at + round(1.6 * S), R) == pytest.approx(knee)  # ...the knee,
+    # then (t / 180 s)² of the knee: +0.03 % after 3 s, +2 % after 25 s, all of it after 37 s.
+    assert factor_at(second, at + round(4.6 * S), R) == pytest.approx(knee * (1 + (3 / 180) ** 2))
+    assert factor_at(second, at + round(26.6 * S), R) == pytest.approx(knee * 1.02, rel=1e-3)
     assert factor_at(second, at + 40 * S, R) == PPM
-    # Any throttle while probing below the limit says where the real limit is.
-    third, kind = on_throttle(second, 0, at + round(26.404 * S), 10.0, R)
-    assert kind == REPEATED and third.knee_ppm == pytest.approx(knee * 1.02 * 0.98 * (1 - 1 / 260), rel=1e-3)
+    # Any throttle while probing below the limit says where the real limit is: the knee goes
+    # 2 % below that level.
+    third, kind = on_throttle(second, 0, at + round(26.6 * S), 10.0, R)
+    assert kind == REPEATED and third.knee_ppm == pytest.approx(knee * 1.02 * 0.98, rel=1e-3)
 
 
 def test_a_large_share_throttled_places_the_real_limit_in_one_cut() -> None:
@@ -91,10 +93,10 @@ def test_a_large_share_throttled_places_the_real_limit_in_one_cut() -> None:
     2 % below that)."""
     first, _ = on_throttle(None, 0, 0, 10.0, R)
     state = first
-    for i in range(4):  # with this one, 5 of the 10 calls in the second after the first throttle
+    for i in range(5):  # 5 of the 10 calls in the second after the first throttle
         state, kind = on_throttle(state, 0, (i + 1) * S // 10, 10.0, R)
         assert kind == HELD
-    cut, kind = on_throttle(state, 0, S, 10.0, R)
+    cut, kind = on_throttle(state, 0, S, 10.0, R)  # the one that ends the count is left out
     level = factor_at(state, S, R)
     calls = 10.0 * level / PPM
     assert kind == REPEATED

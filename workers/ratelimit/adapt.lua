@@ -44,15 +44,18 @@ end
 -- Returns the new state and what the throttle did (HELD, LONE or REPEATED).
 local function on_throttle(a, tat, now, calls_per_s, r)
   local score = decayed_score(a, now, r) + 1
+  local hold = math.ceil(r.hold_s * PPM)
   if a and now < a.hold_until then
+    local since = a.since
+    if now >= a.hold_until - hold then since = since + 1 end
     return {factor = a.factor, at = a.at, knee = a.knee, hold_until = a.hold_until, score = score,
-      score_at = now, since = a.since + 1}, HELD
+      score_at = now, since = since}, HELD
   end
   local level = factor_at(a, now, r)
   local recent_calls = r.memory_s * calls_per_s * level / PPM
   local calls, share = 0, 0
-  if a then calls = (now - a.at) / PPM * calls_per_s * level / PPM end
-  if a and calls >= SAMPLE_CALLS then share = (a.since + 1) / calls end
+  if a then calls = (now - math.max(a.at, a.hold_until - hold)) / PPM * calls_per_s * level / PPM end
+  if a and calls >= SAMPLE_CALLS then share = a.since / calls end
   local lowered, knee, kind
   local probing = a ~= nil and a.knee < PPM and level < PPM
   local recent = score >= r.repeated_share * recent_calls or
@@ -69,7 +72,7 @@ local function on_throttle(a, tat, now, calls_per_s, r)
     if a and a.knee > knee then knee = a.knee end
     kind = LONE
   end
-  local hold_until = math.max(now + math.ceil(r.hold_s * PPM), tat or 0)
+  local hold_until = math.max(now, tat or 0) + hold
   return {factor = math.floor(lowered), at = now, knee = math.floor(knee), hold_until = hold_until,
     score = score, score_at = now, since = 0}, kind
 end

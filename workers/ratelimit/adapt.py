@@ -9,19 +9,21 @@ opposite reactions:
   limit in all (1.25 calls at 50 qps), then on at the limit.
 * **Repeated throttles** say the service's real limit is below ours (another system shares the
   account). They are repeated when they are more than ``repeated_share`` of the calls of the
-  last ``memory_s`` (an exponentially decayed count; and at least two), or when any throttle
-  comes while the fleet is already probing below the limit for a real limit it found before.
-  Multiplicative decrease: from the throttled level by ``decrease``, or further, to where the
-  share of calls throttled since the last change puts the real limit (far above it, one cut
-  instead of many); a fast climb back to ``knee`` of the throttled level (never above that
-  estimate); then a slow probe upwards that starts at almost nothing and grows with the square
-  of the time (``probe_s``), so the fleet spends its time just below the real limit, asks for
-  more only slowly, and finds its way back up when the other system has gone. A throttle that
-  comes while still climbing fast says the knee was too high: that cut starts the probe at once.
+  last ``memory_s`` (an exponentially decayed count; and at least two), or two or more are
+  :data:`FAR_SHARE` of the calls at the new rate, or any throttle comes while the fleet is
+  already probing below the limit for a real limit it found before. Multiplicative decrease:
+  the share of calls throttled at the new rate puts the real limit that far below the throttled
+  level, and the knee ``knee`` below that estimate; the factor is cut by ``decrease``, or to
+  the knee when that is lower (far above it, one cut instead of many); a fast climb back to the
+  knee; then a slow probe upwards that starts at almost nothing and grows with the square of the
+  time (``probe_s``), so the fleet spends its time just below the real limit, asks for more only
+  slowly, and finds its way back up when the other system has gone. A throttle that comes while
+  still climbing fast says the knee was too high: that cut starts the probe at once.
 
-After any change, further throttles only count (towards the score and the share) until
-``hold_s`` has passed *and* every slot booked before the change has gone by: calls sent on those
-were scheduled at the old rate and say nothing new. The factor is computed from the state
+After any change, further throttles only count until every slot booked before the change has
+gone by *and* ``hold_s`` after that (the first whole second the service counts at the new
+rate): calls sent on those were scheduled at the old rate and say nothing new. Throttles after
+the old slots count towards the share at the new rate. The factor is computed from the state
 whenever a slot is reserved, so successes cost nothing. ``adapt.lua`` is this module's
 line-by-line twin for Redis (put in front of the ``gcra_*`` scripts). Times are integer
 microseconds of the backend's clock; factors are parts per million. See
@@ -118,7 +120,8 @@ class Adapt:
     """The adaptive state. The factor was set to ``factor_ppm`` at ``at_us`` and climbs at the
     fast pace up to ``knee_ppm``, then at the probing pace up to 1.0. Throttles before
     ``hold_until_us`` only add to ``score`` (throttles seen, decayed with ``memory_s``, as of
-    ``score_at_us``) and to ``since`` (throttles since ``at_us``)."""
+    ``score_at_us``) and, after the slots booked at the old rate, to ``since`` (throttles at the
+    new rate; the hold ends ``hold_s`` after those slots)."""
 
     factor_ppm: int
     at_us: int
@@ -158,13 +161,19 @@ def on_throttle(
     :data:`LONE` or :data:`REPEATED`). ``tat_us``: the limit's state (slots up to it were booked
     at the old rate); ``calls_per_s``: the pacing at factor 1.0, for the share of calls throttled."""
     score = _score(adapt, now_us, r) + 1
+    hold_us = math.ceil(r.hold_s * PPM)
     if adapt is not None and now_us < adapt.hold_until_us:
-        return replace(adapt, score=score, score_at_us=now_us, since=adapt.since + 1), HELD
+        # Counted towards the share only once the slots booked at the old rate have gone by.
+        settled = now_us >= adapt.hold_until_us - hold_us
+        return replace(adapt, score=score, score_at_us=now_us, since=adapt.since + settled), HELD
     level = factor_at(adapt, now_us, r)
     recent_calls = r.memory_s * calls_per_s * level / PPM
-    # The share of calls throttled since the last change, when enough calls went out to say.
-    calls = 0.0 if adapt is None else (now_us - adapt.at_us) / PPM * calls_per_s * level / PPM
-    share = (adapt.since + 1) / calls if adapt is not None and calls >= SAMPLE_CALLS else 0.0
+    # The share of calls throttled since the new rate took hold, when enough calls say (this
+    # throttle, which ends the count, left out: counting up to a throttle over-counts).
+    calls = 0.0
+    if adapt is not None:
+        calls = (now_us - max(adapt.at_us, adapt.hold_until_us - hold_us)) / PPM * calls_per_s * level / PPM
+    share = adapt.since / calls if adapt is not None and calls >= SAMPLE_CALLS else 0.0
     # Below the limit with a knee under it, the fleet is probing for a real limit it has found:
     # any throttle there says where that limit is.
     probing = adapt is not None and adapt.knee_ppm < PPM and level < PPM
@@ -183,7 +192,9 @@ def on_throttle(
         # Back to where it was, or was climbing to: a lone throttle never lowers the knee.
         lowered = max(r.floor * PPM, level * r.lone_decrease)
         knee, kind = max(level, adapt.knee_ppm if adapt is not None else 0), LONE
-    hold_until = max(now_us + math.ceil(r.hold_s * PPM), tat_us or 0)
+    # The change holds for hold_s after the slots booked at the old rate have gone by: the
+    # first whole second the service counts at the new rate.
+    hold_until = max(now_us, tat_us or 0) + hold_us
     return Adapt(math.floor(lowered), now_us, math.floor(knee), hold_until, score, now_us), kind
 
 
