@@ -313,3 +313,21 @@ def test_an_adapt_hash_of_the_previous_release_still_reads(redis_url: str, key_p
             await client.aclose()
 
     asyncio.run(body())
+
+
+def test_repeated_throttles_warn_once_in_a_while(caplog: pytest.LogCaptureFixture) -> None:
+    """Probing against a lower real limit meets it every half minute: one warning, then INFO."""
+    clock = FakeClock()
+    backend = MemoryBackend(clock=clock)
+    limiter = RateLimiter(backend, "k", 10, reaction=Reaction(hold_s=0))
+
+    async def throttles() -> None:
+        for _ in range(6):
+            clock.now += 0.5
+            await limiter.on_throttled()
+
+    with caplog.at_level("INFO", logger="workers.ratelimit.limiter"):
+        asyncio.run(throttles())
+    repeated = [r for r in caplog.records if "throttles repeat" in r.getMessage()]
+    assert len(repeated) >= 2 and [r.levelname for r in repeated][:2] == ["WARNING", "INFO"]
+    assert "a lone throttle" in caplog.records[0].getMessage()

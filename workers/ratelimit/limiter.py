@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import time
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any
@@ -46,6 +47,9 @@ log = logging.getLogger(__name__)
 # which a caller sends anyway: a loop that late every time is overloaded, and a process that
 # never sends helps nobody (a throttle, if any, slows the fleet).
 MAX_REBOOKS = 3
+
+# Seconds between two warnings that throttles repeat (the ones between are logged at INFO).
+WARN_EVERY_S = 600.0
 
 # What the guard must still cover after the request's last check (``Slot.send_by``), seconds:
 # writing the request and its trip to the service's counter. Measured on loopback, written to
@@ -133,6 +137,7 @@ class RateLimiter:
         self.abandoned = 0  # slots whose request could not leave by ``send_by`` (see ``abandon``)
         self.abandoned_returned = 0  # of those, slots given back
         self._gate: tuple[asyncio.AbstractEventLoop, asyncio.Lock] | None = None
+        self._warned_at = -math.inf  # monotonic time of the last "throttles repeat" warning
         self._background: set[asyncio.Task[object]] = set()
 
     def __repr__(self) -> str:
@@ -220,7 +225,12 @@ class RateLimiter:
         elif kind == LONE:
             log.info("rate limit %s: a lone throttle: %.2f qps for about a second", self.key, qps)
         else:
-            log.warning(
+            # Once in a while loud: probing against a lower real limit meets it every half minute.
+            now = time.monotonic()
+            loud = now - self._warned_at >= WARN_EVERY_S
+            self._warned_at = now if loud else self._warned_at
+            log.log(
+                logging.WARNING if loud else logging.INFO,
                 "rate limit %s: throttles repeat (the account's real limit looks lower than %g qps): "
                 "now %.2f qps, probing upwards slowly",
                 self.key,
