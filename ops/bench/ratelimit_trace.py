@@ -53,7 +53,8 @@ def percentile(values: Sequence[float], q: float) -> float:
 @dataclass(frozen=True, slots=True)
 class TraceStats:
     """Milliseconds unless named otherwise. ``slots_max_1s``: most slots in any sliding 1-s window
-    of the schedule; ``slot_gap_min_ms``: closest two slots; ``idle_s``: schedule time in the
+    of the schedule (the slots used: one whose request missed its ``send_by`` went back or was
+    lost); ``slot_gap_min_ms``: closest two used slots; ``idle_s``: schedule time in the
     steady window that no caller had booked (sum of slot gaps beyond one interval); ``wake_*``:
     sleep overshoot (woke - slot); ``delivery_*``: arrived - slot, steady window; ``startup_*``:
     the same before it; ``spread_ms``: delivery max - min in the steady window; ``admit_*``:
@@ -91,9 +92,11 @@ def trace_stats(
 ) -> TraceStats:
     """Statistics of ``records`` (sorted by slot); the steady window is ``[start, end)`` and the
     limiter's pacing ``interval_s`` (1/qps)."""
-    slots = [r["slot"] for r in records]
     missed = sum(1 for r in records if r.get("missed"))
-    records = [r for r in records if not r.get("missed")]  # a missed slot's request never left
+    # A missed slot's request never left, and the slot went back to the schedule (or was lost):
+    # the schedule the service saw is the slots that were used.
+    records = [r for r in records if not r.get("missed")]
+    slots = [r["slot"] for r in records]
     steady = [r for r in records if start <= r["slot"] < end]
     early = [r for r in records if r["slot"] < start]
     gaps = [b - a for a, b in itertools.pairwise(slots)]
