@@ -3,12 +3,17 @@
 Per API call (``POST /`` or ``GET /``), in the real service's order:
 
 1. read the body (a hard cap of 3 x 10 MiB; beyond it ``exceededImageContent`` at once);
-2. added latency (``latency_ms``), then the gateway: signature, timestamp, nonce
-   (:class:`~ocrserver.auth.Verifier`) and the QPS limit per account (``Throttling.User``; each
-   key is its own account unless ``accounts`` groups keys);
-3. the image: ``Url`` xor body, fetched and checked (:mod:`ocrserver.intake`);
-4. injected faults (:mod:`ocrserver.faults`), only for calls that got this far;
-5. recognition and the success envelope (:mod:`ocrserver.envelope`).
+2. the gateway: signature, timestamp, nonce (:class:`~ocrserver.auth.Verifier`) and the QPS
+   limit per account (``Throttling.User``, answered at once; each key is its own account unless
+   ``accounts`` groups keys; ``throttle_random`` refuses a share of calls within the limit too,
+   uncounted, as a real gateway's own windows and clocks do now and then). A call is counted
+   when it arrives, as a gateway counts it, not after the service's processing time: a count
+   taken after a sleep of ``latency_ms`` would add this server's own wake-up lateness to every
+   call's time (up to ~10 ms on a loaded machine);
+3. added latency (``latency_ms``, the service's processing time) for calls the gateway let in;
+4. the image: ``Url`` xor body, fetched and checked (:mod:`ocrserver.intake`);
+5. injected faults (:mod:`ocrserver.faults`), only for calls that got this far;
+6. recognition and the success envelope (:mod:`ocrserver.envelope`).
 
 Every refusal is an :class:`~workers.errors.ApiError` rendered by :func:`ocrserver.codes.error_body`.
 ``GET /__carnumber/stats``, ``GET /__carnumber/pictures`` and ``POST /__carnumber/reset`` are
@@ -25,6 +30,7 @@ import contextlib
 import ipaddress
 import json
 import logging
+import random
 import socket
 import struct
 import time
@@ -80,6 +86,7 @@ class OcrApp:
         self.limiter = SecondWindowLimiter(int(config.qps))
         self.account_of = config.account_of()
         self.faults = FaultPlan(config.faults, config.seed)
+        self._gateway_rng = random.Random(config.seed)  # throttle_random's draws
         self.stats = Stats()
         self.recognizer = recognizer or get_recognizer(
             config.recognizer, truth_path=config.truth_path, model_dir=config.model_dir
@@ -144,6 +151,7 @@ class OcrApp:
         elif route == ("POST", "/__carnumber/reset"):
             self.stats.reset()
             self.faults.reseed()
+            self._gateway_rng = random.Random(self.config.seed)
             await _respond(send, 200, b'{"reset":true}')
         elif scope["path"].startswith("/__carnumber/sts/"):
             status, doc = self._sts(scope)
@@ -186,8 +194,6 @@ class OcrApp:
         try:
             if not complete:
                 raise reject("exceededImageContent")
-            if self.config.latency_ms:
-                await asyncio.sleep(self.config.latency_ms / 1000.0)
             if scope["path"] != "/" or scope["method"] not in ("POST", "GET"):
                 raise reject("InvalidAction.NotFound")
             params = dict(
@@ -196,7 +202,7 @@ class OcrApp:
             key = self.verifier.verify(scope["method"], params, headers, body)
             now = self.clock()
             account = self.account_of.get(key.owner, key.owner)
-            if not self.limiter.try_acquire(account, now):
+            if self._refused_at_random() or not self.limiter.try_acquire(account, now):
                 self.stats.throttled += 1
                 extra = {}
                 if self.config.throttle_retry_after:
@@ -204,6 +210,8 @@ class OcrApp:
                 await self._error(send, reject("Throttling.User"), request_id, host_id, extra)
                 return
             self.stats.accepted(key.owner, now)
+            if self.config.latency_ms:
+                await asyncio.sleep(self.config.latency_ms / 1000.0)
             image = await load_image(
                 params, body, self.http_client(), self.config.allowed_url_hosts,
                 self.config.url_timeout_s,
@@ -233,6 +241,10 @@ class OcrApp:
         self.stats.answer("Success")
         out = success_body(request_id, plates, image.width, image.height, self.config.expand_refs)
         await _respond(send, 200, out, request_id)
+
+    def _refused_at_random(self) -> bool:
+        rate = self.config.throttle_random
+        return rate > 0 and self._gateway_rng.random() < rate
 
     async def _recognize(self, image: ImageInput) -> list[DetectedPlate]:
         if self._inline:

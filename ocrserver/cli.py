@@ -71,6 +71,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "keys do (also CARNUMBER_SERVER_ACCOUNTS; default: every key is its own account)",
     )
     srv.add_argument(
+        "--throttle-random", type=_rate, default=0.0, metavar="RATE",
+        help="refuse this share of calls with Throttling.User at random even within --qps, at "
+        "the gateway and not counted against it, as a real gateway's own windows and clocks do "
+        "now and then (e.g. 0.002: one call in 500)",
+    )
+    srv.add_argument(
         "--throttle-retry-after",
         action="store_true",
         help="send x-acs-retry-after (ms to the next second) with QPS refusals (off: the real "
@@ -164,6 +170,7 @@ def build_config(args: argparse.Namespace, environ: dict[str, str] | None = None
         faults=faults,
         seed=args.seed,
         throttle_retry_after=args.throttle_retry_after,
+        throttle_random=args.throttle_random,
         expand_refs=args.expand_refs,
         max_batch=args.max_batch,
         max_wait_ms=args.max_wait_ms,

@@ -26,7 +26,9 @@ class ServerConfig:
     limit; ``accounts`` (``ID=ACCOUNT[,...]``) names the main account of some keys: keys of one
     account share one ``qps`` limit, as RAM users' keys do on the real service (a key not named
     is its own account); ``allowed_url_hosts`` are the only hosts a ``Url`` image may be fetched from;
-    ``throttle_retry_after`` adds ``x-acs-retry-after`` (ms) to QPS refusals; ``expand_refs``
+    ``throttle_retry_after`` adds ``x-acs-retry-after`` (ms) to QPS refusals; ``throttle_random``
+    (0..1) refuses that share of calls with ``Throttling.User`` at random at the gateway, within
+    ``qps`` and not counted against it (a real gateway's own windows and clocks); ``expand_refs``
     writes the first ``structure_list`` entry in full instead of ``{"$ref": "$.data"}``.
     """
 
@@ -44,6 +46,7 @@ class ServerConfig:
     faults: FaultConfig = field(default_factory=FaultConfig)
     seed: int | None = None
     throttle_retry_after: bool = False
+    throttle_random: float = 0.0
     expand_refs: bool = False
     max_batch: int = 8
     max_wait_ms: float = 5.0
@@ -60,6 +63,8 @@ class ServerConfig:
             )
         if self.latency_ms < 0 or self.url_timeout_s <= 0:
             raise ConfigError("--latency-ms must be >= 0 and the URL timeout > 0")
+        if not 0 <= self.throttle_random <= 1:
+            raise ConfigError(f"--throttle-random {self.throttle_random}: a share, 0..1")
         if self.max_batch < 1 or self.max_wait_ms < 0:
             raise ConfigError("max_batch must be >= 1 and max_wait_ms >= 0")
         self.access_keys()  # validate now, not on the first request

@@ -21,13 +21,17 @@ sys.path.insert(0, str(BENCH))
 import rate_limit  # noqa: E402
 from ratelimit_fleet import Case, make_archive, run_case  # noqa: E402
 from ratelimit_measure import (  # noqa: E402
+    CaseResult,
     RecordingStats,
+    Spread,
     count_in,
     gap_stats,
     markdown_table,
     max_per_whole_second,
     max_sliding,
+    spread_table,
 )
+from ratelimit_trace import crowding_per_min  # noqa: E402
 
 from ocrserver.config import ServerConfig  # noqa: E402
 from ocrserver.server import start_server  # noqa: E402
@@ -51,6 +55,20 @@ def test_window_measures_on_known_times() -> None:
     assert gaps.long_gaps == 1 and gaps.lost_s == pytest.approx(0.2)
     assert gaps.max_s == pytest.approx(0.3) and gaps.p50_s == pytest.approx(0.1)
     assert max_sliding([]) == 0 and max_per_whole_second([]) == 0
+
+
+def test_crowding_replays_a_runs_delays_under_other_guards() -> None:
+    """What a pacing guard would have let through, on delays a trace recorded: a constant delay
+    crowds nothing (every call moves alike); delays that vary by more than the guard do."""
+
+    def records(delays: list[float]) -> list[dict[str, float]]:
+        return [{"slot": k * 0.1, "arrived": k * 0.1 + d} for k, d in enumerate(delays)]
+
+    assert crowding_per_min(records([0.0] * 600), 10, 0.0) == 0
+    assert crowding_per_min(records([0.03] * 600), 10, 0.01) == 0
+    varied = records([0.03 if k % 7 == 0 else 0.0 for k in range(600)])
+    assert crowding_per_min(varied, 10, 0.01) > 1
+    assert crowding_per_min(varied, 10, 0.04) == 0
 
 
 def test_recording_stats_see_every_accepted_and_throttled_call() -> None:
@@ -86,20 +104,42 @@ def test_recording_stats_see_every_accepted_and_throttled_call() -> None:
 
 
 def test_default_invocation_builds_the_issue_cases() -> None:
-    cases = rate_limit.build_cases(rate_limit.parse_args([]))
-    assert [(c.name, c.qps) for c in cases] == [
-        ("limiter", 10), ("celery rate_limit", 10), ("limiter", 50), ("celery rate_limit", 50),
-        ("limiter, 500 ms latency, 1 node, default pool", 50),
+    args = rate_limit.parse_args([])
+    assert args.repeat == 10 and args.seconds == 60
+    cases = rate_limit.build_cases(args)
+    assert [c.name.split(":")[0] for c in cases] == ["a", "b", "c", "d", "e"]
+    a, b, c, d, e = cases
+    assert [(x.qps, x.limit, x.latency_ms) for x in cases] == [
+        (10, 10, 0), (50, 50, 500), (50, 50, 500), (10, 8, 0), (100, 100, 200),
     ]
-    fleet = cases[0].nodes
-    assert [n for n, _ in fleet] == list(rate_limit.FLEET) and len({n.split("@")[1] for n, _ in fleet}) == 2
-    assert all(c.images >= c.qps * 70 for c in cases)
-    assert cases[1].chunk_size == 1  # Celery's rate_limit counts messages
-    latency = cases[-1]
-    assert len(latency.nodes) == 1 and latency.latency_ms == 500
-    # `carnumber worker` as it comes: its default pool and call slots alone must carry Q.
-    assert latency.pool == "default"
-    assert Settings().concurrency >= 50 * 0.5  # Little's law: Q x latency in flight
+    assert c.throttle_random == 0.002 and all(x.throttle_random == 0 for x in (a, b, d, e))
+    assert d.warmup_s == 30 and a.warmup_s == 5  # case d counts from 30 s after the first call
+    for case in cases:  # four `carnumber worker` nodes as they come, on two host names
+        assert [n for n, _ in case.nodes] == list(rate_limit.FLEET) and case.pool == "default"
+        assert len({n.split("@")[1] for n, _ in case.nodes}) == 2
+        assert case.images >= case.qps * (case.warmup_s + case.seconds)
+    assert Settings().concurrency * 4 >= 100 * 0.2 * 1.5  # Little's law for case e, with room
+    picked = rate_limit.build_cases(rate_limit.parse_args(["--case", "d,a,celery10", "--repeat", "2"]))
+    assert [x.name.split(":")[0] for x in picked] == ["d", "a", "celery10"]
+    assert picked[2].mode == "celery" and picked[2].chunk_size == 1  # Celery counts messages
+    with pytest.raises(SystemExit):
+        rate_limit.build_cases(rate_limit.parse_args(["--case", "f"]))
+
+
+def test_the_spread_table_gives_min_median_max_and_throttles_per_run() -> None:
+    def result(fraction: float, throttled: int, random_refusals: int = 0) -> CaseResult:
+        return CaseResult(
+            mode="b", qps=50, limit=50, achieved_per_s=50 * fraction, sent_per_s=50.0,
+            throttled=throttled, max_accepted=50, max_sent=51, max_sent_sliding=51, duration_s=60,
+            gaps=gap_stats([], 0.02), requests=3000, random_refusals=random_refusals,
+        )
+
+    runs = [result(0.99, 0), result(0.985, 1), result(0.991, 0), result(0.98, 7, 6)]
+    table = spread_table([Spread("b: Q = 50", runs, [(0.5, 0.7), (0.7, 1.2)] * 2)])
+    row = table.splitlines()[2]
+    assert "| b: Q = 50 | 4 | 98.0% / 98.8% / 99.1% |" in row
+    assert "| 0, 1, 0, 7 (6 at random) | 2 of 4 |" in row
+    assert "max 0.23% /" in row and "| 51 (limit 50) | 0.50–1.20 |" in row
 
 
 @pytest.mark.timeout(60)
@@ -108,7 +148,7 @@ def test_tiny_fleet_case_measures_sane_numbers(redis_url: str, tmp_path: Path) -
     case = Case(
         mode="limiter", qps=qps, seconds=2.0, warmup_s=1.0,
         nodes=(("smoke-1@hostA", 1), ("smoke-2@hostB", 1)),
-        concurrency=4, chunk_size=5, images=60,
+        concurrency=4, chunk_size=5, images=60, throttle_random=0.05,
     )
     make_archive(tmp_path / "archive", case.images, distinct=5)
     result = run_case(case, tmp_path / "archive", redis_url, tmp_path / "work", log=False, trace=True)
@@ -116,6 +156,9 @@ def test_tiny_fleet_case_measures_sane_numbers(redis_url: str, tmp_path: Path) -
     assert 0.3 * qps <= result.achieved_per_s <= qps + 1 / case.seconds
     assert result.max_accepted <= qps  # the server's own cap
     assert result.duration_s == 2.0 and result.sent_per_s >= result.achieved_per_s
+    # Every call sent is counted once: accepted, or throttled (at random or by the limit).
+    assert result.requests >= result.throttled >= result.random_refusals
+    assert result.limit == qps and result.throttled_share <= 0.5
     trace = result.trace
     assert trace is not None and trace.calls >= 15
     # The schedule the workers got from Redis: slots at least 1/Q apart, so never more than Q in
@@ -124,3 +167,4 @@ def test_tiny_fleet_case_measures_sane_numbers(redis_url: str, tmp_path: Path) -
     assert trace.slots_max_1s <= qps
     assert 0 <= trace.delivery_p50_ms < 1000 and trace.wake_p50_ms >= 0
     assert "| limiter | 10 |" in markdown_table([result])
+    assert [g for g, _ in trace.crowding] == [5.0, 10.0, 15.0, 20.0]

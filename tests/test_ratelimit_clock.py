@@ -7,11 +7,16 @@ import asyncio
 import datetime as dt
 import time
 
+import pytest
 import redis
 from redis.asyncio import Redis
 
+from workers.admission import Gate
 from workers.errors import QuotaExhausted
+from workers.fleet import CircuitBreaker, FleetControl
+from workers.keys import Keys
 from workers.ratelimit import CallQuota, MemoryBackend, Rate, RateLimiter, RedisBackend
+from workers.ratelimit.adapt import LONE
 from workers.ratelimit.windows import DAY_S, window_key
 
 
@@ -35,10 +40,10 @@ def test_memory_backend_runs_on_the_injected_clock() -> None:
         assert waits == [0, 0, 0.1, 0.2]
         clock.now += 10  # long idle: all booked slots are in the past
         assert (await backend.gcra_reserve("k", "k:adapt", rate)).wait_s == 0
-        assert await backend.gcra_throttled("k", "k:adapt", rate) == 500_000
-        clock.now += 15  # recovery_s = 60: the factor climbs 0.25 in 15 s
-        assert (await backend.gcra_peek("k", "k:adapt", rate)).factor_ppm == 750_000
-        clock.now += 15
+        assert await backend.gcra_throttled("k", "k:adapt", rate) == (950_000, LONE)
+        clock.now += 0.5  # climbing back at 5 % per second
+        assert (await backend.gcra_peek("k", "k:adapt", rate)).factor_ppm == 975_000
+        clock.now += 0.5
         grant = await backend.gcra_reserve("k", "k:adapt", rate)
         assert grant.factor_ppm == 1_000_000 and grant.increment_us == 100_000
 
@@ -51,8 +56,7 @@ def test_memory_day_quota_rolls_over_at_utc_midnight_and_releases_into_its_own_d
     quota = CallQuota(backend, "p:quota:abc", 3, "day")
 
     async def body() -> None:
-        for _ in range(3):
-            await quota.reserve()
+        reserved = [await quota.reserve() for _ in range(3)]
         try:
             await quota.reserve()
         except QuotaExhausted as exc:
@@ -63,7 +67,7 @@ def test_memory_day_quota_rolls_over_at_utc_midnight_and_releases_into_its_own_d
         wall.now += 1  # midnight: a new window
         assert await quota.remaining() == 3
         # The reservation taken before midnight goes back to the old day, not into the new one.
-        await quota.release()
+        await quota.release(reserved[-1])
         assert backend._counts == {"p:quota:abc:day:2026-03-31": 2}
         await quota.reserve()
         assert backend._counts["p:quota:abc:day:2026-04-01"] == 1
@@ -153,3 +157,49 @@ def test_redis_limiter_uses_redis_time_not_the_hosts(redis_url: str, key_prefix:
             await client.aclose()
 
     asyncio.run(body())
+
+
+@pytest.mark.parametrize("kind", ["memory", "redis"])
+def test_a_call_abandoned_across_midnight_frees_its_own_days_call(
+    kind: str, redis_url: str, key_prefix: str, redis_client: redis.Redis
+) -> None:
+    """Issue 19, scenario 11. Two admissions through one gate straddle the end of the quota day;
+    the one taken before midnight misses its send deadline afterwards and is abandoned: its call
+    goes back to the day it was counted in, and the new day keeps the call really sent in it."""
+    sec, _usec = redis_client.time()
+    offset = DAY_S - sec % DAY_S - 2  # this quota day ends 1-2 s from Redis's now
+    midnight = sec + 2
+    wall = FakeClock(midnight - 0.5)
+    keys = Keys(key_prefix)
+
+    async def body() -> dict[str, int]:
+        client = Redis.from_url(redis_url)
+        try:
+            backend = MemoryBackend(wall_clock=wall) if kind == "memory" else RedisBackend(client)
+            quota = CallQuota(backend, keys.quota("acct"), 10, "day", utc_offset_s=offset)
+            gate = Gate(
+                fleet=FleetControl(client, keys, "acct"),
+                breaker=CircuitBreaker(client, keys, "acct"),
+                limiter=RateLimiter(backend, keys.rate("acct"), 0),
+                quota=quota,
+            )
+            before = await gate.admit()
+            if kind == "memory":
+                wall.now = midnight + 0.01
+            else:
+                await asyncio.sleep(max(0.0, midnight - time.time()) + 0.05)
+            while (await quota.used()) != 0:  # the host's clock may trail Redis's by a few ms
+                await asyncio.sleep(0.02)
+            await gate.admit()  # the new day's call, sent
+            await gate.abandon(before)  # sent nothing: frees a call on the day it was counted
+            if kind == "memory":
+                return dict(backend._counts)  # type: ignore[union-attr]
+            found = await client.keys(f"{keys.quota('acct')}:day:*")
+            return {k.decode(): int(await client.get(k)) for k in found}
+        finally:
+            await client.aclose()
+
+    counts = asyncio.run(body())
+    old_day = window_key(keys.quota("acct"), "day", midnight - 0.5, offset).key
+    new_day = window_key(keys.quota("acct"), "day", midnight + 0.5, offset).key
+    assert counts == {old_day: 0, new_day: 1}

@@ -135,7 +135,7 @@ def test_scripts_survive_script_flush(redis_url: str, key_prefix: str) -> None:
             await limiter.acquire()
             await quota.reserve()
             assert await quota.used() == 2  # the flush lost scripts, not state
-            assert (await limiter.state()).factor_ppm < 600_000
+            assert (await limiter.state()).factor_ppm < 1_000_000
         finally:
             await client.aclose()
 
@@ -238,11 +238,13 @@ def test_keys_expire_once_they_stop_mattering(redis_url: str, key_prefix: str) -
         client = Redis.from_url(redis_url)
         try:
             backend = RedisBackend(client)
-            limiter = RateLimiter(backend, f"{key_prefix}:rate", 10, recovery_s=30, hold_s=1)
+            limiter = RateLimiter(backend, f"{key_prefix}:rate", 10)
             await limiter.acquire()
             assert 0 < await client.pttl(limiter.key) <= 1_100  # TAT + 1 s
             await limiter.on_throttled()
-            assert 15_000 < await client.pttl(limiter.adapt_key) <= 17_000  # 0.5 * 30 s + 1 + 1
+            # Back at the limit in 1 s, but the throttle counts towards telling lone ones from
+            # repeated ones until its weight has decayed below 1 %: ln(100) x 30 s, + 1 s.
+            assert 138_000 < await client.pttl(limiter.adapt_key) <= 139_200
             day = CallQuota(backend, f"{key_prefix}:quota", 5, "day")
             await day.reserve()
             state = await backend.quota_peek(day.key_prefix, "day", 0)

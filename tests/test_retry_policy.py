@@ -22,7 +22,7 @@ from workers.errors import (
     TransportError,
     UnreadableAnswer,
 )
-from workers.retry import Decision, RetryPolicy, backoff, safe_message, service_ok
+from workers.retry import THROTTLED_WAIT_S, Decision, RetryPolicy, backoff, safe_message, service_ok
 
 # (HTTP status, code) straight from shared/reference/recognize-car-number.md, "Errors".
 RETRYABLE = [
@@ -111,7 +111,8 @@ def test_retryable_codes_retry_with_backoff_until_max_attempts_then_fail_retryab
     for attempt in (1, 2, 3):
         d = p.decide(attempt, err)
         assert (d.action, d.retryable, d.code) == ("retry", True, code)
-        assert 0.0 <= d.delay_s <= min(30.0, 0.5 * 2 ** (attempt - 1))
+        wait = THROTTLED_WAIT_S if code.startswith("Throttling") else 0.0
+        assert wait <= d.delay_s <= wait + min(30.0, 0.5 * 2 ** (attempt - 1))
     last = p.decide(4, err)
     assert (last.action, last.retryable, last.code, last.delay_s) == ("fail", True, code, 0.0)
     assert "4 calls" in last.message
@@ -241,6 +242,13 @@ def test_retry_after_from_a_real_answer_is_the_delay() -> None:
     assert caught.value.retry_after_s == 1.5
     d = policy().decide(1, caught.value)
     assert (d.action, d.delay_s, d.code) == ("retry", 1.5, "Throttling.User")
+
+
+def test_a_throttled_call_waits_about_a_second_before_it_asks_again() -> None:
+    p = policy(base_s=0.5)
+    delays = [p.decide(1, api_error(400, "Throttling.User")).delay_s for _ in range(50)]
+    assert all(THROTTLED_WAIT_S <= d <= THROTTLED_WAIT_S + 0.5 for d in delays)
+    assert all(p.decide(1, api_error(503, "ServiceUnavailable")).delay_s <= 0.5 for _ in range(50))
 
 
 def test_retry_after_is_capped_and_ignored_once_attempts_ran_out() -> None:

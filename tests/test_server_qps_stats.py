@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
+import time
 
 import httpx
 import pytest
@@ -51,6 +52,57 @@ def test_qps_limit_is_exact_per_second_and_per_key() -> None:
     assert all(n <= 10 for n in stats["accepted_per_second"].values())  # 2 keys x 5
 
 
+def test_calls_are_counted_as_they_arrive_not_after_the_services_latency() -> None:
+    """As a gateway does: the QPS window counts a call when it arrives, and a refusal is answered
+    at once; only calls let in take the processing time. (Counted after the latency, the count
+    carried this server's own wake-up lateness, which crowded whole seconds it did not send.)"""
+    with start_server(ServerConfig(qps=1, latency_ms=400)) as srv:
+        times: list[float] = []
+        srv.app.stats.accepted = lambda key_id, now: times.append(now)  # type: ignore[method-assign]
+
+        async def two() -> tuple[list[str], list[float], float]:
+            loop = asyncio.get_running_loop()
+            async with httpx.AsyncClient(timeout=10) as http:
+                client = AsyncClient(srv.url, Credentials("testid", "testsecret"), http)
+
+                async def one() -> tuple[str, float]:
+                    try:
+                        await client.recognize(Image(body=PNG))
+                        return "ok", loop.time()
+                    except RetryableApiError as exc:
+                        return exc.code, loop.time()
+
+                await client.recognize(Image(body=PNG))  # a connection open
+                await asyncio.sleep(1.0)  # that call's second is over
+                start, sent = loop.time(), time.time()
+                results = await asyncio.gather(one(), one())
+                return [r for r, _ in results], [t - start for _, t in results], sent
+
+        outcomes, took, sent = asyncio.run(two())
+    assert sorted(outcomes) in (["Throttling.User", "ok"], ["ok", "ok"])  # ok, ok: across a second
+    if "Throttling.User" in outcomes:
+        assert took[outcomes.index("Throttling.User")] < 0.3  # not held for the latency
+    assert took[outcomes.index("ok")] >= 0.4
+    assert 0 <= times[-1] - sent < 0.3  # counted on arrival, 400 ms before it was answered
+
+
+def test_the_gateway_can_refuse_calls_at_random_within_the_limit() -> None:
+    """``--throttle-random``: a share of calls refused although the limit has room, not counted
+    against it (the stand-in for a real gateway's own windows and clocks)."""
+    with start_server(ServerConfig(qps=0, throttle_random=0.25, seed=3)) as srv:
+        results = asyncio.run(_burst(srv.url, Credentials("testid", "testsecret"), 200))
+        stats = httpx.get(f"{srv.url}/__carnumber/stats").json()
+    refused = results.count("Throttling.User")
+    assert set(results) == {"ok", "Throttling.User"} and 25 <= refused <= 75
+    assert stats["throttled"] == refused and stats["accepted_total"] == 200 - refused
+    with start_server(ServerConfig(qps=5, throttle_random=1.0)) as srv:
+        refusals = asyncio.run(_burst(srv.url, Credentials("testid", "testsecret"), 3))
+        assert refusals == ["Throttling.User"] * 3
+        assert httpx.get(f"{srv.url}/__carnumber/stats").json()["accepted_total"] == 0
+    with pytest.raises(ConfigError, match="--throttle-random"):
+        ServerConfig(throttle_random=1.5)
+
+
 def test_throttle_retry_after_is_optional() -> None:
     with start_server(ServerConfig(qps=1, throttle_retry_after=True)) as srv, httpx.Client() as http:
         client = Client(srv.url, Credentials("testid", "testsecret"), http)
@@ -90,10 +142,11 @@ def _parse(*argv: str) -> argparse.Namespace:
 def test_cli_flags_build_the_config() -> None:
     cfg = cli.build_config(
         _parse("--qps", "10.0", "--fault-slow", "0.25:300", "--fault-error-200", "0.1:Throttling",
-               "--fault-503", "0.2", "--allow-url-host", "images.local", "--seed", "4"),
+               "--fault-503", "0.2", "--allow-url-host", "images.local", "--seed", "4",
+               "--throttle-random", "0.002"),
         environ={"CARNUMBER_SERVER_KEYS": "envid:envsecret"},
     )
-    assert cfg.qps == 10 and cfg.port == 8080 and cfg.seed == 4
+    assert cfg.qps == 10 and cfg.port == 8080 and cfg.seed == 4 and cfg.throttle_random == 0.002
     assert cfg.faults.rate_slow == 0.25 and cfg.faults.slow_ms == 300
     assert (cfg.faults.rate_error_200, cfg.faults.error_200_code) == (0.1, "Throttling")
     assert {"images.local", "127.0.0.1"} <= cfg.allowed_url_hosts

@@ -1,11 +1,12 @@
 """The one place where a call is admitted onto the wire.
 
-``slot = await gate.admit()`` runs immediately before every HTTP request, retries included:
+``ticket = await gate.admit()`` runs immediately before every HTTP request, retries included:
 fleet stop flag → circuit breaker → the run's pause flag → global rate-limit token → quota
 reservation. Any of them may
 raise :class:`Paused`, which leaves the image pending (never failed). The request must start by
-``slot.send_by``; one that cannot is not sent, and ``await gate.abandon(slot)`` returns its
-token (when nobody booked after it) and its quota reservation.
+``ticket.send_by``; one that cannot is not sent, and ``await gate.abandon(ticket)`` returns its
+token (when nobody booked after it) and its quota reservation, to the quota window it was
+counted in (one admitted before midnight frees a call of that day, not of the new one).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-__all__ = ["Admission", "Gate", "Limiter", "Quota", "RunSwitch", "Switch"]
+__all__ = ["Admission", "Gate", "Limiter", "Quota", "RunSwitch", "Switch", "Ticket"]
 
 
 class Switch(Protocol):
@@ -36,8 +37,21 @@ class RunSwitch(Protocol):
 
 
 class Quota(Protocol):
-    async def reserve(self) -> None: ...
-    async def release(self) -> None: ...
+    async def reserve(self) -> str | None: ...
+    async def release(self, reserved: str | None) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Ticket:
+    """One admitted call: the limiter's ``slot`` and the quota window it was counted in
+    (``None``: no quota), both needed to hand it back."""
+
+    slot: Admission
+    quota_key: str | None
+
+    @property
+    def send_by(self) -> float:
+        return self.slot.send_by
 
 
 @dataclass(slots=True)
@@ -48,7 +62,7 @@ class Gate:
     quota: Quota
     runs: RunSwitch | None = None  # per-run pause and cancel (``workers/books/control.py``)
 
-    async def admit(self, run_id: str = "") -> Admission:
+    async def admit(self, run_id: str = "") -> Ticket:
         """Wait for a token; raise ``FleetStopped``/``CircuitOpen``/``QuotaExhausted``, or
         ``RunPaused`` for a paused or cancelled ``run_id``, instead."""
         await self.fleet.check()
@@ -60,10 +74,10 @@ class Gate:
         await self.fleet.check()
         if self.runs is not None and run_id:
             await self.runs.check(run_id)
-        await self.quota.reserve()
-        return slot
+        return Ticket(slot, await self.quota.reserve())
 
-    async def abandon(self, slot: Admission) -> None:
-        """The request admitted on ``slot`` was not sent: return its token and its quota."""
-        await self.limiter.abandon(slot)
-        await self.quota.release()
+    async def abandon(self, ticket: Ticket) -> None:
+        """The request admitted with ``ticket`` (what :meth:`admit` returned) was not sent:
+        return its token and its quota reservation."""
+        await self.limiter.abandon(ticket.slot)
+        await self.quota.release(ticket.quota_key)

@@ -32,7 +32,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from workers.admission import Admission, Gate
+from workers.admission import Gate, Ticket
 from workers.api.client import Image
 from workers.api.response import Recognition
 from workers.books.journal import Answer, Held, Written
@@ -387,7 +387,7 @@ class _Call:
         self.claimed = True
         return None
 
-    async def _admit(self, paused: asyncio.Event) -> Admission | float | _Outcome:
+    async def _admit(self, paused: asyncio.Event) -> Ticket | float | _Outcome:
         """A slot to call on now; or seconds to wait before asking again (another holder's claim,
         an open circuit, Redis out of reach); or the image's outcome."""
         ctx = self.ctx

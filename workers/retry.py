@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "IMAGE_TIMEOUT_ATTEMPTS",
+    "THROTTLED_WAIT_S",
     "UNREADABLE_ATTEMPTS",
     "Action",
     "Decision",
@@ -53,6 +54,10 @@ __all__ = [
 ]
 
 Action = Literal["retry", "fail", "stop"]
+
+# A throttled call is not sent again at once (the service's own advice): after a second its
+# window has moved on. The shared rate's reaction is the limiter's (``workers/ratelimit/adapt.py``).
+THROTTLED_WAIT_S = 1.0
 
 # ``imageTimeOut``: the service could not fetch our URL in time. A slow origin rarely recovers
 # within seconds, so it gets a few calls only, however many ``max_attempts`` allows.
@@ -207,6 +212,8 @@ class RetryPolicy:
             delay = min(max(0.0, retry_after_s), self.cap_s)
         else:
             delay = backoff(attempt, base_s=self.base_s, cap_s=self.cap_s, rng=self.rng)
+            if code.lower().startswith("throttling"):
+                delay += THROTTLED_WAIT_S
         return Decision("retry", delay, True, code, message)
 
 

@@ -1,149 +1,181 @@
-"""Fleet rate-limit benchmark: does one global limit hold Q calls/s across hosts, with no throttles?
+"""Fleet rate-limit benchmark: does the fleet hold the account's limit in *every* run, not one?
 
-For each Q (default 10 and 50), one case after the other, each with its own local server
-(``--qps Q``, replay recognizer, run in this process) and fresh worker nodes on one AccessKey:
+Each case runs ``--repeat`` times, each run from a fresh start: its own local server (replay
+recognizer, counting exact whole seconds, in this process, with counters that keep every call's
+arrival time), fresh worker nodes on one AccessKey, its own key prefix, queue and output. The
+fleet is four ``carnumber worker`` nodes exactly as an operator starts them (no flags, the default
+settings: threads pool with 2 chunks and 32 calls in flight per node), on two host names
+(``groupA-1@hostA``, ``groupA-2@hostA``, ``groupB-1@hostB``, ``groupB-2@hostB``; node names on
+this one machine), through the global limiter (``CARNUMBER_QPS``, burst 1, the product's pacing
+guard). The cases (issue 22):
 
-``limiter``  four Celery worker nodes in two groups (``groupA-1@hostA``, ``groupA-2@hostA``,
-             ``groupB-1@hostB``, ``groupB-2@hostB``: plain node names on this one machine, no
-             network namespaces), one pool process each, ``CARNUMBER_CONCURRENCY`` 16, through our
-             global GCRA limiter (``CARNUMBER_QPS=Q``, ``CARNUMBER_BURST=1``, the product's
-             default pacing guard ``CARNUMBER_RATE_GUARD_MS`` = 10, so at most 99.0 % of Q),
-             chunks of Q images.
-``celery``   the same four nodes with ``CARNUMBER_QPS=0`` and Celery's own ``rate_limit`` of Q/s
-             set on the task on every node (remote control ``rate_limit``). Celery limits task
-             *messages* per node, so this mode uses chunks of ONE image to compare like with like.
-``latency``  server ``--latency-ms 500`` at Q = 50 through our limiter, ONE worker node
-             (``latency-1@hostA``) as an operator would run it for a slow API: the threads pool
-             (``--latency-pool``, default ``threads``) with 2 pool threads in one process,
-             ceil(Q x 0.5 s x 1.5) = 38 calls in flight for the process, the product's chunks of
-             200. The two chunks a process runs at once share its call slots (``workers.engine``),
-             so the next chunk's calls go out while the last calls of the one before are in
-             flight. With ``--latency-pool prefork`` (2 processes, 38 in flight each), each
-             process runs one chunk at a time and books nothing while its last calls are in
-             flight: one latency lost per chunk whenever both processes end a chunk together,
-             which, sharing the rate equally, they tend to.
+``a``  Q = 10, no latency.
+``b``  Q = 50, 500 ms per call.
+``c``  Q = 50, 500 ms, the server refusing one call in 500 at random even within the limit
+       (``--throttle-random 0.002``: not counted against it, answered ``Throttling.User``).
+``d``  ``CARNUMBER_QPS=10`` against a server whose real limit is 8; fidelity of the real limit
+       measured from 30 s after the first call (the fleet has to find the limit first).
+``e``  Q = 100, 200 ms per call (the machine's load is in the table: 4 nodes, the server and
+       Redis on this machine).
 
-Each case enqueues Q x (warm-up + seconds + 10) images (never idle), waits until every node
-answers a ping, and measures a steady window of ``--seconds`` that starts ``--warmup`` s after the
-first accepted call. The server's counters are swapped for ones that keep every call's arrival
-time, so the table gives exact figures instead of the server's whole-second buckets alone:
+Runs go round-robin (a, b, c, d, e, a, b, ...), so a change in the machine's load spreads over
+the cases instead of landing on one. Each run enqueues Q x (warm-up + seconds + 10) images (never
+idle) and measures a steady window of ``--seconds`` that starts ``--warmup`` s (30 s in case d)
+after the first accepted call. Printed per run as it ends, then one table:
 
-* achieved calls/s, fraction of Q: accepted calls in the steady window / its length;
-* throttled: ``Throttling.User`` answers over the whole case, start-up included;
-* max in any 1-s window, whole case: *accepted* per whole wall-clock second (the server's own
-  ``max_accepted_per_second``, which its limiter caps at Q), then every call that *reached* the
-  server, accepted or refused, per whole second and per sliding 1-s window: what the fleet sent;
-* sent calls/s: calls that reached the server in the steady window, accepted or not.
+* fidelity: calls the server accepted per second in the steady window, of its real limit (Q; 8 in
+  case d), min / median / max over the runs;
+* throttles per run, whole run, start-up included (case c: how many were refused at random);
+* the throttled share of all calls sent, whole run and steady window (case d's ``≤ 1 %``);
+* the most calls sent in one whole second (what the server counts), and the 1-minute load average
+  before and after the runs.
 
-Below the table, per case: gaps between accepted calls and the time lost to long ones; with
-``--trace``, from inside the workers (``ratelimit_probe``): the slots Redis granted (spacing, most
-in any second), time nobody had booked, wake-up lateness and slot-to-server delay.
+    python ops/bench/rate_limit.py --repeat 10                  # the issue's table, about 75 minutes
+    python ops/bench/rate_limit.py --case a,d --repeat 2 --seconds 30    # a quick look
+    python ops/bench/rate_limit.py --case b --repeat 1 --trace  # where the time goes, from inside
+    python ops/bench/rate_limit.py --case celery10,celery50     # Celery's own rate_limit instead
 
-    python ops/bench/rate_limit.py                           # the full run, about 7 minutes
-    python ops/bench/rate_limit.py --seconds 10 --qps 10     # a quick look
-    python ops/bench/rate_limit.py --modes limiter --trace --dump /tmp/rl   # where time goes
-    python ops/bench/rate_limit.py --modes limiter --guard-ms 0  # without the pacing guard
-    python ops/bench/rate_limit.py --modes latency --latency-pool prefork   # the idle tails
+Extra cases, only when named: ``celery10`` / ``celery50`` (``CARNUMBER_QPS=0`` and Celery's own
+per-node ``rate_limit`` of Q/s, chunks of one image: what the global limiter replaces) and
+``prefork`` (case b on one node with the prefork pool, 2 processes: its idle chunk ends).
 
-The workers run the product as shipped: pacing guard (``--guard-ms`` overrides
-``CARNUMBER_RATE_GUARD_MS``; 0 also turns the late checks off), httpx warmed up and start-up
-objects frozen at ``worker_init``, a request not sent when it cannot start by its slot's
-``send_by`` (guard - 2 ms, at least guard/2) and a waiter woken after that point giving the slot
-back when it can and booking a new one.
-
-Targets (issue "One global rate limit and call quota"): >= 99 % of Q sustained (>= 98 % in the
-latency case), zero throttled responses, never more than Q + burst calls in any second.
+Targets (issue 22, on a quiet machine): a, b every run >= 98.5 % and median >= 99 % of Q, no
+throttle in at least 9 of 10 runs; c every run >= 98 %; d >= 95 % of the real limit after 30 s with
+<= 1 % of calls throttled; e >= 97 %, no throttle. With ``--trace``, per run: the slots Redis
+granted, wake-up lateness and slot-to-server delay (``ratelimit_probe``).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from ratelimit_fleet import Case, make_archive, run_case
-from ratelimit_measure import CaseResult, markdown_table
+from ratelimit_measure import CaseResult, Spread, spread_table
 
 from carnumber.embedded_redis import EmbeddedRedis
 
-MODES = ("limiter", "celery", "latency")
 FLEET = ("groupA-1@hostA", "groupA-2@hostA", "groupB-1@hostB", "groupB-2@hostB")
+CASES = ("a", "b", "c", "d", "e")
+EXTRAS = ("celery10", "celery50", "prefork")
+D_WARMUP_S = 30.0  # case d: fidelity counts from 30 s after the first call
+
+
+def _issue_case(
+    name: str, label: str, qps: int, args: argparse.Namespace, *, latency_ms: float = 0.0, **kw: object
+) -> Case:
+    fleet = tuple((node, 1) for node in FLEET)
+    warmup = max(args.warmup, D_WARMUP_S) if name == "d" else args.warmup
+    return Case(
+        mode="limiter", qps=qps, seconds=args.seconds, warmup_s=warmup, nodes=fleet,
+        concurrency=32, chunk_size=200, images=math.ceil(qps * (warmup + args.seconds + 10)),
+        latency_ms=latency_ms, label=f"{name}: {label}", guard_ms=args.guard_ms, pool="default",
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+def _celery_case(qps: int, args: argparse.Namespace) -> Case:
+    # Celery's rate_limit counts task messages: one image per message to compare like with like.
+    fleet = tuple((node, 1) for node in FLEET)
+    return Case(
+        mode="celery", qps=qps, seconds=args.seconds, warmup_s=args.warmup, nodes=fleet,
+        concurrency=16, chunk_size=1, images=math.ceil(qps * (args.warmup + args.seconds + 10)),
+        label=f"celery{qps}: Celery rate_limit, Q = {qps}",
+    )
+
+
+BUILDERS: dict[str, Callable[[argparse.Namespace], Case]] = {
+    "a": lambda a: _issue_case("a", "Q = 10, no latency", 10, a),
+    "b": lambda a: _issue_case("b", "Q = 50, 500 ms", 50, a, latency_ms=500.0),
+    "c": lambda a: _issue_case(
+        "c", "Q = 50, 500 ms, 1 in 500 throttled at random", 50, a, latency_ms=500.0,
+        throttle_random=0.002,
+    ),
+    "d": lambda a: _issue_case("d", "CARNUMBER_QPS = 10, real limit 8", 10, a, server_qps=8),
+    "e": lambda a: _issue_case("e", "Q = 100, 200 ms", 100, a, latency_ms=200.0),
+    "celery10": lambda a: _celery_case(10, a),
+    "celery50": lambda a: _celery_case(50, a),
+    "prefork": lambda a: replace(
+        _issue_case("prefork", "Q = 50, 500 ms, 1 node, prefork pool", 50, a, latency_ms=500.0),
+        nodes=(("latency-1@hostA", 2),), concurrency=38, pool="prefork",
+    ),
+}
 
 
 def build_cases(args: argparse.Namespace) -> list[Case]:
-    """The cases of one invocation, in the order they run."""
-    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    unknown = sorted(set(modes) - set(MODES))
-    if unknown:
-        raise SystemExit(f"--modes: unknown {', '.join(unknown)} (choose from {', '.join(MODES)})")
-    suffix = f" (guard {args.guard_ms:g} ms)" if args.guard_ms is not None else ""
-    common = {"seconds": args.seconds, "warmup_s": args.warmup, "guard_ms": args.guard_ms}
-
-    def images(q: int) -> int:
-        return math.ceil(q * (args.warmup + args.seconds + 10))
-
-    fleet = tuple((name, 1) for name in FLEET[: args.nodes])
-    cases: list[Case] = []
-    for q in args.qps:
-        if "limiter" in modes:
-            cases.append(Case(mode="limiter", qps=q, nodes=fleet, concurrency=args.concurrency,
-                              chunk_size=args.chunk_size or q, images=images(q),
-                              label=f"limiter{suffix}", **common))
-        if "celery" in modes:
-            # Celery's rate_limit counts task messages: one image per message to compare like with like.
-            cases.append(Case(mode="celery", qps=q, nodes=fleet, concurrency=args.concurrency,
-                              chunk_size=1, images=images(q), label="celery rate_limit", **common))
-    if "latency" in modes:
-        q = args.latency_qps
-        per_process = args.latency_concurrency or math.ceil(q * args.latency_ms / 1000.0 * 1.5)
-        pool = args.latency_pool
-        cases.append(Case(mode="limiter", qps=q, nodes=(("latency-1@hostA", args.latency_processes),),
-                          concurrency=per_process,
-                          chunk_size=args.latency_chunk_size,
-                          images=images(q), latency_ms=args.latency_ms, pool=pool,
-                          label=f"limiter, {args.latency_ms:g} ms latency, 1 node, {pool} pool{suffix}",
-                          **common))
-    return cases
+    """The cases of one invocation, in the order they run within each round."""
+    names = [n.strip() for n in args.case.split(",") if n.strip()]
+    unknown = [n for n in names if n not in BUILDERS]
+    if unknown or not names:
+        raise SystemExit(
+            f"--case: unknown {', '.join(unknown) or '(none given)'} (choose from "
+            f"{', '.join(CASES)}; extras {', '.join(EXTRAS)})"
+        )
+    return [BUILDERS[n](args) for n in dict.fromkeys(names)]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--qps", type=int, nargs="+", default=[10, 50], help="Q values (default: 10 50)")
-    p.add_argument("--modes", default="limiter,celery,latency", help="comma-separated: " + ", ".join(MODES))
-    p.add_argument("--seconds", type=float, default=60.0, help="steady window per case, s (default 60)")
-    p.add_argument("--warmup", type=float, default=5.0, help="s after the first call, not measured")
-    p.add_argument("--nodes", type=int, default=4, choices=range(1, 5), help="worker nodes (default 4)")
-    p.add_argument("--concurrency", type=int, default=16, help="CARNUMBER_CONCURRENCY per process")
-    p.add_argument("--chunk-size", type=int, default=0, help="limiter mode; default Q")
-    p.add_argument("--latency-qps", type=int, default=50)
-    p.add_argument("--latency-ms", type=float, default=500.0)
-    p.add_argument("--latency-pool", default="default", choices=["default", "threads", "prefork"],
-                   help="the latency node's pool (default: `carnumber worker` with no flags and the "
-                        "product's default settings; threads/prefork: that pool, sized by the options below)")
-    p.add_argument("--latency-processes", type=int, default=2,
-                   help="the latency node's --concurrency: pool threads (or processes)")
-    p.add_argument("--latency-concurrency", type=int, default=0,
-                   help="calls in flight per process; default Q x latency x 1.5")
-    p.add_argument("--latency-chunk-size", type=int, default=200,
-                   help="images per chunk (default 200, CARNUMBER_CHUNK_SIZE's default)")
-    p.add_argument("--redis-url", default=os.environ.get("REDIS_URL"),
-                   help="default: a private redis-server for the run (REDIS_URL if set)")
+    p.add_argument("--case", default=",".join(CASES),
+                   help=f"comma-separated: {', '.join(CASES)} (default: all five); "
+                        f"extras: {', '.join(EXTRAS)}")
+    p.add_argument("--repeat", type=int, default=10, help="runs per case, each from a fresh start (10)")
+    p.add_argument("--seconds", type=float, default=60.0, help="steady window per run, s (60)")
+    p.add_argument("--warmup", type=float, default=5.0,
+                   help=f"s after the first call before the window (5; case d: at least {D_WARMUP_S:g})")
     p.add_argument("--guard-ms", type=float, default=None,
-                   help="CARNUMBER_RATE_GUARD_MS for the workers (default: the product's, 10): "
-                        "Q calls per (1 s + guard); 0 = no guard and no late re-book")
+                   help="CARNUMBER_RATE_GUARD_MS for the workers (default: the product's, 10)")
+    p.add_argument("--redis-url", default=os.environ.get("REDIS_URL"),
+                   help="default: a private redis-server for the benchmark (REDIS_URL if set)")
     p.add_argument("--trace", action="store_true",
                    help="diagnostics: load ratelimit_probe into the workers (slot, wake-up, delivery)")
-    p.add_argument("--dump", type=Path, help="write each case's call times (JSON) into this folder")
-    return p.parse_args(argv)
+    p.add_argument("--dump", type=Path, help="write each run's call times (JSON) into this folder")
+    p.add_argument("--json", type=Path, help="write every run's figures (JSON) to this file")
+    args = p.parse_args(argv)
+    if args.repeat < 1 or args.seconds <= 0 or args.warmup < 0:
+        p.error("--repeat must be >= 1, --seconds > 0 and --warmup >= 0")
+    return args
 
 
-def run(args: argparse.Namespace) -> list[CaseResult]:
+def _line(case: Case, i: int, repeat: int, r: CaseResult, loads: tuple[float, float]) -> str:
+    extra = f", {r.random_refusals} at random" if r.random_refusals else ""
+    share = f", {r.throttled_share:.2%} of calls" if r.throttled else ""
+    return (
+        f"  {case.name} run {i + 1}/{repeat}: {r.fraction:.2%} of {r.limit} ({r.achieved_per_s:.2f}/s), "
+        f"{r.throttled} throttle(s){extra}{share}; most sent in a whole s {r.max_sent}, sliding "
+        f"{r.max_sent_sliding}; load {loads[0]:.2f} -> {loads[1]:.2f}"
+        + (f"; throttled at {', '.join(f'{t:.1f}' for t in r.throttled_at_s[:8])} s" if r.throttled else "")
+    )
+
+
+def _trace_line(r: CaseResult) -> str:
+    t = r.trace
+    if t is None or not t.calls:
+        return ""
+    return (
+        f"    trace: {t.calls} admissions, most slots in any 1 s {t.slots_max_1s}, unbooked "
+        f"{t.idle_s:.2f} s; wake-up late p50/p99/max {t.wake_p50_ms:.1f}/{t.wake_p99_ms:.1f}/"
+        f"{t.wake_max_ms:.1f} ms; slot→server p50/p99/max {t.delivery_p50_ms:.1f}/"
+        f"{t.delivery_p99_ms:.1f}/{t.delivery_max_ms:.1f} ms; {t.rebooked} late re-book(s), "
+        f"{t.missed} held up past send_by; on these delays a guard of "
+        + ", ".join(f"{g:g}" for g, _ in t.crowding) + " ms would let "
+        + ", ".join(f"{c:.2f}" for _, c in t.crowding) + " calls per minute past Q in a whole second"
+    )
+
+
+def run(args: argparse.Namespace) -> list[Spread]:
     cases = build_cases(args)
+    results: dict[str, list[CaseResult]] = {c.name: [] for c in cases}
+    loads: dict[str, list[tuple[float, float]]] = {c.name: [] for c in cases}
     work = Path(tempfile.mkdtemp(prefix="carnumber-rlbench-"))
     embedded = None
     try:
@@ -152,23 +184,26 @@ def run(args: argparse.Namespace) -> list[CaseResult]:
             embedded = EmbeddedRedis()
             redis_url = embedded.url
         make_archive(work / "archive", max(c.images for c in cases))
-        results = []
-        for i, case in enumerate(cases):
-            sizing = (
-                "`carnumber worker` with no flags and the default settings"
-                if case.pool == "default"
-                else f"{case.nodes[0][1]} process(es) x {case.concurrency} in flight"
-            )
-            print(f"[{time.strftime('%H:%M:%S')}] case {i + 1}/{len(cases)}: {case.name}, Q={case.qps}, "
-                  f"{len(case.nodes)} node(s), {sizing}, chunks of {case.chunk_size}, {case.images} images; "
-                  f"load {os.getloadavg()[0]:.2f}", flush=True)
-            dump = None
-            if args.dump:
-                args.dump.mkdir(parents=True, exist_ok=True)
-                dump = args.dump / f"case-{i + 1}-{case.mode}-q{case.qps}.json"
-            results.append(run_case(case, work / "archive", redis_url, work / f"case-{i}",
-                                    dump=dump, trace=args.trace))
-        return results
+        for i in range(args.repeat):
+            for case in cases:
+                before = os.getloadavg()[0]
+                print(f"[{time.strftime('%H:%M:%S')}] {case.name}, run {i + 1}/{args.repeat}: "
+                      f"{case.images} images; load {before:.2f}", flush=True)
+                dump = None
+                if args.dump:
+                    args.dump.mkdir(parents=True, exist_ok=True)
+                    dump = args.dump / f"{case.name.split(':')[0]}-run{i + 1}.json"
+                run_dir = work / f"{case.name.split(':')[0]}-{i}"
+                r = run_case(case, work / "archive", redis_url, run_dir, log=False, dump=dump,
+                             trace=args.trace)
+                shutil.rmtree(run_dir, ignore_errors=True)
+                pair = (before, os.getloadavg()[0])
+                results[case.name].append(r)
+                loads[case.name].append(pair)
+                print(_line(case, i, args.repeat, r, pair), flush=True)
+                if args.trace:
+                    print(_trace_line(r), flush=True)
+        return [Spread(c.name, results[c.name], loads[c.name]) for c in cases]
     finally:
         if embedded is not None:
             embedded.stop()
@@ -177,34 +212,21 @@ def run(args: argparse.Namespace) -> list[CaseResult]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    load = os.getloadavg()
     started = time.monotonic()
-    results = run(args)
+    load = os.getloadavg()
+    spreads = run(args)
     print()
-    print(markdown_table(results))
-    print()
-    for r in results:
-        g = r.gaps
-        print(f"- {r.mode} Q={r.qps}: gaps between accepted calls p50 {g.p50_s * 1000:.1f} ms, "
-              f"p99 {g.p99_s * 1000:.1f} ms, max {g.max_s * 1000:.0f} ms; {g.long_gaps} gap(s) > 1.5/Q "
-              f"({g.lost_s:.2f} s lost)"
-              + (f"; throttled at {', '.join(f'{t:.2f}' for t in r.throttled_at_s[:10])} s after "
-                 "the first call" if r.throttled_at_s else ""))
-        if r.trace is not None and r.trace.calls:
-            t = r.trace
-            print(f"  trace: {t.calls} admissions; schedule: closest slots {t.slot_gap_min_ms:.2f} ms, "
-                  f"most slots in any 1 s {t.slots_max_1s}, unbooked {t.idle_s:.2f} s; wake-up late "
-                  f"p50/p99/max {t.wake_p50_ms:.1f}/{t.wake_p99_ms:.1f}/{t.wake_max_ms:.1f} ms; "
-                  f"slot→server p50/p99/max {t.delivery_p50_ms:.1f}/{t.delivery_p99_ms:.1f}/"
-                  f"{t.delivery_max_ms:.1f} ms (spread {t.spread_ms:.1f} ms; start-up max "
-                  f"{t.startup_delivery_max_ms:.1f} ms); woke→server p50/p99/max "
-                  f"{t.admit_p50_ms:.1f}/{t.admit_p99_ms:.1f}/{t.admit_max_ms:.1f} ms"
-                  + (f"; {t.rebooked} late re-book(s), {t.returned} slot(s) given back, "
-                     f"{t.rebooked - t.returned} lost" if t.rebooked else "")
-                  + (f"; {t.missed} request(s) held up past send_by, not sent" if t.missed else ""))
-    print(f"\nload average before: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; after: "
-          + " ".join(f"{x:.2f}" for x in os.getloadavg())
-          + f"; total {time.monotonic() - started:.0f} s")
+    print(spread_table(spreads))
+    print(f"\nfidelity: calls accepted per second in a {args.seconds:g}-s steady window, of the "
+          f"server's real limit; window from {args.warmup:g} s after the first call (case d: "
+          f"{max(args.warmup, D_WARMUP_S):g} s). Load average before: {load[0]:.2f} {load[1]:.2f} "
+          f"{load[2]:.2f}; after: " + " ".join(f"{x:.2f}" for x in os.getloadavg())
+          + f"; {os.cpu_count()} CPUs; total {time.monotonic() - started:.0f} s")
+    if args.json:
+        args.json.write_text(json.dumps(
+            [{"case": sp.label, "loads": sp.loads, "runs": [asdict(r) for r in sp.runs]} for sp in spreads],
+            indent=1, default=str,
+        ))
     return 0
 
 

@@ -52,7 +52,10 @@ class Case:
     worker; ``concurrency``: calls in flight per process (``CARNUMBER_CONCURRENCY``);
     ``latency_ms``: added by the server per call; ``guard_ms``: ``CARNUMBER_RATE_GUARD_MS`` for
     the workers (``None``: the product's default); ``pool``: each node's Celery pool (with
-    ``threads``, a node's "processes" are threads of one process sharing its call slots)."""
+    ``threads``, a node's "processes" are threads of one process sharing its call slots;
+    ``default``: ``carnumber worker`` as it comes); ``server_qps``: the service's real limit
+    when it is lower than the workers' ``qps`` (``None``: the same); ``throttle_random``: the
+    share of calls the server refuses at random within its limit (``--throttle-random``)."""
 
     mode: str
     qps: int
@@ -66,6 +69,13 @@ class Case:
     label: str = ""
     guard_ms: float | None = None
     pool: str = "prefork"  # every node's pool: prefork, threads, or default (`carnumber worker` as is)
+    server_qps: int | None = None
+    throttle_random: float = 0.0
+
+    @property
+    def limit(self) -> int:
+        """The service's real limit, calls per whole second."""
+        return self.qps if self.server_qps is None else self.server_qps
 
     @property
     def name(self) -> str:
@@ -210,6 +220,20 @@ def _trace_server(server: RunningServer, stats: RecordingStats) -> None:
     server.app.verifier.verify = traced  # type: ignore[method-assign]
 
 
+def _count_random_refusals(server: RunningServer, stats: RecordingStats) -> None:
+    """Tell the server's random refusals (``--throttle-random``) from its limit's, in ``stats``.
+    Benchmark-only wrapping."""
+    refused = server.app._refused_at_random
+
+    def counted() -> bool:
+        if refused():
+            stats.random_refusals += 1
+            return True
+        return False
+
+    server.app._refused_at_random = counted  # type: ignore[method-assign]
+
+
 def _probe_env(trace_dir: Path) -> dict[str, str]:
     """What a worker needs to load :mod:`ratelimit_probe` (``--include=ratelimit_probe``)."""
     here = str(Path(__file__).resolve().parent)
@@ -232,10 +256,12 @@ def run_case(
     workers and add delivery statistics (``CaseResult.trace``). Raises ``RuntimeError`` when a
     worker dies or no call arrives."""
     server = start_server(
-        ServerConfig(keys=f"{KEY_ID}:{SECRET}", qps=case.qps, latency_ms=case.latency_ms)
+        ServerConfig(keys=f"{KEY_ID}:{SECRET}", qps=case.limit, latency_ms=case.latency_ms,
+                     throttle_random=case.throttle_random)
     )
     running = _Running(server, RecordingStats())
     server.app.stats = running.stats
+    _count_random_refusals(server, running.stats)
     client = redis.Redis.from_url(redis_url)
     settings: Settings | None = None
     trace_dir = work / "trace"
@@ -252,9 +278,14 @@ def run_case(
         for name, processes in case.nodes:
             if case.pool == "default":
                 # `carnumber worker` exactly as an operator starts it: no pool, -c or concurrency.
+                # With --trace, Celery's own command with the same pool and size (the CLI takes
+                # no --include).
                 defaults = {k: v for k, v in env.items() if k != "CARNUMBER_CONCURRENCY"}
                 running.workers.append(
-                    start_worker(defaults, concurrency=None, hostname=name, via_cli=True, extra=extra)
+                    start_worker(defaults, concurrency=None, hostname=name, via_cli=True)
+                    if not trace
+                    else start_worker(defaults, concurrency=2, hostname=name,
+                                      extra=[*extra, "--pool=threads"])
                 )
                 continue
             running.workers.append(
@@ -277,6 +308,7 @@ def run_case(
             _check_alive(running.workers)
             time.sleep(min(1.0, max(0.01, settle - time.time())))
         requests, accepted, throttles = running.stats.snapshot()
+        random_refusals = running.stats.random_refusals  # with the snapshot, not after the stop
         arrivals = running.stats.arrivals_by_nonce()
     finally:
         _stop(running, client, settings)
@@ -290,9 +322,11 @@ def run_case(
             "requests": requests, "accepted": accepted, "throttled": throttles, "trace": traced,
         }))
     steady = [t for t in accepted if start <= t < end]
+    throttles.sort()
     return CaseResult(
         mode=case.name,
         qps=case.qps,
+        limit=case.limit,
         achieved_per_s=count_in(accepted, start, end) / case.seconds,
         sent_per_s=count_in(requests, start, end) / case.seconds,
         throttled=len(throttles),
@@ -303,4 +337,8 @@ def run_case(
         gaps=gap_stats(steady, 1.0 / case.qps),
         throttled_at_s=tuple(round(t - first, 3) for t in throttles),
         trace=trace_stats(traced, start, end, 1.0 / case.qps) if trace else None,
+        requests=len(requests),
+        random_refusals=random_refusals,
+        throttled_in_window=count_in(throttles, start, end),
+        requests_in_window=count_in(requests, start, end),
     )

@@ -12,6 +12,7 @@ from __future__ import annotations
 import bisect
 import itertools
 import math
+import statistics
 import threading
 import time
 from collections.abc import Sequence
@@ -27,11 +28,13 @@ __all__ = [
     "CaseResult",
     "GapStats",
     "RecordingStats",
+    "Spread",
     "count_in",
     "gap_stats",
     "markdown_table",
     "max_per_whole_second",
     "max_sliding",
+    "spread_table",
 ]
 
 
@@ -47,6 +50,7 @@ class RecordingStats(Stats):
         self.throttle_times: list[float] = []
         self.accepted_nonces: list[str | None] = []  # parallel to accepted_times, with --trace
         self.last_nonce: str | None = None
+        self.random_refusals = 0  # of the throttles, refused at random (--throttle-random)
         super().reset()
 
     # The app counts a QPS refusal with ``stats.throttled += 1``: a property sees each one.
@@ -139,12 +143,16 @@ def gap_stats(times: Sequence[float], interval_s: float, slack: float = 1.5) -> 
 class CaseResult:
     """One benchmark case. Rates are calls per second over the steady window of ``duration_s``.
     ``throttled`` and the maxima cover the whole case, start-up included: ``max_accepted`` per
-    whole second (the server's own ``max_accepted_per_second``, which its limiter caps at Q), and
-    for every call that reached the server, accepted or not, ``max_sent`` per whole second and
-    ``max_sent_sliding`` in any sliding 1-s window."""
+    whole second (the server's own ``max_accepted_per_second``, which its limiter caps at its
+    limit), and for every call that reached the server, accepted or not, ``max_sent`` per whole
+    second and ``max_sent_sliding`` in any sliding 1-s window. ``limit``: the server's real limit
+    (``qps`` unless the case gives the server a lower one); ``requests``: every call that reached
+    the server; ``random_refusals``: of the throttles, those the server refused at random within
+    its limit; ``*_in_window``: the same counts in the steady window."""
 
     mode: str
     qps: int
+    limit: int
     achieved_per_s: float
     sent_per_s: float
     throttled: int
@@ -155,10 +163,24 @@ class CaseResult:
     gaps: GapStats
     throttled_at_s: tuple[float, ...] = ()  # seconds after the first accepted call
     trace: TraceStats | None = None  # with --trace
+    requests: int = 0
+    random_refusals: int = 0
+    throttled_in_window: int = 0
+    requests_in_window: int = 0
 
     @property
     def fraction(self) -> float:
-        return self.achieved_per_s / self.qps if self.qps else 0.0
+        """Fidelity: calls accepted per second in the steady window, of the server's real limit."""
+        return self.achieved_per_s / self.limit if self.limit else 0.0
+
+    @property
+    def throttled_share(self) -> float:
+        """Throttled answers of all calls sent, whole case."""
+        return self.throttled / self.requests if self.requests else 0.0
+
+    @property
+    def throttled_share_in_window(self) -> float:
+        return self.throttled_in_window / self.requests_in_window if self.requests_in_window else 0.0
 
 
 def markdown_table(results: Sequence[CaseResult]) -> str:
@@ -173,5 +195,55 @@ def markdown_table(results: Sequence[CaseResult]) -> str:
             f"| {r.mode} | {r.qps} | {r.achieved_per_s:.2f} | {r.fraction:.1%} | {r.throttled} "
             f"| {r.max_accepted} / {r.max_sent} / {r.max_sent_sliding} | {r.duration_s:g} s "
             f"| {r.sent_per_s:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+@dataclass(frozen=True, slots=True)
+class Spread:
+    """Several runs of one case, each from a fresh start, with the machine's 1-minute load
+    average before and after each run."""
+
+    label: str
+    runs: Sequence[CaseResult]
+    loads: Sequence[tuple[float, float]]
+
+    @property
+    def fractions(self) -> list[float]:
+        return [r.fraction for r in self.runs]
+
+    @property
+    def clean_runs(self) -> int:
+        """Runs without a throttle."""
+        return sum(1 for r in self.runs if r.throttled == 0)
+
+
+def _throttles(r: CaseResult) -> str:
+    return f"{r.throttled} ({r.random_refusals} at random)" if r.random_refusals else str(r.throttled)
+
+
+def spread_table(spreads: Sequence[Spread]) -> str:
+    """A markdown table, a row per case: fidelity (calls accepted per second in the steady
+    window, of the server's real limit) min / median / max over the runs, throttles per run,
+    throttled share of all calls (whole run, and steady window), the most calls sent in one
+    whole second, and the load."""
+    head = (
+        "| case | runs | fidelity min / median / max | throttles per run | runs without one "
+        "| throttled, % of calls: whole run / steady window | most sent in a whole s | load |"
+    )
+    lines = [head, "|" + " --- |" * (head.count("|") - 1)]
+    for sp in spreads:
+        if not sp.runs:
+            continue
+        f = sp.fractions
+        shares = [r.throttled_share for r in sp.runs]
+        windows = [r.throttled_share_in_window for r in sp.runs]
+        loads = [x for pair in sp.loads for x in pair]
+        lines.append(
+            f"| {sp.label} | {len(sp.runs)} | {min(f):.1%} / {statistics.median(f):.1%} / {max(f):.1%} "
+            f"| {', '.join(_throttles(r) for r in sp.runs)} | {sp.clean_runs} of {len(sp.runs)} "
+            f"| max {max(shares):.2%} / max {max(windows):.2%} "
+            f"| {max(r.max_sent for r in sp.runs)} (limit {sp.runs[0].limit}) "
+            f"| {min(loads):.2f}–{max(loads):.2f} |"
         )
     return "\n".join(lines)

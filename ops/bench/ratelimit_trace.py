@@ -20,7 +20,9 @@ from typing import Any
 
 from ratelimit_measure import max_sliding
 
-__all__ = ["TraceStats", "percentile", "read_trace", "trace_stats"]
+__all__ = ["CROWDING_GUARDS_MS", "TraceStats", "crowding_per_min", "percentile", "read_trace", "trace_stats"]
+
+CROWDING_GUARDS_MS = (5.0, 10.0, 15.0, 20.0)
 
 
 def read_trace(trace_dir: Path, arrivals: Mapping[str, float], first: float) -> list[dict[str, Any]]:
@@ -51,7 +53,8 @@ def percentile(values: Sequence[float], q: float) -> float:
 @dataclass(frozen=True, slots=True)
 class TraceStats:
     """Milliseconds unless named otherwise. ``slots_max_1s``: most slots in any sliding 1-s window
-    of the schedule; ``slot_gap_min_ms``: closest two slots; ``idle_s``: schedule time in the
+    of the schedule (the slots used: one whose request missed its ``send_by`` went back or was
+    lost); ``slot_gap_min_ms``: closest two used slots; ``idle_s``: schedule time in the
     steady window that no caller had booked (sum of slot gaps beyond one interval); ``wake_*``:
     sleep overshoot (woke - slot); ``delivery_*``: arrived - slot, steady window; ``startup_*``:
     the same before it; ``spread_ms``: delivery max - min in the steady window; ``admit_*``:
@@ -59,7 +62,7 @@ class TraceStats:
     bounds); ``rebooked``: slots callers woke too late for and did not
     use (the limiter's late re-book); ``returned``: of those, slots given back (not wasted);
     ``missed``: admitted requests held up past their slot's ``send_by`` and not sent (left out of
-    everything else: their slots count as unused)."""
+    everything else: their slots count as unused); ``crowding``: see the field."""
 
     calls: int
     slots_max_1s: int
@@ -79,6 +82,9 @@ class TraceStats:
     admit_p50_ms: float = float("nan")
     admit_p99_ms: float = float("nan")
     admit_max_ms: float = float("nan")
+    # (guard ms, calls past Q in a whole second per minute) on this run's delays: what a pacing
+    # guard of that size would have let through (:func:`crowding_per_min`), steady window
+    crowding: tuple[tuple[float, float], ...] = ()
 
 
 def trace_stats(
@@ -86,9 +92,11 @@ def trace_stats(
 ) -> TraceStats:
     """Statistics of ``records`` (sorted by slot); the steady window is ``[start, end)`` and the
     limiter's pacing ``interval_s`` (1/qps)."""
-    slots = [r["slot"] for r in records]
     missed = sum(1 for r in records if r.get("missed"))
-    records = [r for r in records if not r.get("missed")]  # a missed slot's request never left
+    # A missed slot's request never left, and the slot went back to the schedule (or was lost):
+    # the schedule the service saw is the slots that were used.
+    records = [r for r in records if not r.get("missed")]
+    slots = [r["slot"] for r in records]
     steady = [r for r in records if start <= r["slot"] < end]
     early = [r for r in records if r["slot"] < start]
     gaps = [b - a for a, b in itertools.pairwise(slots)]
@@ -120,4 +128,27 @@ def trace_stats(
         admit_p50_ms=percentile(admit, 0.5),
         admit_p99_ms=percentile(admit, 0.99),
         admit_max_ms=max(admit, default=float("nan")),
+        crowding=tuple((g, crowding_per_min(steady, 1 / interval_s, g / 1000)) for g in CROWDING_GUARDS_MS),
     )
+
+
+def crowding_per_min(
+    records: Sequence[Mapping[str, Any]], qps: float, guard_s: float, phases: int = 40
+) -> float:
+    """Calls past ``qps`` in a whole second, per minute, had these calls been paced with
+    ``guard_s`` and delivered with the delays they had (``arrived - slot``, in slot order): the
+    throttles a pacing guard would have let through, on this run's lateness. Averaged over
+    ``phases`` evenly spread positions of the second boundaries. Records without an arrival, and
+    missed ones, are left out."""
+    delays = [r["arrived"] - r["slot"] for r in records if r.get("arrived") and not r.get("missed")]
+    if not delays:
+        return 0.0
+    spacing = (1 + guard_s) / qps
+    excess = 0
+    for p in range(phases):
+        counts: dict[int, int] = {}
+        for k, d in enumerate(delays):
+            second = math.floor(p / phases + k * spacing + d)
+            counts[second] = counts.get(second, 0) + 1
+        excess += sum(max(0, n - math.floor(qps)) for n in counts.values())
+    return excess / phases / (len(delays) * spacing) * 60

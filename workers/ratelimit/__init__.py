@@ -6,8 +6,9 @@
     await limiter.acquire()        # wait for a slot: at most qps*t + burst calls in any t seconds
     await quota.reserve()          # count the call (raises QuotaExhausted when spent)
     ...send...                     # on a Throttling answer: await limiter.on_throttled()
+                                   # (a lone one: a few % for about a second; repeated: AIMD)
 
-Algorithm apart from storage: :mod:`.gcra` and :mod:`.windows` are plain functions; a
+Algorithm apart from storage: :mod:`.gcra`, :mod:`.adapt` and :mod:`.windows` are plain functions; a
 :class:`Backend` keeps the state, either :class:`RedisBackend` (one Lua script per step, Redis's
 clock, shared by every host) or :class:`MemoryBackend` (one process, injected clocks).
 Design note: ``ops/design/rate-limit.md``.
@@ -18,6 +19,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from workers.keys import Keys, account_tag
+from workers.ratelimit.adapt import Reaction
 from workers.ratelimit.backend import Backend, QuotaState, RateState
 from workers.ratelimit.gcra import Grant, Rate
 from workers.ratelimit.limiter import RateLimiter, Slot
@@ -39,6 +41,7 @@ __all__ = [
     "Rate",
     "RateLimiter",
     "RateState",
+    "Reaction",
     "RedisBackend",
     "Slot",
     "from_settings",

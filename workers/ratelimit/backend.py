@@ -1,10 +1,11 @@
 """The storage seam: what the rate limiter and the quota need from wherever their state lives.
 
 Each method is one atomic step that reads the time from the store itself, so the algorithm in
-:mod:`workers.ratelimit.gcra` and :mod:`workers.ratelimit.windows` is the only logic and the
-store's clock is the only clock. Two implementations: :class:`~workers.ratelimit.redis_backend.
-RedisBackend` (one Lua script per step, shared by every process of the fleet) and
-:class:`~workers.ratelimit.memory.MemoryBackend` (one process, an injected clock).
+:mod:`workers.ratelimit.gcra`, :mod:`~workers.ratelimit.adapt` and
+:mod:`~workers.ratelimit.windows` is the only logic and the store's clock is the only clock. Two
+implementations: :class:`~workers.ratelimit.redis_backend.RedisBackend` (one Lua script per step,
+shared by every process of the fleet) and :class:`~workers.ratelimit.memory.MemoryBackend` (one
+process, an injected clock).
 """
 
 from __future__ import annotations
@@ -45,8 +46,9 @@ class Backend(Protocol):
         """Return an unused slot if no later one was reserved; ``True`` when it was returned."""
         ...
 
-    async def gcra_throttled(self, key: str, adapt_key: str, rate: Rate) -> int:
-        """Record a throttling answer; returns the factor now in force (ppm)."""
+    async def gcra_throttled(self, key: str, adapt_key: str, rate: Rate) -> tuple[int, int]:
+        """Record a throttling answer; returns the factor now in force (ppm) and what the throttle
+        did (:data:`~workers.ratelimit.adapt.HELD`, ``LONE`` or ``REPEATED``)."""
         ...
 
     async def gcra_peek(self, key: str, adapt_key: str, rate: Rate) -> RateState:

@@ -1,9 +1,10 @@
--- Reserve the next slot of a GCRA rate limit, at Redis's own clock (twin of gcra.reserve).
+-- Reserve the next slot of a GCRA rate limit, at Redis's own clock (twin of gcra.reserve; the
+-- factor is adapt.lua's factor_at, which redis_backend.py puts in front of this script).
 -- KEYS[1]  rate key: string, TAT (theoretical arrival time of the next call), microseconds of TIME
--- KEYS[2]  adapt key: hash {factor_ppm, at_us}, the factor set by the last throttle and when
+-- KEYS[2]  adapt key: hash, the state the last throttles left (adapt.lua)
 -- ARGV[1]  interval_us: spacing at the configured qps, microseconds (integer >= 1)
 -- ARGV[2]  burst: calls allowed back to back (integer >= 1)
--- ARGV[3]  recovery_s: seconds for the factor to climb by 1.0 after a throttle (> 0)
+-- ARGV[3..11]  the reaction's figures (Reaction.args)
 -- Returns {slot_us, now_us, tat_us, increment_us, factor_ppm}: the caller sleeps slot_us - now_us
 -- and then sends one request; tat_us and increment_us identify the reservation for a give-back.
 if redis.replicate_commands then redis.replicate_commands() end  -- TIME before writes (Redis < 5)
@@ -11,17 +12,7 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local interval = tonumber(ARGV[1])
 local burst = tonumber(ARGV[2])
-local recovery_s = tonumber(ARGV[3])
-
-local factor = 1000000
-local adapt = redis.call('HMGET', KEYS[2], 'factor_ppm', 'at_us')
-if adapt[1] then
-  factor = tonumber(adapt[1]) + (now - tonumber(adapt[2])) / recovery_s
-  if factor >= 1000000 then
-    factor = 1000000
-    redis.call('DEL', KEYS[2])
-  end
-end
+local factor = factor_at(read_adapt(KEYS[2]), now, reaction(3))
 
 local increment = math.ceil(interval * 1000000 / factor)
 local tolerance = (burst - 1) * interval

@@ -22,13 +22,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import time
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any
 
 from workers.errors import CarnumberError, ConfigError
+from workers.ratelimit.adapt import HELD, LONE, PPM, Reaction
 from workers.ratelimit.backend import Backend, RateState
-from workers.ratelimit.gcra import PPM, Grant, Rate
+from workers.ratelimit.gcra import Grant, Rate
 
 __all__ = [
     "MAX_REBOOKS",
@@ -45,6 +47,9 @@ log = logging.getLogger(__name__)
 # which a caller sends anyway: a loop that late every time is overloaded, and a process that
 # never sends helps nobody (a throttle, if any, slows the fleet).
 MAX_REBOOKS = 3
+
+# Seconds between two warnings that throttles repeat (the ones between are logged at INFO).
+WARN_EVERY_S = 600.0
 
 # What the guard must still cover after the request's last check (``Slot.send_by``), seconds:
 # writing the request and its trip to the service's counter. Measured on loopback, written to
@@ -84,10 +89,9 @@ def default_late_s(guard_s: float) -> float:
 class RateLimiter:
     """At most ``qps * t + burst`` admissions in any ``t`` seconds across all users of ``key``.
 
-    ``qps == 0`` means unlimited (no backend calls at all). After :meth:`on_throttled` the shared
-    rate drops by ``decrease`` (not below ``floor`` of ``qps``; further throttles count only once
-    ``hold_s`` has passed and the slots booked before the decrease are spent) and climbs back to
-    ``qps`` at ``1 / recovery_s`` of ``qps`` per second.
+    ``qps == 0`` means unlimited (no backend calls at all). :meth:`on_throttled` lowers the shared
+    rate in proportion (``reaction``, :class:`~workers.ratelimit.adapt.Reaction`): a lone throttle
+    by a few % for about a second, repeated ones towards the service's real limit.
 
     ``guard_s`` (seconds, 0 <= g < 1) paces ``qps`` calls per ``1 + guard_s`` s, so a call that
     reaches the service up to ``guard_s`` after its slot still leaves at most ``qps + burst - 1``
@@ -113,10 +117,7 @@ class RateLimiter:
         qps: float,
         burst: int = 1,
         *,
-        decrease: float = 0.5,
-        floor: float = 0.1,
-        recovery_s: float = 60.0,
-        hold_s: float = 1.0,
+        reaction: Reaction | None = None,
         guard_s: float = 0.0,
         late_s: float | None = None,
         send_late_s: float | None = None,
@@ -124,7 +125,7 @@ class RateLimiter:
         self.backend = backend
         self.key = key
         self.adapt_key = f"{key}:adapt"  # == Keys.rate_adapt(account) for key == Keys.rate(account)
-        self.rate = Rate(qps, burst, decrease, floor, recovery_s, hold_s, guard_s)
+        self.rate = Rate(qps, burst, guard_s, reaction or Reaction())
         self.late_s = default_late_s(self.rate.guard_s) if late_s is None else late_s
         if not (math.isfinite(self.late_s) and self.late_s >= 0):
             raise ConfigError(f"late_s must be >= 0 (0 = off), got {late_s}")
@@ -136,6 +137,7 @@ class RateLimiter:
         self.abandoned = 0  # slots whose request could not leave by ``send_by`` (see ``abandon``)
         self.abandoned_returned = 0  # of those, slots given back
         self._gate: tuple[asyncio.AbstractEventLoop, asyncio.Lock] | None = None
+        self._warned_at = -math.inf  # monotonic time of the last "throttles repeat" warning
         self._background: set[asyncio.Task[object]] = set()
 
     def __repr__(self) -> str:
@@ -207,15 +209,34 @@ class RateLimiter:
             self.abandoned_returned += 1
 
     async def on_throttled(self) -> None:
-        """The service answered Throttling: lower the shared rate (best effort, never raises)."""
+        """The service answered Throttling: tell the shared rate (best effort, never raises). A lone
+        throttle lowers it a little for about a second; repeated ones move it towards the service's
+        real limit (``reaction``); throttles of calls booked before a change count once."""
         if self.rate.unlimited:
             return
         try:
-            factor = await self.backend.gcra_throttled(self.key, self.adapt_key, self.rate)
+            factor, kind = await self.backend.gcra_throttled(self.key, self.adapt_key, self.rate)
         except CarnumberError as exc:
             log.warning("rate limit %s: throttle not recorded (%s)", self.key, exc)
             return
-        log.info("rate limit %s: throttled, now %.2f qps", self.key, self.rate.qps * factor / PPM)
+        qps = self.rate.qps * factor / PPM
+        if kind == HELD:
+            log.debug("rate limit %s: throttled again in the same moment (%.2f qps)", self.key, qps)
+        elif kind == LONE:
+            log.info("rate limit %s: a lone throttle: %.2f qps for about a second", self.key, qps)
+        else:
+            # Once in a while loud: probing against a lower real limit meets it every half minute.
+            now = time.monotonic()
+            loud = now - self._warned_at >= WARN_EVERY_S
+            self._warned_at = now if loud else self._warned_at
+            log.log(
+                logging.WARNING if loud else logging.INFO,
+                "rate limit %s: throttles repeat (the account's real limit looks lower than %g qps): "
+                "now %.2f qps, probing upwards slowly",
+                self.key,
+                self.rate.qps,
+                qps,
+            )
 
     async def on_success(self) -> None:
         """A call succeeded. Free: recovery is computed from the time since the last throttle

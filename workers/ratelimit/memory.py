@@ -11,9 +11,10 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from workers.ratelimit import gcra
+from workers.ratelimit import adapt, gcra
+from workers.ratelimit.adapt import Adapt
 from workers.ratelimit.backend import QuotaState, RateState
-from workers.ratelimit.gcra import PPM, Adapt, Grant, Rate
+from workers.ratelimit.gcra import Grant, Rate
 from workers.ratelimit.windows import window_key
 
 __all__ = ["MemoryBackend"]
@@ -35,13 +36,10 @@ class MemoryBackend:
         self.outages = 0  # the Redis backend's count of connection errors; tests set it here
 
     def _now_us(self) -> int:
-        return round(self._clock() * PPM)
+        return round(self._clock() * adapt.PPM)
 
     def _factor(self, adapt_key: str, now_us: int, rate: Rate) -> float:
-        factor = gcra.current_factor(self._adapt.get(adapt_key), now_us, rate)
-        if factor >= PPM:
-            self._adapt.pop(adapt_key, None)
-        return factor
+        return adapt.factor_at(self._adapt.get(adapt_key), now_us, rate.reaction)
 
     async def gcra_reserve(self, key: str, adapt_key: str, rate: Rate) -> Grant:
         now = self._now_us()
@@ -56,18 +54,17 @@ class MemoryBackend:
         self._tat[key] = restored
         return True
 
-    async def gcra_throttled(self, key: str, adapt_key: str, rate: Rate) -> int:
+    async def gcra_throttled(self, key: str, adapt_key: str, rate: Rate) -> tuple[int, int]:
         now = self._now_us()
-        lowered = gcra.throttle(self._adapt.get(adapt_key), self._tat.get(key), now, rate)
-        if lowered is not None:
-            self._adapt[adapt_key] = lowered
-            return lowered.factor_ppm
-        return int(gcra.current_factor(self._adapt.get(adapt_key), now, rate))
+        state, kind = adapt.on_throttle(
+            self._adapt.get(adapt_key), self._tat.get(key), now, rate.calls_per_s, rate.reaction
+        )
+        self._adapt[adapt_key] = state
+        return int(adapt.factor_at(state, now, rate.reaction)), kind
 
     async def gcra_peek(self, key: str, adapt_key: str, rate: Rate) -> RateState:
         now = self._now_us()
-        factor = gcra.current_factor(self._adapt.get(adapt_key), now, rate)
-        return RateState(int(factor), max(0, self._tat.get(key, now) - now))
+        return RateState(int(self._factor(adapt_key, now, rate)), max(0, self._tat.get(key, now) - now))
 
     async def quota_reserve(
         self, prefix: str, window: str, limit: int, utc_offset_s: int, seen: tuple[str, int] | None = None

@@ -4,7 +4,8 @@ Every attempt costs money, retries included, so each one reserves a call first; 
 is atomic in the backend, so however many workers race, the window never counts more than
 ``limit``. When the quota is spent ``reserve`` raises :class:`~workers.errors.QuotaExhausted` (a
 :class:`~workers.errors.Paused`: the image stays pending, the pipeline parks it and a later run
-resumes it). A reservation whose call was never sent is handed back with :meth:`release`.
+resumes it). A reservation whose call was never sent is handed back with :meth:`release`, to
+the window :meth:`reserve` counted it in.
 Windows: ``day`` (calendar day, UTC by default, from the backend's clock) or ``total``.
 After a connection error, the next reservation carries the highest count this worker has seen
 in the window, so a counter that went back (Redis crashed and its AOF lost the last second of
@@ -50,19 +51,19 @@ class CallQuota:
         self.limit = limit
         self.window = window
         self.utc_offset_s = utc_offset_s
-        self._last_key: str | None = None
         self._seen: tuple[str, int] | None = None  # the highest count seen: (window key, used)
         self._outages = 0  # the backend's outage count when _seen was last handed to it
 
     def __repr__(self) -> str:
         return f"CallQuota(key_prefix={self.key_prefix!r}, limit={self.limit}, window={self.window!r})"
 
-    async def reserve(self) -> None:
-        """Count one call about to be sent. Raises :class:`QuotaExhausted` when ``limit`` calls
-        are already counted in this window, :class:`~workers.errors.Paused` when the backend is
-        unreachable."""
+    async def reserve(self) -> str | None:
+        """Count one call about to be sent; returns the window's key it was counted in (``None``
+        without a quota), which :meth:`release` takes if the call is not sent after all.
+        Raises :class:`QuotaExhausted` when ``limit`` calls are already counted in this window,
+        :class:`~workers.errors.Paused` when the backend is unreachable."""
         if self.limit is None:
-            return
+            return None
         # Only after a connection error (Redis may have restarted and lost writes): in normal
         # running our own releases lower the counter, and a floor would count them twice.
         outages = getattr(self.backend, "outages", 0)
@@ -75,18 +76,16 @@ class CallQuota:
             self._seen = (state.window_key, state.used)
         if not state.granted:
             raise self._exhausted(state, self.limit)
-        self._last_key = state.window_key
+        return state.window_key
 
-    async def release(self) -> None:
-        """Hand back one reservation whose call was not sent after all. It goes back to the window
-        of this object's latest reservation, so one taken before midnight never frees a call in
-        the new day."""
-        if self.limit is None:
+    async def release(self, reserved: str | None) -> None:
+        """Hand back one reservation whose call was not sent after all: ``reserved`` is what
+        :meth:`reserve` returned for it. The call goes back to the window it was counted in, so
+        one taken before midnight never frees a call in the new day, whatever other tasks have
+        reserved since. ``None`` (no quota when it was reserved) does nothing."""
+        if self.limit is None or reserved is None:
             return
-        key = self._last_key
-        if key is None:
-            key = (await self._peek()).window_key
-        await self.backend.quota_release(key)
+        await self.backend.quota_release(reserved)
 
     async def remaining(self) -> int | None:
         """Calls left in the current window; ``None`` when there is no quota."""

@@ -27,6 +27,8 @@ from workers.ratelimit.gcra import Grant, Rate
 __all__ = ["SCRIPTS", "RedisBackend"]
 
 _HERE = Path(__file__).resolve().parent
+# Scripts that read or change the adaptive factor run with adapt.lua's functions in front.
+_ADAPTIVE = ("gcra_reserve", "gcra_throttled", "gcra_peek")
 SCRIPTS = (
     "gcra_reserve",
     "gcra_give_back",
@@ -54,8 +56,11 @@ class RedisBackend:
         # Connection errors seen so far: after one, Redis may have restarted and lost writes,
         # so the quota's next reservation carries what this process had counted.
         self.outages = 0
+        prelude = (_HERE / "adapt.lua").read_text(encoding="utf-8")
         self._scripts = {
-            name: client.register_script((_HERE / f"{name}.lua").read_text(encoding="utf-8"))
+            name: client.register_script(
+                (prelude if name in _ADAPTIVE else "") + (_HERE / f"{name}.lua").read_text(encoding="utf-8")
+            )
             for name in SCRIPTS
         }
 
@@ -81,7 +86,7 @@ class RedisBackend:
         slot, now, tat, increment, factor = await self._run(
             "gcra_reserve",
             [key, adapt_key],
-            [rate.interval_us, rate.burst, repr(rate.recovery_s)],
+            [rate.interval_us, rate.burst, *rate.reaction.args],
             "reserving a rate-limit slot",
         )
         return Grant(int(slot), int(now), int(tat), int(increment), int(factor))
@@ -92,18 +97,18 @@ class RedisBackend:
         )
         return bool(int(done))
 
-    async def gcra_throttled(self, key: str, adapt_key: str, rate: Rate) -> int:
-        factor, _changed = await self._run(
+    async def gcra_throttled(self, key: str, adapt_key: str, rate: Rate) -> tuple[int, int]:
+        factor, kind = await self._run(
             "gcra_throttled",
             [key, adapt_key],
-            [repr(rate.decrease), repr(rate.floor), repr(rate.recovery_s), repr(rate.hold_s)],
-            "lowering the rate after a throttle",
+            [repr(rate.calls_per_s), *rate.reaction.args],
+            "recording a throttle",
         )
-        return int(factor)
+        return int(factor), int(kind)
 
     async def gcra_peek(self, key: str, adapt_key: str, rate: Rate) -> RateState:
         factor, ahead = await self._run(
-            "gcra_peek", [key, adapt_key], [repr(rate.recovery_s)], "reading the rate limit"
+            "gcra_peek", [key, adapt_key], rate.reaction.args, "reading the rate limit"
         )
         return RateState(int(factor), int(ahead))
 
