@@ -59,6 +59,8 @@ class DrillRedis:
         self.host = host
         self.also_bind = list(also_bind)
         self.port = port or _free_port()
+        self._port_chosen = port is None  # a port we picked may be taken by the time we bind it
+        self._started_once = False
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -66,6 +68,19 @@ class DrillRedis:
         return f"redis://{self.host}:{self.port}/0"
 
     def start(self, timeout_s: float = 30.0) -> None:
+        """Start it and wait until it answers. A port picked free that another process took
+        meanwhile (drills side by side) is picked again, before the first start only: a restart
+        must come back where the clients are."""
+        for _ in range(5):
+            if self._start_once(timeout_s):
+                self._started_once = True
+                return
+            if not self._port_chosen or self._started_once:
+                break
+            self.port = _free_port()
+        raise RuntimeError(f"redis-server on {self.url} did not start in {timeout_s} s")
+
+    def _start_once(self, timeout_s: float) -> bool:
         self.proc = subprocess.Popen(
             [
                 redis_server_binary(),
@@ -79,14 +94,19 @@ class DrillRedis:
         deadline = time.monotonic() + timeout_s
         client = redis.Redis(host=self.host, port=self.port, socket_connect_timeout=0.5)
         try:
-            while time.monotonic() < deadline:
+            while time.monotonic() < deadline and self.proc.poll() is None:
                 with contextlib.suppress(redis.RedisError):
-                    if client.ping():
-                        return
+                    # Ours, not another drill's server on the same port.
+                    if int(client.info("server")["process_id"]) == self.proc.pid:
+                        return True
                 time.sleep(0.1)
         finally:
             client.close()
-        raise RuntimeError(f"redis-server on {self.url} did not start in {timeout_s} s")
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+        self.proc = None
+        return False
 
     def stop(self, kill: bool = False) -> None:
         """SIGTERM (Redis writes its AOF out and exits) or, with ``kill``, SIGKILL (the last
